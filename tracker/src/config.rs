@@ -1,0 +1,86 @@
+//! The `[tracker]` section of `config.toml`. Each default lives in one function, used by both
+//! serde and `Default`, so the file, the docs and the code cannot drift apart.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackerConfig {
+    /// Address to listen on (HOST:PORT).
+    pub listen: String,
+    /// SQLite database path.
+    pub db: PathBuf,
+    /// A peer silent for longer than this leaves the live swarm (an `expired` event).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// The heartbeat interval handed to peers in every PEERS reply.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// The writer commits what it collected at most this long after the first change.
+    #[serde(with = "humantime_serde")]
+    pub batch_interval: Duration,
+    /// History (`events`) older than this is deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// A connection with no frame for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Once a frame has started, the rest must arrive within this time.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Open connections at most; more are told so and closed.
+    pub max_connections: usize,
+    /// Peers in one PEERS reply at most.
+    pub max_peers_per_reply: usize,
+    /// Believe the `addr` a peer announces instead of the connection's source (overlay networks).
+    pub trust_announced_addr: bool,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:5000".into()
+}
+fn default_db() -> PathBuf {
+    "tracker.db".into()
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            db: default_db(),
+            ttl: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            batch_interval: Duration::from_millis(50),
+            retention: Duration::from_secs(90 * 24 * 3600),
+            idle_timeout: Duration::from_secs(120),
+            read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_peers_per_reply: 50,
+            trust_announced_addr: false,
+        }
+    }
+}
+
+impl TrackerConfig {
+    /// # Errors
+    /// A message naming the setting whose value cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval >= self.ttl {
+            return Err(format!(
+                "tracker.interval ({}) must be shorter than tracker.ttl ({}), or live peers are pruned",
+                humantime::format_duration(self.interval),
+                humantime::format_duration(self.ttl)
+            ));
+        }
+        if self.ttl.is_zero() || self.batch_interval.is_zero() || self.idle_timeout.is_zero() {
+            return Err("tracker.ttl, tracker.batch_interval and tracker.idle_timeout must be over zero".into());
+        }
+        if self.max_connections == 0 {
+            return Err("tracker.max_connections must be at least 1".into());
+        }
+        Ok(())
+    }
+}

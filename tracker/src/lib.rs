@@ -1,0 +1,23 @@
+//! shoal-tracker: the lowest layer of shoal.
+//!
+//! Layout:
+//! - [`wire`]: the frame codec every shoal connection speaks (peer to peer too), with its limits.
+//! - [`proto`]: the peer-to-tracker messages, a contract other clients use.
+//! - [`swarm`]: the live swarm in memory, pure rules (roles, events, pruning).
+//! - [`store`]: SQLite persistence and the schema migrations from `migrations/`.
+//! - [`server`]: the tokio server, the prune task and the writer thread.
+//! - [`client`]: a tracker client with bounded waits.
+//! - [`config`]: the `[tracker]` section of `config.toml`.
+//!
+//! The peer crate (`shoal`) depends on this one, never the other way round.
+
+pub mod client;
+pub mod config;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod swarm;
+pub mod wire;
+
+pub use config::TrackerConfig;
+pub use server::Tracker;

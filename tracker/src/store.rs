@@ -1,0 +1,353 @@
+//! The tracker's SQLite store: schema migrations, the live swarm as loaded at start, and the
+//! batched writes of the writer thread.
+//!
+//! What is persisted (read it with `sqlite3 tracker.db`):
+//!
+//! | table | one row per | written when |
+//! | --- | --- | --- |
+//! | `torrents` | file ever announced | first announce of the file |
+//! | `peers` | (file, peer) in the live swarm | every announce (coalesced per batch); deleted on stop or expiry |
+//! | `events` | change of state: started, completed, stopped, expired | on the change; deleted past the retention |
+//!
+//! Deliberately not persisted: heartbeats as history (a steady swarm must not grow the file),
+//! connection state, and PEERS replies.
+//!
+//! The connection is owned by one thread (see [`crate::server`]); nothing here is called from
+//! async code.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// The migrations, in order. The schema lives only in `migrations/`.
+const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path} has schema version {found}, newer than this shoal understands ({known}); use a newer shoal")]
+    NewerSchema {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// A live swarm row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRow {
+    pub info_hash: String,
+    pub peer_id: String,
+    pub addr: String,
+    pub port: u16,
+    pub have: u64,
+    pub total: u64,
+    pub role: &'static str,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+/// A history row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub at: i64,
+    pub info_hash: String,
+    pub peer_id: String,
+    pub addr: String,
+    pub port: u16,
+    pub event: &'static str,
+    pub have: u64,
+    pub total: u64,
+}
+
+/// A file row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TorrentRow {
+    pub info_hash: String,
+    pub name: String,
+    pub length: u64,
+    pub first_seen: i64,
+}
+
+/// One change to persist.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Torrent(TorrentRow),
+    Peer(PeerRow),
+    RemovePeer { info_hash: String, peer_id: String },
+    Event(EventRow),
+}
+
+/// Changes collected for one transaction. Peer rows are coalesced: only the last state of each
+/// (file, peer) in a batch is written, which keeps a busy tracker's writes proportional to its
+/// live swarm, not to its announce rate.
+#[derive(Debug, Default)]
+pub struct Batch {
+    torrents: Vec<TorrentRow>,
+    /// `None` deletes the row.
+    peers: HashMap<(String, String), Option<PeerRow>>,
+    events: Vec<EventRow>,
+}
+
+impl Batch {
+    pub fn push(&mut self, change: Change) {
+        match change {
+            Change::Torrent(t) => self.torrents.push(t),
+            Change::Peer(p) => {
+                self.peers
+                    .insert((p.info_hash.clone(), p.peer_id.clone()), Some(p));
+            }
+            Change::RemovePeer { info_hash, peer_id } => {
+                self.peers.insert((info_hash, peer_id), None);
+            }
+            Change::Event(e) => self.events.push(e),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.torrents.is_empty() && self.peers.is_empty() && self.events.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.torrents.len() + self.peers.len() + self.events.len()
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+    path: String,
+}
+
+impl Store {
+    /// Open (or create) the database and bring its schema up to date.
+    ///
+    /// # Errors
+    /// The file cannot be opened, is not SQLite, or has a newer schema than this build knows.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let p = path.display().to_string();
+        let err = |source| StoreError::Sqlite {
+            path: p.clone(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(err)?;
+        // WAL: `sqlite3` readers never block the writer and the writer never blocks them.
+        // synchronous=FULL: each batch commit is fsynced, so a state change survives a power cut
+        // once its batch commits (at most batch_interval after the announce).
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        migrate(&mut conn, &p)?;
+        Ok(Store { conn, path: p })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The live swarm as the database has it, with the files.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn load(&self) -> Result<(Vec<TorrentRow>, Vec<PeerRow>), StoreError> {
+        let torrents = (|| {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT info_hash, name, length, first_seen FROM torrents")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(TorrentRow {
+                    info_hash: r.get(0)?,
+                    name: r.get(1)?,
+                    length: r.get(2)?,
+                    first_seen: r.get(3)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()
+        })()
+        .map_err(|e| self.err(e))?;
+        let peers = (|| {
+            let mut stmt = self.conn.prepare(
+                "SELECT info_hash, peer_id, addr, port, have, total, first_seen, last_seen FROM peers",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let have: u64 = r.get(4)?;
+                let total: u64 = r.get(5)?;
+                Ok(PeerRow {
+                    info_hash: r.get(0)?,
+                    peer_id: r.get(1)?,
+                    addr: r.get(2)?,
+                    port: r.get(3)?,
+                    have,
+                    total,
+                    role: crate::proto::Role::of(have, total).as_str(),
+                    first_seen: r.get(6)?,
+                    last_seen: r.get(7)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()
+        })()
+        .map_err(|e| self.err(e))?;
+        Ok((torrents, peers))
+    }
+
+    /// Write a batch in one transaction.
+    ///
+    /// # Errors
+    /// A database error; nothing of the batch is written then.
+    pub fn apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let res = (|| {
+            {
+                let mut ins = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO torrents (info_hash, name, length, first_seen) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for t in &batch.torrents {
+                    ins.execute(params![t.info_hash, t.name, t.length, t.first_seen])?;
+                }
+                let mut up = tx.prepare_cached(
+                    "INSERT INTO peers (info_hash, peer_id, addr, port, have, total, role, first_seen, last_seen)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (info_hash, peer_id) DO UPDATE SET addr = excluded.addr,
+                       port = excluded.port, have = excluded.have, total = excluded.total,
+                       role = excluded.role, last_seen = excluded.last_seen",
+                )?;
+                let mut del = tx.prepare_cached("DELETE FROM peers WHERE info_hash = ?1 AND peer_id = ?2")?;
+                for ((info_hash, peer_id), row) in &batch.peers {
+                    match row {
+                        Some(p) => {
+                            up.execute(params![
+                                p.info_hash, p.peer_id, p.addr, p.port, p.have, p.total, p.role,
+                                p.first_seen, p.last_seen
+                            ])?;
+                        }
+                        None => {
+                            del.execute(params![info_hash, peer_id])?;
+                        }
+                    }
+                }
+                let mut ev = tx.prepare_cached(
+                    "INSERT INTO events (at, info_hash, peer_id, addr, port, event, have, total)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for e in &batch.events {
+                    ev.execute(params![
+                        e.at, e.info_hash, e.peer_id, e.addr, e.port, e.event, e.have, e.total
+                    ])?;
+                }
+            }
+            tx.commit()
+        })();
+        res.map_err(|e| self.err(e))
+    }
+
+    /// Delete history older than `before` (unix seconds). Returns the rows deleted.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn delete_events_before(&mut self, before: i64) -> Result<usize, StoreError> {
+        self.conn
+            .execute("DELETE FROM events WHERE at < ?1", [before])
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// The schema version this build writes.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.to_string(),
+        source,
+    };
+    let tx = conn.transaction().map_err(err)?;
+    let found: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .optional()
+        .map_err(err)?
+        .unwrap_or(0);
+    let known = schema_version();
+    if found > known {
+        return Err(StoreError::NewerSchema {
+            path: path.to_string(),
+            found,
+            known,
+        });
+    }
+    for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(sql).map_err(err)?;
+        tracing::info!(migration = name, "applied tracker migration");
+        // PRAGMA takes no bound parameters; the value is our own integer.
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(err)?;
+    }
+    tx.commit().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: &str, have: u64) -> PeerRow {
+        PeerRow {
+            info_hash: "a".repeat(64),
+            peer_id: id.into(),
+            addr: "127.0.0.1".into(),
+            port: 7000,
+            have,
+            total: 10,
+            role: crate::proto::Role::of(have, 10).as_str(),
+            first_seen: 1,
+            last_seen: 2,
+        }
+    }
+
+    #[test]
+    fn it_should_coalesce_peer_rows_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut s = Store::open(&path).unwrap();
+        let mut b = Batch::default();
+        b.push(Change::Peer(peer("p1", 1)));
+        b.push(Change::Peer(peer("p1", 5)));
+        b.push(Change::Peer(peer("p2", 10)));
+        b.push(Change::Peer(peer("p3", 0)));
+        b.push(Change::RemovePeer {
+            info_hash: "a".repeat(64),
+            peer_id: "p3".into(),
+        });
+        assert_eq!(b.len(), 3);
+        s.apply(&b).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let (_, mut peers) = s.load().unwrap();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        assert_eq!(peers, vec![peer("p1", 5), peer("p2", 10)]);
+        assert_eq!(peers[1].role, "seeder");
+    }
+
+    #[test]
+    fn it_should_refuse_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        drop(Store::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(c);
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(e.contains("schema version 99"), "{e}");
+    }
+}
