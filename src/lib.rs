@@ -1,0 +1,31 @@
+//! shoal: private-swarm file distribution.
+//!
+//! Layout (dependencies point down the list, never up):
+//! - [`units`], [`fsutil`], [`bitfield`]: small helpers.
+//! - [`metainfo`]: the `.json` descriptor and the info hash.
+//! - [`peer_proto`]: peer-to-peer messages over the codec of [`shoal_tracker::wire`].
+//! - [`storage`]: piece I/O through memory maps (all `unsafe` lives there).
+//! - [`store`]: the sled state: torrents, durable bitfields, scores.
+//! - [`picker`], [`scorer`]: which piece next, and how much to ask of whom.
+//! - [`sabotage`]: the testing mode that misbehaves on purpose.
+//! - [`daemon`]: `shoal peer run`, tying it all together.
+//! - [`control`], [`query`]: the local control socket and the SQL view of the state.
+//! - [`cli`], [`demo`]: the command line and the swarm emulator.
+
+pub mod bitfield;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo;
+pub mod fsutil;
+pub mod metainfo;
+pub mod peer_proto;
+pub mod picker;
+pub mod query;
+pub mod sabotage;
+pub mod scorer;
+pub mod storage;
+pub mod store;
+pub mod testhook;
+pub mod units;

@@ -1,0 +1,143 @@
+//! The control socket: how `shoal get`, `publish`, `status`, `query`, `pause`, `resume` and
+//! `remove` talk to a running daemon. A Unix socket in the data dir, mode 0600, so only the
+//! owner can open it; the same frames as the network, with JSON requests and replies.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use shoal_tracker::wire::{FrameReader, FrameWriter, Limits, Timeouts};
+use tokio::net::UnixStream;
+
+/// File name of the control socket inside the data dir.
+pub const SOCKET_NAME: &str = "control.sock";
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_NAME)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CtlRequest {
+    /// Hash a file and seed it in place.
+    Publish { path: PathBuf },
+    /// Download: from descriptor JSON, or from an info hash alone.
+    Add {
+        descriptor: Option<String>,
+        info_hash: Option<String>,
+        output: Option<PathBuf>,
+        #[serde(default)]
+        trackers: Vec<String>,
+    },
+    Status,
+    Query { sql: String },
+    Pause { info_hash: String },
+    Resume { info_hash: String },
+    Remove { info_hash: String, delete_data: bool },
+    Recheck { info_hash: String },
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CtlResponse {
+    Ok { message: String },
+    Published { info_hash: String, descriptor: PathBuf },
+    Added { info_hash: String },
+    Status(StatusReport),
+    Rows { columns: Vec<String>, rows: Vec<Vec<serde_json::Value>> },
+    Error { reason: String },
+}
+
+/// The state a daemon shows: `shoal status --json` prints this shape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub peer_id: String,
+    pub listen: String,
+    pub torrents: Vec<TorrentStatus>,
+    pub trackers: Vec<TrackerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TorrentStatus {
+    pub info_hash: String,
+    pub name: String,
+    pub length: u64,
+    pub piece_length: u32,
+    pub pieces: u32,
+    /// Pieces verified (in memory; the durable count may trail by one flush interval).
+    pub have: u32,
+    pub state: String,
+    pub progress: f64,
+    pub downloaded: u64,
+    pub uploaded: u64,
+    pub down_rate: f64,
+    pub up_rate: f64,
+    pub eta_secs: Option<u64>,
+    pub added_at: i64,
+    pub completed_at: Option<i64>,
+    pub data_path: String,
+    pub note: Option<String>,
+    pub rejected_pieces: u64,
+    pub peers: Vec<PeerStatus>,
+    /// Per piece: [have, availability, in_flight]; only for `query` snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub piece_states: Vec<(bool, u16, u8)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub addr: String,
+    pub port: u16,
+    pub connected: bool,
+    pub latency_ms: f64,
+    pub score: f64,
+    pub pieces_from: u64,
+    pub pieces_to: u64,
+    pub bytes_from: u64,
+    pub bytes_to: u64,
+    pub failures: u32,
+    pub banned_until: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrackerStatus {
+    pub addr: String,
+    pub reachable: bool,
+    pub last_ok: Option<i64>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+}
+
+/// Send one request to the daemon of `data_dir` and read its reply.
+///
+/// # Errors
+/// No daemon (says how to start one), a transport error, or the daemon's own refusal.
+pub async fn call(data_dir: &Path, req: &CtlRequest, timeout: Duration) -> anyhow::Result<CtlResponse> {
+    let path = socket_path(data_dir);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) => bail!(
+            "no shoal daemon is running for data dir {} ({}: {e}); start one with `shoal peer run --data-dir {}`",
+            data_dir.display(),
+            path.display(),
+            data_dir.display()
+        ),
+    };
+    let (r, w) = stream.into_split();
+    let mut w = FrameWriter::new(w, timeout);
+    let mut r = FrameReader::new(r, Limits::default(), Timeouts { idle: timeout, read: timeout });
+    w.send(req, &[]).await.context("sending to the daemon")?;
+    let frame = r
+        .read_frame()
+        .await
+        .context("reading the daemon's reply")?
+        .context("the daemon closed the control connection")?;
+    let resp: CtlResponse = frame.parse().context("the daemon's reply does not parse")?;
+    if let CtlResponse::Error { reason } = resp {
+        bail!("{reason}");
+    }
+    Ok(resp)
+}

@@ -1,0 +1,312 @@
+//! Trackers and peer discovery.
+//!
+//! Every torrent announces to every tracker it knows (its descriptor's, the config's, and those
+//! given with the download), all at once, each bounded by `tracker_timeout`: a dead tracker
+//! never delays the others (the seed's KNOWN_TRACKERS failover, but to all of them, not the
+//! first that answers). A tracker that fails is skipped until its backoff (doubling, capped
+//! at `tracker_backoff_max`) has passed, then tried again, so one that comes back is used
+//! again soon. The health of each tracker is kept daemon-wide for `status`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_tracker::client::TrackerClient;
+use shoal_tracker::proto::{Announce, Event, PeerEntry, Request, Response};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::torrent::Torrent;
+use super::Daemon;
+use crate::control::TrackerStatus;
+use crate::metainfo::Hash;
+use crate::store::{TorrentRecord, TorrentState};
+
+/// Announce interval until a tracker tells us its own.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default)]
+pub struct TrackerHealth {
+    pub failures: u32,
+    pub next_try: Option<Instant>,
+    pub last_ok: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+impl TrackerHealth {
+    pub fn status(&self, addr: &str) -> TrackerStatus {
+        TrackerStatus {
+            addr: addr.to_string(),
+            reachable: self.failures == 0 && self.last_ok.is_some(),
+            last_ok: self.last_ok,
+            last_error: self.last_error.clone(),
+            failures: self.failures,
+        }
+    }
+}
+
+/// The trackers of a torrent: the descriptor's, then the record's, then the config's.
+pub fn trackers_for(d: &Daemon, descriptor: &[String], rec: &TorrentRecord) -> Vec<String> {
+    let mut seen = HashSet::new();
+    descriptor
+        .iter()
+        .chain(&rec.trackers)
+        .chain(&d.cfg.trackers)
+        .filter(|t| seen.insert(t.as_str().to_owned()))
+        .cloned()
+        .collect()
+}
+
+/// Announce to one tracker, honouring and updating its health. `None`: skipped or failed.
+async fn announce_one(d: &Daemon, addr: &str, req: &Announce, force: bool) -> Option<(Vec<PeerEntry>, u64)> {
+    if !force {
+        let h = d.trackers.lock().expect("trackers lock");
+        if h.get(addr).and_then(|h| h.next_try).is_some_and(|t| t > Instant::now()) {
+            return None;
+        }
+    }
+    let res = async {
+        let mut c = TrackerClient::connect(addr, d.bind_ip, d.cfg.tracker_timeout).await?;
+        c.request(&Request::Announce(req.clone())).await
+    }
+    .await;
+    let mut trackers = d.trackers.lock().expect("trackers lock");
+    let h = trackers.entry(addr.to_string()).or_default();
+    match res {
+        Ok(Response::Peers { interval, peers }) => {
+            if h.failures > 0 {
+                info!(tracker = %addr, "tracker reachable again");
+            }
+            h.failures = 0;
+            h.next_try = None;
+            h.last_ok = Some(crate::fsutil::unix_ms());
+            h.last_error = None;
+            Some((peers, interval))
+        }
+        Ok(other) => {
+            h.last_error = Some(format!("unexpected reply {other:?}"));
+            None
+        }
+        Err(e) => {
+            if h.failures == 0 {
+                warn!(tracker = %addr, cause = %e, "tracker unreachable; going on with the others");
+            }
+            h.failures += 1;
+            let backoff = Duration::from_secs(1u64 << h.failures.min(6)).min(d.cfg.tracker_backoff_max);
+            h.next_try = Some(Instant::now() + backoff);
+            h.last_error = Some(e.to_string());
+            None
+        }
+    }
+}
+
+/// Announce to all `trackers` at once; returns every peer any of them gave and the shortest
+/// interval they asked for.
+async fn announce_all(d: &Arc<Daemon>, trackers: &[String], req: &Announce, force: bool) -> (Vec<PeerEntry>, Option<u64>) {
+    let mut set = JoinSet::new();
+    for addr in trackers {
+        let d = d.clone();
+        let addr = addr.clone();
+        let req = req.clone();
+        set.spawn(async move { announce_one(&d, &addr, &req, force).await });
+    }
+    let mut peers = Vec::new();
+    let mut interval: Option<u64> = None;
+    while let Some(r) = set.join_next().await {
+        if let Ok(Some((p, i))) = r {
+            peers.extend(p);
+            interval = Some(interval.map_or(i, |x| x.min(i)));
+        }
+    }
+    (peers, interval)
+}
+
+fn announce_of(d: &Daemon, t: &Torrent, event: Event) -> Announce {
+    let have = t.lock().picker.have().count();
+    Announce {
+        info_hash: t.hex.clone(),
+        peer_id: d.peer_id.clone(),
+        port: d.listen.port(),
+        event,
+        have: u64::from(have),
+        total: u64::from(t.meta.piece_count()),
+        name: t.meta.name.clone(),
+        length: t.meta.length,
+        numwant: None,
+        addr: None,
+    }
+}
+
+fn learn(t: &Torrent, d: &Daemon, peers: Vec<PeerEntry>) {
+    let mut s = t.lock();
+    for p in peers {
+        if p.peer_id == d.peer_id {
+            continue;
+        }
+        let Ok(ip) = p.addr.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        let addr = SocketAddr::new(ip, p.port);
+        if addr != d.listen {
+            s.known.entry(addr).or_default();
+        }
+    }
+}
+
+/// Announce `started`, heartbeats every interval, `completed` when done, `stopped` at the end.
+pub async fn announce_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
+    let trackers = trackers_for(&d, &t.meta.trackers, &t.record());
+    if trackers.is_empty() {
+        warn!(info_hash = %t.hex, "no trackers known for this torrent: only incoming peers will find it");
+    }
+    let mut event = Event::Started;
+    let mut was_seeding = t.state() == TorrentState::Seeding;
+    let mut interval = DEFAULT_INTERVAL;
+    loop {
+        let seeding = t.state() == TorrentState::Seeding;
+        if seeding && !was_seeding {
+            event = Event::Completed;
+        }
+        was_seeding = seeding;
+        let req = announce_of(&d, &t, event);
+        let (peers, iv) = announce_all(&d, &trackers, &req, false).await;
+        if let Some(iv) = iv {
+            interval = Duration::from_secs(iv.clamp(1, 3600));
+            event = Event::Progress;
+        }
+        learn(&t, &d, peers);
+        tokio::select! {
+            _ = t.cancel.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+            _ = t.announce_now.notified() => {}
+        }
+    }
+    // Tell every tracker we leave, even those marked down: a short bounded try each.
+    let req = announce_of(&d, &t, Event::Stopped);
+    let _ = tokio::time::timeout(d.cfg.tracker_timeout, announce_all(&d, &trackers, &req, true)).await;
+}
+
+/// While downloading, keep up to `max_peers_per_torrent` connections to the peers trackers
+/// gave us, retrying failed ones with a backoff.
+pub async fn dial_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
+    let mut dialing: HashSet<SocketAddr> = HashSet::new();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(SocketAddr, bool)>();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = t.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+            Some((addr, ok)) = done_rx.recv() => {
+                dialing.remove(&addr);
+                let mut s = t.lock();
+                let k = s.known.entry(addr).or_default();
+                if ok {
+                    k.failures = 0;
+                    k.next_try = Some(Instant::now() + Duration::from_secs(2));
+                } else {
+                    k.failures += 1;
+                    k.next_try = Some(Instant::now() + Duration::from_secs(1u64 << k.failures.min(6)));
+                }
+                continue;
+            }
+        }
+        if !t.is_downloading() {
+            if t.state() == TorrentState::Seeding {
+                return;
+            }
+            continue;
+        }
+        let targets: Vec<SocketAddr> = {
+            let s = t.lock();
+            let connected: HashSet<SocketAddr> = s.conns.values().map(|c| c.addr).collect();
+            let room = d.cfg.max_peers_per_torrent.saturating_sub(s.conns.len() + dialing.len());
+            let now = Instant::now();
+            s.known
+                .iter()
+                .filter(|(a, k)| {
+                    !connected.contains(a) && !dialing.contains(a) && k.next_try.is_none_or(|t| t <= now)
+                })
+                .map(|(a, _)| *a)
+                .take(room)
+                .collect()
+        };
+        for addr in targets {
+            let Ok(permit) = d.conn_limit.clone().try_acquire_owned() else {
+                break;
+            };
+            dialing.insert(addr);
+            let d2 = d.clone();
+            let t2 = t.clone();
+            let tx = done_tx.clone();
+            t.tasks.spawn(async move {
+                let r = super::conn::run_outgoing(d2, t2, addr).await;
+                if let Err(e) = &r {
+                    tracing::debug!(%addr, cause = %e, "dial failed");
+                }
+                drop(permit);
+                let _ = tx.send((addr, r.is_ok())); // The dial loop may have stopped.
+            });
+        }
+    }
+}
+
+/// For a download known only by its info hash: find peers through the trackers and fetch the
+/// descriptor, believing it only if its info hash matches; then start the download.
+pub async fn fetch_metadata_task(d: Arc<Daemon>, hash: Hash, mut rec: TorrentRecord) {
+    let trackers = trackers_for(&d, &[], &rec);
+    let hex = hex::encode(hash);
+    info!(info_hash = %hex, "fetching the descriptor from the swarm");
+    let mut refused: HashSet<SocketAddr> = HashSet::new();
+    loop {
+        let req = Announce {
+            info_hash: hex.clone(),
+            peer_id: d.peer_id.clone(),
+            port: d.listen.port(),
+            event: Event::Started,
+            have: 0,
+            total: 0,
+            name: String::new(),
+            length: 0,
+            numwant: None,
+            addr: None,
+        };
+        let (peers, _) = announce_all(&d, &trackers, &req, false).await;
+        for p in peers {
+            let Ok(ip) = p.addr.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            let addr = SocketAddr::new(ip, p.port);
+            if p.peer_id == d.peer_id || refused.contains(&addr) {
+                continue;
+            }
+            match super::conn::fetch_metadata(&d, addr, &hash).await {
+                Ok(meta) => {
+                    rec.data_path = rec.data_path.join(&meta.name);
+                    rec.descriptor = Some(String::from_utf8(meta.to_json()).expect("JSON is UTF-8"));
+                    rec.state = TorrentState::Downloading;
+                    if rec.data_path.exists() {
+                        rec.state = TorrentState::Failed;
+                        rec.note = Some(format!("{} already exists; shoal will not overwrite it", rec.data_path.display()));
+                    }
+                    info!(info_hash = %hex, name = %meta.name, from = %addr, "descriptor fetched and verified");
+                    let stored = d.store.put_torrent(&hash, &rec).and_then(|_| d.store.flush());
+                    if let Err(e) = stored.map_err(anyhow::Error::from).and_then(|_| super::activate(&d, hash, rec.clone())) {
+                        warn!(info_hash = %hex, cause = %format!("{e:#}"), "cannot start the download");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    warn!(info_hash = %hex, peer = %addr, cause = %e, "descriptor not accepted from this peer");
+                    if matches!(e, super::conn::ConnError::Protocol(_)) {
+                        refused.insert(addr);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = d.cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

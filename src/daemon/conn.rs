@@ -1,0 +1,752 @@
+//! One peer connection: HELLO both ways, BITFIELD, then requests and pieces in both
+//! directions at once.
+//!
+//! Three tasks per connection: a reader that only reads frames (reading is not cancel-safe,
+//! so it never sits in a `select!`), a writer that owns the socket's write half and serves
+//! pieces straight from the memory map, and the session loop that owns the download state
+//! (outstanding requests, the peer's bitfield) and reacts to frames, torrent events,
+//! verification results and a 1 s tick.
+//!
+//! Hashing runs on the blocking pool, bounded by the daemon's `verify_limit`, so the network
+//! tasks keep reading while pieces are hashed and at most that many pieces sit in memory.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+use shoal_tracker::wire::{Frame, FrameError, FrameReader, FrameWriter, Limits, Timeouts};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::torrent::{ConnEntry, Torrent, TorrentEvent};
+use super::Daemon;
+use crate::bitfield::Bitfield;
+use crate::metainfo::Hash;
+use crate::peer_proto::{PeerMsg, VERSION};
+use crate::picker::Pick;
+use crate::sabotage::Action;
+
+/// Consecutive request timeouts after which a peer is dropped.
+const MAX_CONSECUTIVE_TIMEOUTS: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out connecting")]
+    ConnectTimeout,
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("closed during the handshake")]
+    Closed,
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+pub struct Hello {
+    pub info_hash: Hash,
+    pub peer_id: String,
+    /// The port the remote listens on.
+    pub port: u16,
+}
+
+fn hello_of(d: &Daemon, hash: &Hash) -> PeerMsg {
+    PeerMsg::Hello {
+        v: VERSION,
+        info_hash: hex::encode(hash),
+        peer_id: d.peer_id.clone(),
+        port: d.listen.port(),
+    }
+}
+
+/// Read and check the remote HELLO.
+async fn read_hello(reader: &mut FrameReader<OwnedReadHalf>) -> Result<Hello, ConnError> {
+    let frame = reader.read_frame().await?.ok_or(ConnError::Closed)?;
+    match frame.parse::<PeerMsg>() {
+        Ok(PeerMsg::Hello {
+            v,
+            info_hash,
+            peer_id,
+            port,
+        }) => {
+            if v != VERSION {
+                return Err(ConnError::Refused(format!("protocol version {v}, we speak {VERSION}")));
+            }
+            let hash = hex::decode(&info_hash)
+                .ok()
+                .and_then(|v| Hash::try_from(v).ok())
+                .ok_or_else(|| ConnError::Protocol(format!("bad info hash {info_hash:?}")))?;
+            if peer_id.is_empty() || peer_id.len() > 64 {
+                return Err(ConnError::Protocol("peer_id must be 1 to 64 bytes".into()));
+            }
+            Ok(Hello {
+                info_hash: hash,
+                peer_id,
+                port,
+            })
+        }
+        Ok(PeerMsg::Error { reason }) => Err(ConnError::Refused(reason)),
+        Ok(other) => Err(ConnError::Protocol(format!("expected HELLO, got {}", other.name()))),
+        Err(e) => Err(ConnError::Protocol(format!("bad {} message: {e}", frame.kind()))),
+    }
+}
+
+fn split(d: &Daemon, stream: TcpStream) -> (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
+    let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
+    let (r, w) = stream.into_split();
+    let t = Timeouts {
+        idle: d.cfg.connect_timeout,
+        read: d.cfg.read_timeout,
+    };
+    (
+        FrameReader::new(r, Limits::default(), t),
+        FrameWriter::new(w, d.cfg.read_timeout),
+    )
+}
+
+/// Connect to `addr` from our listening address.
+pub async fn connect(d: &Daemon, addr: SocketAddr) -> Result<TcpStream, ConnError> {
+    let fut = async {
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(ConnError::Connect)?;
+        if let Some(ip) = d.bind_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+            sock.bind(SocketAddr::new(ip, 0)).map_err(ConnError::Connect)?;
+        }
+        sock.connect(addr).await.map_err(ConnError::Connect)
+    };
+    tokio::time::timeout(d.cfg.connect_timeout, fut)
+        .await
+        .map_err(|_| ConnError::ConnectTimeout)?
+}
+
+/// Accept a connection: the remote names the torrent in its HELLO.
+pub async fn run_incoming(d: Arc<Daemon>, stream: TcpStream, addr: SocketAddr) {
+    let (mut reader, mut writer) = split(&d, stream);
+    let hello = match read_hello(&mut reader).await {
+        Ok(h) => h,
+        Err(e) => {
+            debug!(%addr, cause = %e, "incoming handshake failed");
+            let _ = writer.send(&PeerMsg::Error { reason: e.to_string() }, &[]).await; // Best effort.
+            return;
+        }
+    };
+    let refuse = |reason: String| PeerMsg::Error { reason };
+    let Some(t) = d.torrent(&hello.info_hash) else {
+        let _ = writer
+            .send(&refuse(format!("unknown info hash {}", hex::encode(hello.info_hash))), &[])
+            .await;
+        return;
+    };
+    if t.storage.is_none() {
+        let _ = writer.send(&refuse("torrent is not active here".into()), &[]).await;
+        return;
+    }
+    if hello.peer_id == d.peer_id {
+        return; // Ourselves, through a tracker's list.
+    }
+    if t.is_banned(&hello.peer_id) {
+        let _ = writer.send(&refuse("you are banned".into()), &[]).await;
+        return;
+    }
+    if writer.send(&hello_of(&d, &t.hash), &[]).await.is_err() {
+        return;
+    }
+    // Known by the address it listens on, so the dialer does not call it again.
+    let listen_addr = SocketAddr::new(addr.ip(), hello.port);
+    session(d, t, reader, writer, hello.peer_id, listen_addr, false).await;
+}
+
+/// Dial `addr` for torrent `t`.
+///
+/// # Errors
+/// Connection and handshake failures; a session that ran returns Ok whatever ended it.
+pub async fn run_outgoing(d: Arc<Daemon>, t: Arc<Torrent>, addr: SocketAddr) -> Result<(), ConnError> {
+    let stream = connect(&d, addr).await?;
+    let (mut reader, mut writer) = split(&d, stream);
+    writer.send(&hello_of(&d, &t.hash), &[]).await?;
+    let hello = read_hello(&mut reader).await?;
+    if hello.info_hash != t.hash {
+        return Err(ConnError::Protocol("HELLO for another torrent".into()));
+    }
+    if hello.peer_id == d.peer_id {
+        return Err(ConnError::Refused("that is ourselves".into()));
+    }
+    if t.is_banned(&hello.peer_id) {
+        return Err(ConnError::Refused("peer is banned".into()));
+    }
+    session(d, t, reader, writer, hello.peer_id, addr, true).await;
+    Ok(())
+}
+
+/// Fetch the descriptor of `hash` from the peer at `addr`, believing it only if its info hash
+/// matches.
+///
+/// # Errors
+/// Transport failures, a refusal, or a forged descriptor.
+pub async fn fetch_metadata(d: &Daemon, addr: SocketAddr, hash: &Hash) -> Result<crate::metainfo::Metainfo, ConnError> {
+    let stream = connect(d, addr).await?;
+    let (mut reader, mut writer) = split(d, stream);
+    writer.send(&hello_of(d, hash), &[]).await?;
+    let hello = read_hello(&mut reader).await?;
+    if hello.info_hash != *hash {
+        return Err(ConnError::Protocol("HELLO for another torrent".into()));
+    }
+    writer.send(&PeerMsg::GetMetadata, &[]).await?;
+    // The peer may send BITFIELD and HAVEs first; skip a bounded number of frames.
+    for _ in 0..64 {
+        let frame = reader.read_frame().await?.ok_or(ConnError::Closed)?;
+        match frame.parse::<PeerMsg>() {
+            Ok(PeerMsg::Metadata { .. }) => {
+                let meta = crate::metainfo::Metainfo::from_json(&frame.payload)
+                    .map_err(|e| ConnError::Protocol(format!("descriptor refused: {e}")))?;
+                if meta.info_hash != *hash {
+                    return Err(ConnError::Protocol(format!(
+                        "forged descriptor: its info hash is {}, not the {} we asked for",
+                        meta.info_hash_hex(),
+                        hex::encode(hash)
+                    )));
+                }
+                return Ok(meta);
+            }
+            Ok(PeerMsg::Error { reason }) => return Err(ConnError::Refused(reason)),
+            _ => continue,
+        }
+    }
+    Err(ConnError::Protocol("no METADATA after 64 frames".into()))
+}
+
+/// What the session loop asks the writer to send.
+enum Out {
+    Msg(PeerMsg),
+    Payload(PeerMsg, Bytes),
+    /// Serve piece `index` from the map.
+    Serve(u32),
+}
+
+/// State the session loop and the writer share.
+#[derive(Default)]
+struct Shared {
+    /// Upload requests queued in the writer.
+    queued: AtomicUsize,
+    /// Requests the peer cancelled before we served them.
+    cancelled: Mutex<HashSet<u32>>,
+}
+
+/// Result of hashing a received piece.
+struct Verified {
+    index: u32,
+    ok: bool,
+    banned: bool,
+}
+
+fn register(d: &Daemon, t: &Torrent, remote: &str, addr: SocketAddr, outgoing: bool) -> Option<(u64, CancellationToken)> {
+    let mut s = t.lock();
+    if let Some(existing) = s.conns.get(remote) {
+        // Two peers dialing each other at once: both keep the connection opened by the peer
+        // with the smaller id, so they agree without talking.
+        let initiator = if outgoing { d.peer_id.as_str() } else { remote };
+        let canonical = d.peer_id.as_str().min(remote);
+        if existing.outgoing == outgoing || initiator != canonical {
+            return None;
+        }
+        existing.token.cancel();
+    }
+    let id = t.next_conn_id();
+    let token = t.cancel.child_token();
+    s.conns.insert(
+        remote.to_string(),
+        ConnEntry {
+            id,
+            outgoing,
+            addr,
+            token: token.clone(),
+        },
+    );
+    let score = s.peers.entry(remote.to_string()).or_default();
+    score.addr = addr.ip().to_string();
+    score.port = addr.port();
+    Some((id, token))
+}
+
+struct Session {
+    d: Arc<Daemon>,
+    t: Arc<Torrent>,
+    remote: String,
+    out: mpsc::Sender<Out>,
+    shared: Arc<Shared>,
+    verify_tx: mpsc::Sender<Verified>,
+    peer_bits: Option<Bitfield>,
+    /// What the peer knows we have.
+    told: Bitfield,
+    requested: HashMap<u32, Instant>,
+    /// Pieces not to ask this peer for now (rejected or timed out), cleared now and then.
+    avoid: HashSet<u32>,
+    last_arrival: Option<Instant>,
+    consecutive_timeouts: u32,
+    rng: rand::rngs::StdRng,
+    ticks: u64,
+}
+
+/// Why a session ends.
+enum End {
+    Quiet,
+    /// Tell the peer why, then close.
+    Tell(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    d: Arc<Daemon>,
+    t: Arc<Torrent>,
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    remote: String,
+    addr: SocketAddr,
+    outgoing: bool,
+) {
+    let Some((conn_id, token)) = register(&d, &t, &remote, addr, outgoing) else {
+        let _ = writer
+            .send(&PeerMsg::Error { reason: "duplicate connection".into() }, &[])
+            .await; // Best effort.
+        return;
+    };
+    let span = tracing::debug_span!("conn", info_hash = %t.hex, peer = %remote, %addr);
+    let _guard = span.enter();
+    debug!(outgoing, "connected");
+    reader.set_timeouts(Timeouts {
+        idle: d.cfg.idle_timeout,
+        read: d.cfg.read_timeout,
+    });
+    // Subscribe before taking the bitfield, so no HAVE falls between the two.
+    let mut events = t.events.subscribe();
+    let ours = t.lock().picker.have().clone();
+    let n = t.meta.piece_count();
+    let shared = Arc::new(Shared::default());
+    let (out_tx, out_rx) = mpsc::channel(d.cfg.max_uploads_per_peer + 256);
+    let (in_tx, mut in_rx) = mpsc::channel(2);
+    let (verify_tx, mut verify_rx) = mpsc::channel(64);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let r = reader.read_frame().await;
+            let end = !matches!(r, Ok(Some(_)));
+            if in_tx.send(r).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let writer_task = tokio::spawn(write_loop(
+        d.clone(),
+        t.clone(),
+        writer,
+        out_rx,
+        shared.clone(),
+        remote.clone(),
+        d.cfg.idle_timeout / 3,
+    ));
+    let mut s = Session {
+        d: d.clone(),
+        t: t.clone(),
+        remote: remote.clone(),
+        out: out_tx,
+        shared,
+        verify_tx,
+        peer_bits: None,
+        told: ours.clone(),
+        requested: HashMap::new(),
+        avoid: HashSet::new(),
+        last_arrival: None,
+        consecutive_timeouts: 0,
+        rng: rand::rngs::StdRng::from_entropy(),
+        ticks: 0,
+    };
+    let _ = s
+        .out
+        .send(Out::Payload(
+            PeerMsg::Bitfield {
+                len: ours.as_bytes().len() as u32,
+            },
+            Bytes::copy_from_slice(ours.as_bytes()),
+        ))
+        .await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let end = loop {
+        let step = tokio::select! {
+            _ = token.cancelled() => break End::Quiet,
+            r = in_rx.recv() => match r {
+                None | Some(Ok(None)) => break End::Quiet,
+                Some(Err(e)) => {
+                    debug!(cause = %e, "read failed");
+                    break if e.is_protocol_violation() { End::Tell(e.to_string()) } else { End::Quiet };
+                }
+                Some(Ok(Some(frame))) => s.on_frame(frame, n).await,
+            },
+            ev = events.recv() => s.on_event(ev).await,
+            Some(v) = verify_rx.recv() => s.on_verified(v),
+            _ = tick.tick() => s.on_tick(),
+        };
+        if let Err(end) = step {
+            break end;
+        }
+        if s.fill_requests().await.is_err() {
+            break End::Quiet;
+        }
+    };
+    if let End::Tell(reason) = &end {
+        warn!(peer = %remote, %addr, %reason, "closing connection");
+        let _ = s.out.send(Out::Msg(PeerMsg::Error { reason: reason.clone() })).await;
+        // Let the writer send the ERROR before the socket goes.
+        drop(s.out.clone());
+    }
+    // Cleanup: give back every outstanding request and this peer's availability.
+    {
+        let mut st = t.lock();
+        for &i in s.requested.keys() {
+            st.picker.release(i);
+        }
+        if let Some(b) = &s.peer_bits {
+            st.picker.remove_peer(b);
+        }
+        if st.conns.get(&remote).is_some_and(|c| c.id == conn_id) {
+            st.conns.remove(&remote);
+        }
+    }
+    reader_task.abort();
+    let Session { out, .. } = s;
+    drop(out);
+    // The writer drains what is queued (bounded by its write timeout) then ends.
+    if matches!(end, End::Tell(_)) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    } else {
+        writer_task.abort();
+    }
+    debug!("disconnected");
+}
+
+impl Session {
+    async fn send(&self, m: PeerMsg) -> Result<(), End> {
+        self.out.send(Out::Msg(m)).await.map_err(|_| End::Quiet)
+    }
+
+    fn check_index(&self, index: u32, n: u32) -> Result<(), End> {
+        if index >= n {
+            return Err(End::Tell(format!("piece index {index} out of range (0..{n})")));
+        }
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, frame: Frame, n: u32) -> Result<(), End> {
+        let msg = match frame.parse::<PeerMsg>() {
+            Ok(m) => m,
+            Err(e) => return Err(End::Tell(format!("bad {} message: {e}", frame.kind()))),
+        };
+        match msg {
+            PeerMsg::Bitfield { .. } => {
+                let bits = Bitfield::from_bytes(&frame.payload, n)
+                    .ok_or_else(|| End::Tell(format!("BITFIELD of {} bytes does not fit {n} pieces", frame.payload.len())))?;
+                let mut st = self.t.lock();
+                if let Some(old) = &self.peer_bits {
+                    st.picker.remove_peer(old);
+                }
+                st.picker.add_peer(&bits);
+                drop(st);
+                self.peer_bits = Some(bits);
+            }
+            PeerMsg::Have { index } => {
+                self.check_index(index, n)?;
+                let bits = self.peer_bits.get_or_insert_with(|| Bitfield::new(n));
+                if bits.set(index) {
+                    self.t.lock().picker.add_have(index);
+                }
+                self.avoid.remove(&index);
+            }
+            PeerMsg::Request { index } => {
+                self.check_index(index, n)?;
+                let have = self.t.lock().picker.have().get(index);
+                if !have {
+                    self.send(PeerMsg::Reject {
+                        index,
+                        reason: "piece not available here".into(),
+                    })
+                    .await?;
+                } else if self.shared.queued.load(Ordering::Relaxed) >= self.d.cfg.max_uploads_per_peer {
+                    self.send(PeerMsg::Reject {
+                        index,
+                        reason: "too many queued requests".into(),
+                    })
+                    .await?;
+                } else {
+                    self.shared.cancelled.lock().expect("cancel lock").remove(&index);
+                    self.shared.queued.fetch_add(1, Ordering::Relaxed);
+                    self.out.send(Out::Serve(index)).await.map_err(|_| End::Quiet)?;
+                }
+            }
+            PeerMsg::Cancel { index } => {
+                self.check_index(index, n)?;
+                self.shared.cancelled.lock().expect("cancel lock").insert(index);
+            }
+            PeerMsg::Piece { index, len } => {
+                self.check_index(index, n)?;
+                let expected = self.t.meta.piece_size(index);
+                if len != expected || frame.payload.len() != expected as usize {
+                    return Err(End::Tell(format!(
+                        "PIECE {index} has {} bytes, expected {expected}",
+                        frame.payload.len()
+                    )));
+                }
+                self.on_piece(index, frame.payload).await;
+            }
+            PeerMsg::Reject { index, reason } => {
+                self.check_index(index, n)?;
+                debug!(index, %reason, "request rejected");
+                if self.requested.remove(&index).is_some() {
+                    self.t.lock().picker.release(index);
+                    self.avoid.insert(index);
+                }
+            }
+            PeerMsg::GetMetadata => {
+                let json = Bytes::from(self.t.meta.to_json());
+                let m = PeerMsg::Metadata { len: json.len() as u32 };
+                self.out.send(Out::Payload(m, json)).await.map_err(|_| End::Quiet)?;
+            }
+            PeerMsg::Keepalive | PeerMsg::Metadata { .. } => {}
+            PeerMsg::Error { reason } => {
+                info!(peer = %self.remote, %reason, "peer closed with an error");
+                return Err(End::Quiet);
+            }
+            PeerMsg::Hello { .. } => return Err(End::Tell("HELLO twice".into())),
+        }
+        Ok(())
+    }
+
+    async fn on_piece(&mut self, index: u32, payload: Bytes) {
+        let Some(sent_at) = self.requested.remove(&index) else {
+            // Not (or no longer) requested: a reply racing our CANCEL. Harmless.
+            return;
+        };
+        self.consecutive_timeouts = 0;
+        let now = Instant::now();
+        let latency_ms = now.duration_since(sent_at).as_secs_f64() * 1000.0;
+        // Throughput: bytes over the time since the later of the previous arrival and this
+        // request, i.e. time the peer had work from us.
+        let since = self.last_arrival.map_or(sent_at, |l| l.max(sent_at));
+        let dt = now.duration_since(since).as_secs_f64();
+        let throughput = (dt > 0.0).then(|| payload.len() as f64 / dt);
+        self.last_arrival = Some(now);
+        if !self.t.lock().picker.arrive_for_write(index) {
+            return; // Endgame: another copy won.
+        }
+        // Bound the pieces in memory: wait for a hashing slot (the reader keeps at most one
+        // more frame meanwhile).
+        let Ok(permit) = self.d.verify_limit.clone().acquire_owned().await else {
+            return;
+        };
+        let t = self.t.clone();
+        let tx = self.verify_tx.clone();
+        let remote = self.remote.clone();
+        let threshold = self.d.cfg.ban_threshold;
+        let ban = self.d.cfg.ban_duration;
+        tokio::task::spawn_blocking(move || {
+            // Hash before writing: a bad piece never touches the file.
+            let ok = <Hash>::from(Sha256::digest(&payload)) == t.meta.pieces[index as usize];
+            let mut banned = false;
+            if ok {
+                t.storage.as_ref().expect("active torrent has storage").write_piece(index, &payload);
+                drop(permit);
+                t.on_verified(index, &remote, latency_ms, throughput);
+            } else {
+                drop(permit);
+                banned = t.on_hash_failed(index, &remote, threshold, ban);
+            }
+            // The session may be gone; the outcome is already recorded in the torrent.
+            let _ = tx.blocking_send(Verified { index, ok, banned });
+        });
+    }
+
+    fn on_verified(&mut self, v: Verified) -> Result<(), End> {
+        if v.banned {
+            return Err(End::Tell(format!(
+                "banned: piece {} failed its hash and you reached the limit of corrupt pieces",
+                v.index
+            )));
+        }
+        if !v.ok {
+            // Don't take the same piece from the same peer again right away.
+            self.avoid.insert(v.index);
+        }
+        Ok(())
+    }
+
+    async fn on_event(&mut self, ev: Result<TorrentEvent, broadcast::error::RecvError>) -> Result<(), End> {
+        match ev {
+            Ok(TorrentEvent::Have(i)) => self.on_have(i).await,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Missed some: tell the peer about everything we have that it has not heard.
+                let have = self.t.lock().picker.have().clone();
+                for i in have.ones() {
+                    self.on_have(i).await?;
+                }
+                Ok(())
+            }
+            Err(broadcast::error::RecvError::Closed) => Err(End::Quiet),
+        }
+    }
+
+    async fn on_have(&mut self, i: u32) -> Result<(), End> {
+        if self.requested.remove(&i).is_some() {
+            // Endgame duplicate: the piece came from elsewhere.
+            self.t.lock().picker.release(i);
+            self.send(PeerMsg::Cancel { index: i }).await?;
+        }
+        let peer_has = self.peer_bits.as_ref().is_some_and(|b| b.get(i));
+        if !peer_has && self.told.set(i) {
+            self.send(PeerMsg::Have { index: i }).await?;
+        }
+        Ok(())
+    }
+
+    fn on_tick(&mut self) -> Result<(), End> {
+        self.ticks += 1;
+        let timeout = self.d.cfg.request_timeout;
+        let expired: Vec<u32> = self
+            .requested
+            .iter()
+            .filter(|(_, at)| at.elapsed() > timeout)
+            .map(|(&i, _)| i)
+            .collect();
+        if !expired.is_empty() {
+            let mut st = self.t.lock();
+            for i in &expired {
+                self.requested.remove(i);
+                st.picker.release(*i);
+                self.avoid.insert(*i);
+            }
+            st.peers.entry(self.remote.clone()).or_default().timeouts += expired.len() as u32;
+            self.consecutive_timeouts += expired.len() as u32;
+            warn!(peer = %self.remote, pieces = ?expired, "requests timed out");
+        }
+        if self.consecutive_timeouts >= MAX_CONSECUTIVE_TIMEOUTS {
+            return Err(End::Tell("too many requests timed out".into()));
+        }
+        if self.ticks % 15 == 0 {
+            self.avoid.clear();
+        }
+        Ok(())
+    }
+
+    /// Keep as many requests outstanding as this peer's score allows.
+    async fn fill_requests(&mut self) -> Result<(), ()> {
+        let Some(bits) = &self.peer_bits else {
+            return Ok(());
+        };
+        let slots = {
+            let st = self.t.lock();
+            if st.record.state != crate::store::TorrentState::Downloading || st.picker.is_complete() {
+                return Ok(());
+            }
+            let cfg = &self.d.cfg;
+            st.peers.get(&self.remote).map_or(cfg.initial_requests_per_peer, |p| {
+                p.slots(self.t.meta.piece_length, cfg.initial_requests_per_peer, cfg.max_requests_per_peer)
+            })
+        };
+        while self.requested.len() < slots {
+            let pick = {
+                let requested = &self.requested;
+                let avoid = &self.avoid;
+                self.t
+                    .lock()
+                    .picker
+                    .pick(bits, |i| requested.contains_key(&i) || avoid.contains(&i), &mut self.rng)
+            };
+            match pick {
+                Pick::Fresh(i) | Pick::Endgame(i) => {
+                    self.requested.insert(i, Instant::now());
+                    if self.out.send(Out::Msg(PeerMsg::Request { index: i })).await.is_err() {
+                        return Err(());
+                    }
+                }
+                Pick::None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn write_loop(
+    d: Arc<Daemon>,
+    t: Arc<Torrent>,
+    mut w: FrameWriter<OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Out>,
+    shared: Arc<Shared>,
+    remote: String,
+    keepalive: Duration,
+) {
+    let storage = t.storage.clone().expect("active torrent has storage");
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    loop {
+        let item = match tokio::time::timeout(keepalive, rx.recv()).await {
+            Err(_) => {
+                if w.send(&PeerMsg::Keepalive, &[]).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => return,
+            Ok(Some(item)) => item,
+        };
+        let res = match item {
+            Out::Msg(m) => w.feed(&m, &[]).await,
+            Out::Payload(m, bytes) => w.feed(&m, &bytes).await,
+            Out::Serve(index) => {
+                shared.queued.fetch_sub(1, Ordering::Relaxed);
+                if shared.cancelled.lock().expect("cancel lock").remove(&index) {
+                    continue;
+                }
+                let action = if d.sabotage.is_active() {
+                    if !d.sabotage.delay.is_zero() {
+                        let _ = w.flush().await;
+                        tokio::time::sleep(d.sabotage.delay).await;
+                    }
+                    d.sabotage.decide(&mut rng)
+                } else {
+                    Action::Serve
+                };
+                let data = storage.piece(index);
+                let header = PeerMsg::Piece {
+                    index,
+                    len: data.len() as u32,
+                };
+                let r = match action {
+                    Action::Serve => w.feed(&header, data).await,
+                    Action::Corrupt => w.feed(&header, &crate::sabotage::corrupt(data)).await,
+                    Action::Drop => Ok(()),
+                };
+                // The bytes are in the socket now; drop the pages from our resident set.
+                storage.release(index);
+                if r.is_ok() && action != Action::Drop {
+                    t.on_uploaded(&remote, data.len() as u64);
+                }
+                r
+            }
+        };
+        if res.is_err() {
+            return;
+        }
+        if rx.is_empty() && w.flush().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Peer-to-peer messages, carried in the frames of [`shoal_tracker::wire`].
+//!
+//! Each connection serves one torrent, named in the HELLO both sides send first. After that
+//! either side may send BITFIELD (once, with the bits as payload), HAVE, REQUEST, CANCEL,
+//! GET_METADATA and KEEPALIVE, and answer with PIECE (payload), REJECT and METADATA (payload).
+//! Several REQUESTs may be outstanding on one connection.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken in HELLO.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerMsg {
+    Hello {
+        v: u32,
+        info_hash: String,
+        peer_id: String,
+        port: u16,
+    },
+    /// Payload: the sender's bitfield, MSB first.
+    Bitfield { len: u32 },
+    Have { index: u32 },
+    Request { index: u32 },
+    /// Payload: the piece.
+    Piece { index: u32, len: u32 },
+    Reject { index: u32, reason: String },
+    Cancel { index: u32 },
+    GetMetadata,
+    /// Payload: the descriptor JSON.
+    Metadata { len: u32 },
+    Keepalive,
+    Error { reason: String },
+}
+
+impl PeerMsg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerMsg::Hello { .. } => "HELLO",
+            PeerMsg::Bitfield { .. } => "BITFIELD",
+            PeerMsg::Have { .. } => "HAVE",
+            PeerMsg::Request { .. } => "REQUEST",
+            PeerMsg::Piece { .. } => "PIECE",
+            PeerMsg::Reject { .. } => "REJECT",
+            PeerMsg::Cancel { .. } => "CANCEL",
+            PeerMsg::GetMetadata => "GET_METADATA",
+            PeerMsg::Metadata { .. } => "METADATA",
+            PeerMsg::Keepalive => "KEEPALIVE",
+            PeerMsg::Error { .. } => "ERROR",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_tracker::wire::{decode, encode, Limits};
+
+    #[test]
+    fn it_should_round_trip_every_message_through_the_codec() {
+        let msgs = vec![
+            PeerMsg::Hello {
+                v: 1,
+                info_hash: "ab".repeat(32),
+                peer_id: "p".into(),
+                port: 7,
+            },
+            PeerMsg::Have { index: 3 },
+            PeerMsg::Request { index: 4 },
+            PeerMsg::Reject {
+                index: 4,
+                reason: "no".into(),
+            },
+            PeerMsg::Cancel { index: 4 },
+            PeerMsg::GetMetadata,
+            PeerMsg::Keepalive,
+        ];
+        for m in msgs {
+            let mut buf = Vec::new();
+            encode(&m, &[], &mut buf).unwrap();
+            let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
+            assert_eq!(f.parse::<PeerMsg>().unwrap(), m);
+        }
+        let mut buf = Vec::new();
+        encode(&PeerMsg::Piece { index: 1, len: 3 }, b"abc", &mut buf).unwrap();
+        let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
+        assert_eq!(f.parse::<PeerMsg>().unwrap(), PeerMsg::Piece { index: 1, len: 3 });
+        assert_eq!(&f.payload[..], b"abc");
+        let bad = br#"{"type":"TELEPORT"}"#;
+        let mut buf = (bad.len() as u32).to_be_bytes().to_vec();
+        buf.extend_from_slice(bad);
+        let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
+        assert!(f.parse::<PeerMsg>().is_err());
+    }
+}

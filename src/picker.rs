@@ -1,0 +1,272 @@
+//! The piece picker: which piece to ask a given peer for next.
+//!
+//! Every piece is in exactly one state, and only the named methods below move it:
+//!
+//! ```text
+//!             pick (fresh)              arrive_for_write          mark_verified
+//!   Missing ───────────────▶ InFlight ─────────────────▶ Writing ───────────────▶ Have
+//!      ▲                      │   ▲ (endgame: more        │
+//!      │   release (last      │   │  requests on it)       │ mark_failed (hash mismatch)
+//!      └── request gone) ─────┘   │                        │
+//!      └──────────────────────────┴────────────────────────┘
+//! ```
+//!
+//! `InFlight` counts outstanding requests: in endgame (no missing piece left unrequested) a
+//! piece may be requested from a second peer; whoever's copy arrives first is written, and the
+//! caller cancels the others. Synchronous and free of I/O, so the tests drive every transition.
+
+use rand::Rng;
+
+use crate::bitfield::Bitfield;
+use crate::config::PieceSelection;
+
+/// At most this many requests for one piece at once (endgame).
+const MAX_REQUESTS_PER_PIECE: u8 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// A piece nobody is fetching.
+    Fresh(u32),
+    /// Endgame: a piece another connection is already fetching.
+    Endgame(u32),
+    /// Nothing this peer has that we need and may ask for now.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct Picker {
+    have: Bitfield,
+    writing: Bitfield,
+    in_flight: Vec<u8>,
+    availability: Vec<u16>,
+    /// Pieces neither had, written nor requested.
+    unrequested: u32,
+    selection: PieceSelection,
+    random_left: u32,
+}
+
+impl Picker {
+    pub fn new(have: Bitfield, selection: PieceSelection, random_first: u32) -> Picker {
+        let n = have.len() as usize;
+        Picker {
+            unrequested: have.len() - have.count(),
+            writing: Bitfield::new(have.len()),
+            in_flight: vec![0; n],
+            availability: vec![0; n],
+            have,
+            selection,
+            random_left: random_first,
+        }
+    }
+
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.is_complete()
+    }
+
+    pub fn availability(&self, i: u32) -> u16 {
+        self.availability[i as usize]
+    }
+
+    pub fn in_flight(&self, i: u32) -> u8 {
+        self.in_flight[i as usize]
+    }
+
+    // === AVAILABILITY ===
+
+    pub fn add_peer(&mut self, bits: &Bitfield) {
+        for i in bits.ones() {
+            self.availability[i as usize] = self.availability[i as usize].saturating_add(1);
+        }
+    }
+
+    pub fn remove_peer(&mut self, bits: &Bitfield) {
+        for i in bits.ones() {
+            self.availability[i as usize] = self.availability[i as usize].saturating_sub(1);
+        }
+    }
+
+    pub fn add_have(&mut self, i: u32) {
+        self.availability[i as usize] = self.availability[i as usize].saturating_add(1);
+    }
+
+    // === ACQUIRE ===
+
+    /// Choose a piece to request from a peer that has `peer_has`; `mine(i)` tells whether this
+    /// connection already has a request out for `i`. The returned piece counts as requested
+    /// until [`Picker::release`] or [`Picker::arrive_for_write`].
+    pub fn pick(&mut self, peer_has: &Bitfield, mine: impl Fn(u32) -> bool, rng: &mut impl Rng) -> Pick {
+        if self.unrequested > 0 {
+            if let Some(i) = self.pick_fresh(peer_has, rng) {
+                self.in_flight[i as usize] += 1;
+                self.unrequested -= 1;
+                self.random_left = self.random_left.saturating_sub(1);
+                return Pick::Fresh(i);
+            }
+            return Pick::None;
+        }
+        // Endgame: every missing piece is requested somewhere; ask this peer too for the one
+        // with the fewest requests, so a slow peer cannot hold up the finish.
+        let mut best: Option<u32> = None;
+        for i in 0..self.have.len() {
+            let f = self.in_flight[i as usize];
+            if self.have.get(i) || self.writing.get(i) || f == 0 || f >= MAX_REQUESTS_PER_PIECE {
+                continue;
+            }
+            if !peer_has.get(i) || mine(i) {
+                continue;
+            }
+            if best.is_none_or(|b| f < self.in_flight[b as usize]) {
+                best = Some(i);
+            }
+        }
+        match best {
+            Some(i) => {
+                self.in_flight[i as usize] += 1;
+                Pick::Endgame(i)
+            }
+            None => Pick::None,
+        }
+    }
+
+    fn pick_fresh(&self, peer_has: &Bitfield, rng: &mut impl Rng) -> Option<u32> {
+        let random = self.selection == PieceSelection::Random || self.random_left > 0;
+        let mut best: Option<u32> = None;
+        let mut best_avail = u16::MAX;
+        let mut ties = 0u32;
+        for i in 0..self.have.len() {
+            let u = i as usize;
+            if self.in_flight[u] > 0 || self.have.get(i) || self.writing.get(i) || !peer_has.get(i) {
+                continue;
+            }
+            // Plain random ignores availability; rarest-first compares it.
+            let a = if self.selection == PieceSelection::Random {
+                0
+            } else {
+                self.availability[u]
+            };
+            if a < best_avail {
+                best_avail = a;
+                best = Some(i);
+                ties = 1;
+            } else if a == best_avail && random {
+                // Reservoir sampling: each equal candidate ends up chosen with equal chance.
+                ties += 1;
+                if rng.gen_range(0..ties) == 0 {
+                    best = Some(i);
+                }
+            }
+            // Otherwise ties go to the lowest index: pieces then arrive mostly in order, which
+            // lets the whole-file hash run alongside the download.
+        }
+        best
+    }
+
+    // === RELEASE ===
+
+    /// A request for `i` is gone without a piece (rejected, timed out, cancelled, peer left).
+    pub fn release(&mut self, i: u32) {
+        let f = &mut self.in_flight[i as usize];
+        debug_assert!(*f > 0, "release of piece {i} that is not in flight");
+        *f = f.saturating_sub(1);
+        if *f == 0 && !self.have.get(i) && !self.writing.get(i) {
+            self.unrequested += 1;
+        }
+    }
+
+    /// A copy of `i` arrived on a request of ours. Returns whether to hash and write it: false
+    /// when another copy is already being written or the piece is had (the endgame loser).
+    /// Either way the request is no longer outstanding.
+    pub fn arrive_for_write(&mut self, i: u32) -> bool {
+        let u = i as usize;
+        self.in_flight[u] = self.in_flight[u].saturating_sub(1);
+        if self.have.get(i) || self.writing.get(i) {
+            return false;
+        }
+        self.writing.set(i);
+        true
+    }
+
+    /// The copy being written failed its hash: the piece is missing again unless still
+    /// requested elsewhere.
+    pub fn mark_failed(&mut self, i: u32) {
+        self.writing.clear(i);
+        if self.in_flight[i as usize] == 0 && !self.have.get(i) {
+            self.unrequested += 1;
+        }
+    }
+
+    /// The piece is verified and written. Returns false if it was already had.
+    pub fn mark_verified(&mut self, i: u32) -> bool {
+        self.writing.clear(i);
+        self.have.set(i)
+    }
+
+    /// A recheck found piece `i` bad: back to missing.
+    pub fn mark_missing(&mut self, i: u32) {
+        if self.have.clear(i) && self.in_flight[i as usize] == 0 {
+            self.unrequested += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn it_should_pick_the_rarest_piece_first() {
+        let mut p = Picker::new(Bitfield::new(4), PieceSelection::RarestFirst, 0);
+        let all = Bitfield::full(4);
+        let mut others = Bitfield::new(4);
+        others.set(0);
+        others.set(1);
+        others.set(3);
+        p.add_peer(&all);
+        p.add_peer(&others);
+        assert_eq!(p.pick(&all, |_| false, &mut rng()), Pick::Fresh(2));
+        assert_eq!(p.pick(&all, |_| false, &mut rng()), Pick::Fresh(0));
+    }
+
+    #[test]
+    fn it_should_requeue_on_release_and_failure_and_finish_with_endgame() {
+        let mut p = Picker::new(Bitfield::new(2), PieceSelection::RarestFirst, 0);
+        let all = Bitfield::full(2);
+        let mut r = rng();
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(0));
+        p.release(0);
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(0));
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(1));
+        // Everything requested: a second connection gets endgame duplicates, not its own.
+        assert_eq!(p.pick(&all, |i| i == 0, &mut r), Pick::Endgame(1));
+        assert_eq!(p.pick(&all, |_| true, &mut r), Pick::None);
+        assert!(p.arrive_for_write(1));
+        assert!(!p.arrive_for_write(1), "the endgame loser is not written");
+        p.mark_failed(1);
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(1));
+        assert!(p.arrive_for_write(1));
+        assert!(p.mark_verified(1));
+        assert!(p.arrive_for_write(0));
+        assert!(p.mark_verified(0));
+        assert!(p.is_complete());
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::None);
+    }
+
+    #[test]
+    fn it_should_only_ask_a_peer_for_what_it_has() {
+        let mut p = Picker::new(Bitfield::new(3), PieceSelection::Random, 0);
+        let mut has = Bitfield::new(3);
+        has.set(1);
+        let mut r = rng();
+        assert_eq!(p.pick(&has, |_| false, &mut r), Pick::Fresh(1));
+        assert_eq!(p.pick(&has, |i| i == 1, &mut r), Pick::None);
+    }
+}

@@ -1,0 +1,232 @@
+//! Piece I/O through memory maps. All `unsafe` of shoal lives here.
+//!
+//! A data file is mapped once, whole (address space is cheap on 64-bit), and pieces are
+//! copied in and out of the map. Resident memory stays bounded whatever the file size: after a
+//! piece is written or served, its range is dropped from this process with
+//! `madvise(MADV_DONTNEED)`. On a shared file mapping that only unmaps the pages: dirty data
+//! stays in the page cache (the kernel carries the dirty bit over) and reaches the disk with
+//! the next [`Storage::sync`] or writeback. libtorrent 2.0 users saw a whole file counted as
+//! resident; this is the remedy.
+//!
+//! # Safety
+//! A memory map is only sound while nobody else changes the file's length under it (a shrink
+//! turns accesses into SIGBUS) or writes the bytes being read. shoal owns its `.part` files;
+//! a seeded file is the user's, and the daemon checks its length at start. Within shoal, a
+//! piece is written only while it is not yet verified, and read (served, hashed) only after, so
+//! readers and the writer of a piece never overlap.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+
+use memmap2::{Mmap, MmapOptions, MmapRaw};
+
+/// Map a whole file read-only (for hashing).
+///
+/// # Errors
+/// The file cannot be mapped.
+pub fn map_read_only(file: &File) -> io::Result<Mmap> {
+    // SAFETY: see the module doc; the caller hashes a file it was just asked to read, and a
+    // concurrent change would at worst produce hashes that fail verification later.
+    let map = unsafe { MmapOptions::new().map(file)? };
+    // Sequential read-ahead; a failure only costs speed.
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(map)
+}
+
+pub struct Storage {
+    file: File,
+    map: MmapRaw,
+    length: u64,
+    piece_length: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create (or reuse) a `.part` file, extended to full length.
+    CreateOrReuse,
+    /// The file must exist with at least the full length; it is never written.
+    ExistingReadOnly,
+    /// The file must exist with at least the full length; pieces may be written.
+    ExistingWritable,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{path} is missing")]
+    Missing { path: String },
+    #[error("{path} is {found} bytes, shorter than the {expected} bytes the descriptor says")]
+    TooShort {
+        path: String,
+        found: u64,
+        expected: u64,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Storage {
+    /// Open the data file of a torrent.
+    ///
+    /// # Errors
+    /// Missing or short files (for the existing modes), and I/O errors, each naming the path.
+    pub fn open(path: &Path, length: u64, piece_length: u32, mode: OpenMode) -> Result<Storage, StorageError> {
+        let p = path.display().to_string();
+        let io = |source| StorageError::Io {
+            path: p.clone(),
+            source,
+        };
+        let file = match mode {
+            OpenMode::CreateOrReuse => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(io)?;
+                let len = f.metadata().map_err(io)?.len();
+                if len < length {
+                    // Sparse: no bytes are written until pieces arrive.
+                    f.set_len(length).map_err(io)?;
+                }
+                f
+            }
+            OpenMode::ExistingReadOnly | OpenMode::ExistingWritable => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(mode == OpenMode::ExistingWritable)
+                    .open(path)
+                    .map_err(|e| {
+                        if e.kind() == io::ErrorKind::NotFound {
+                            StorageError::Missing { path: p.clone() }
+                        } else {
+                            io(e)
+                        }
+                    })?;
+                let found = f.metadata().map_err(io)?.len();
+                if found < length {
+                    return Err(StorageError::TooShort {
+                        path: p.clone(),
+                        found,
+                        expected: length,
+                    });
+                }
+                f
+            }
+        };
+        let mut opts = MmapOptions::new();
+        opts.len(length as usize);
+        let map = if mode == OpenMode::ExistingReadOnly {
+            opts.map_raw_read_only(&file)
+        } else {
+            opts.map_raw(&file)
+        }
+        .map_err(io)?;
+        Ok(Storage {
+            file,
+            map,
+            length,
+            piece_length,
+        })
+    }
+
+    fn range(&self, index: u32) -> (usize, usize) {
+        let start = u64::from(index) * u64::from(self.piece_length);
+        assert!(start < self.length, "piece {index} out of range");
+        let end = (start + u64::from(self.piece_length)).min(self.length);
+        (start as usize, end as usize)
+    }
+
+    /// The bytes of piece `index`, in the map.
+    ///
+    /// # Panics
+    /// `index` past the end (a bug: indices are checked at the protocol edge).
+    pub fn piece(&self, index: u32) -> &[u8] {
+        let (start, end) = self.range(index);
+        // SAFETY: the range is inside the map (checked by `range`), the map lives as long as
+        // `self`, and per the module doc no write to this piece happens while it is read.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(start), end - start) }
+    }
+
+    /// Copy a verified piece into the map, then drop its pages from this process.
+    ///
+    /// # Panics
+    /// Wrong length or index (a bug: both are checked before hashing).
+    pub fn write_piece(&self, index: u32, data: &[u8]) {
+        let (start, end) = self.range(index);
+        assert_eq!(data.len(), end - start, "piece {index} has the wrong length");
+        // SAFETY: the range is inside a writable map (ExistingReadOnly maps are never given
+        // pieces to write: the daemon only writes torrents it is downloading), and per the
+        // module doc nobody reads a piece while it is being written.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(start), data.len());
+        }
+        self.release(index);
+    }
+
+    /// Drop piece `index`'s pages from this process's resident set; the page cache keeps them.
+    pub fn release(&self, index: u32) {
+        let (start, end) = self.range(index);
+        // Only whole pages can be released; the partial pages at the edges stay mapped.
+        let page = page_size();
+        let base = self.map.as_ptr() as usize;
+        let lo = (base + start).next_multiple_of(page);
+        let hi = (base + end) / page * page;
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside our shared file mapping; MADV_DONTNEED on a shared
+            // file mapping keeps the data (the page cache has it, dirty or not).
+            let rc = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
+            debug_assert_eq!(rc, 0, "madvise failed");
+        }
+    }
+
+    /// Make every piece written so far durable (fdatasync).
+    ///
+    /// # Errors
+    /// The kernel reports a write-back failure (disk full, I/O error).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    pub fn length(&self) -> u64 {
+        self.length
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn it_should_read_back_what_it_wrote_after_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.part");
+        let s = Storage::open(&path, 100_000, 16384, OpenMode::CreateOrReuse).unwrap();
+        let last = vec![9u8; 100_000 - 6 * 16384];
+        s.write_piece(6, &last);
+        s.write_piece(0, &[1u8; 16384]);
+        s.sync().unwrap();
+        assert_eq!(s.piece(6), &last[..]);
+        assert!(s.piece(0).iter().all(|&b| b == 1));
+        drop(s);
+        let s = Storage::open(&path, 100_000, 16384, OpenMode::ExistingReadOnly).unwrap();
+        assert!(s.piece(0).iter().all(|&b| b == 1));
+        let e = Storage::open(&path, 200_000, 16384, OpenMode::ExistingReadOnly).err().unwrap();
+        assert!(matches!(e, StorageError::TooShort { .. }));
+    }
+}
