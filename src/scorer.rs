@@ -36,13 +36,15 @@ pub struct PeerScore {
 }
 
 impl PeerScore {
-    pub fn record_piece(&mut self, bytes: u64, latency_ms: f64, throughput: Option<f64>) {
+    pub fn record_piece(&mut self, bytes: u64, latency_ms: f64) {
         self.pieces_from += 1;
         self.bytes_from += bytes;
         self.latency_ms = ewma(self.latency_ms, latency_ms);
-        if let Some(t) = throughput {
-            self.throughput = ewma(self.throughput, t);
-        }
+    }
+
+    /// A throughput sample: bytes per second delivered over a tick while it had requests.
+    pub fn record_throughput(&mut self, bytes_per_sec: f64) {
+        self.throughput = ewma(self.throughput, bytes_per_sec);
     }
 
     pub fn success_rate(&self) -> f64 {
@@ -88,8 +90,10 @@ mod tests {
         let mut fast = PeerScore::default();
         let mut slow = PeerScore::default();
         for _ in 0..10 {
-            fast.record_piece(1 << 20, 5.0, Some(500.0 * 1048576.0));
-            slow.record_piece(1 << 20, 300.0, Some(3.0 * 1048576.0));
+            fast.record_piece(1 << 20, 5.0);
+            fast.record_throughput(500.0 * 1048576.0);
+            slow.record_piece(1 << 20, 300.0);
+            slow.record_throughput(3.0 * 1048576.0);
         }
         assert_eq!(PeerScore::default().slots(1 << 20, 4, 32), 4);
         assert_eq!(fast.slots(1 << 20, 4, 32), 32);

@@ -1,1 +1,10 @@
+//! End-to-end tests: each starts real `shoal` processes on loopback.
 
+mod common;
+
+// `shoal create` / `shoal show`, descriptors and config errors.
+mod descriptor;
+// `shoal tracker run`: the contract, persistence across kill -9, pruning, bad input.
+mod tracker;
+// `shoal peer run`: publish, swarm downloads, metadata from the swarm, failover, corruption.
+mod peer;

@@ -295,7 +295,9 @@ struct Session {
     requested: HashMap<u32, Instant>,
     /// Pieces not to ask this peer for now (rejected or timed out), cleared now and then.
     avoid: HashSet<u32>,
-    last_arrival: Option<Instant>,
+    /// Bytes received since the last tick, for the throughput sample.
+    bytes_since_tick: u64,
+    last_tick: Instant,
     consecutive_timeouts: u32,
     rng: rand::rngs::StdRng,
     ticks: u64,
@@ -368,7 +370,8 @@ async fn session(
         told: ours.clone(),
         requested: HashMap::new(),
         avoid: HashSet::new(),
-        last_arrival: None,
+        bytes_since_tick: 0,
+        last_tick: Instant::now(),
         consecutive_timeouts: 0,
         rng: rand::rngs::StdRng::from_entropy(),
         ticks: 0,
@@ -540,12 +543,7 @@ impl Session {
         self.consecutive_timeouts = 0;
         let now = Instant::now();
         let latency_ms = now.duration_since(sent_at).as_secs_f64() * 1000.0;
-        // Throughput: bytes over the time since the later of the previous arrival and this
-        // request, i.e. time the peer had work from us.
-        let since = self.last_arrival.map_or(sent_at, |l| l.max(sent_at));
-        let dt = now.duration_since(since).as_secs_f64();
-        let throughput = (dt > 0.0).then(|| payload.len() as f64 / dt);
-        self.last_arrival = Some(now);
+        self.bytes_since_tick += payload.len() as u64;
         if !self.t.lock().picker.arrive_for_write(index) {
             return; // Endgame: another copy won.
         }
@@ -566,7 +564,7 @@ impl Session {
             if ok {
                 t.storage.as_ref().expect("active torrent has storage").write_piece(index, &payload);
                 drop(permit);
-                t.on_verified(index, &remote, latency_ms, throughput);
+                t.on_verified(index, &remote, latency_ms);
             } else {
                 drop(permit);
                 banned = t.on_hash_failed(index, &remote, threshold, ban);
@@ -620,6 +618,15 @@ impl Session {
 
     fn on_tick(&mut self) -> Result<(), End> {
         self.ticks += 1;
+        // Throughput over the last tick, sampled only while the peer had work from us (an idle
+        // peer is not a slow one).
+        let dt = self.last_tick.elapsed().as_secs_f64();
+        self.last_tick = Instant::now();
+        if dt > 0.0 && (self.bytes_since_tick > 0 || !self.requested.is_empty()) {
+            let sample = self.bytes_since_tick as f64 / dt;
+            self.t.lock().peers.entry(self.remote.clone()).or_default().record_throughput(sample);
+        }
+        self.bytes_since_tick = 0;
         let timeout = self.d.cfg.request_timeout;
         let expired: Vec<u32> = self
             .requested

@@ -239,7 +239,7 @@ impl Torrent {
     // === PIECE OUTCOMES (called by connections) ===
 
     /// A piece from `peer_id` was verified and written.
-    pub fn on_verified(&self, index: u32, peer_id: &str, latency_ms: f64, throughput: Option<f64>) {
+    pub fn on_verified(&self, index: u32, peer_id: &str, latency_ms: f64) {
         let len = u64::from(self.meta.piece_size(index));
         let complete = {
             let mut s = self.lock();
@@ -253,7 +253,7 @@ impl Torrent {
             s.peers
                 .entry(peer_id.to_string())
                 .or_default()
-                .record_piece(len, latency_ms, throughput);
+                .record_piece(len, latency_ms);
             s.picker.is_complete()
         };
         {

@@ -1,0 +1,301 @@
+//! Test helpers: real `shoal` processes on loopback ephemeral ports, killed by PID on drop,
+//! and bounded waits everywhere.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn shoal_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_shoal")
+}
+
+/// A running child process, SIGKILLed by PID when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        // SAFETY-free: kill(2) by PID through the libc-less std API.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Start `shoal ARGS`, wait (bounded) for its first stdout line and return it.
+pub fn spawn_with_line(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    let stderr_path = dir.join(format!("{name}.stderr"));
+    let mut cmd = Command::new(shoal_bin());
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .env("RUST_LOG", "info")
+        .env_remove("SHOAL_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn shoal");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep draining so the child never blocks on a full pipe.
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink);
+    });
+    let mut p = Proc {
+        child,
+        name: name.into(),
+        stderr_path,
+    };
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(line) if !line.is_empty() => (p, line),
+        _ => {
+            p.kill9();
+            panic!("{name} did not start: {}", p.stderr());
+        }
+    }
+}
+
+fn addr_in(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+pub struct TrackerProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+}
+
+pub fn start_tracker(dir: &Path, name: &str, extra: &[&str]) -> TrackerProc {
+    start_tracker_at(dir, name, "127.0.0.1:0", extra)
+}
+
+pub fn start_tracker_at(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> TrackerProc {
+    let db = dir.join(format!("{name}.db"));
+    let mut args = vec!["tracker", "run", "--listen", listen, "--db", db.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (proc, line) = spawn_with_line(dir, name, &args, &[]);
+    TrackerProc {
+        addr: addr_in(&line),
+        proc,
+        db,
+    }
+}
+
+pub struct PeerProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub peer_id: String,
+}
+
+pub fn start_peer(dir: &Path, name: &str, trackers: &[SocketAddr], extra: &[&str]) -> PeerProc {
+    start_peer_env(dir, name, trackers, extra, &[])
+}
+
+pub fn start_peer_env(
+    dir: &Path,
+    name: &str,
+    trackers: &[SocketAddr],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> PeerProc {
+    let data_dir = dir.join(name);
+    let tr: Vec<String> = trackers.iter().map(|t| t.to_string()).collect();
+    let mut args = vec![
+        "peer".to_string(),
+        "run".into(),
+        "--data-dir".into(),
+        data_dir.to_str().unwrap().into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    for t in &tr {
+        args.push("--tracker".into());
+        args.push(t.clone());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (proc, line) = spawn_with_line(dir, name, &argv, env);
+    let peer_id = line
+        .split("peer id ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_default()
+        .to_string();
+    PeerProc {
+        addr: addr_in(&line),
+        proc,
+        data_dir,
+        peer_id,
+    }
+}
+
+/// Run `shoal ARGS` to completion, killed after `limit`.
+pub fn shoal(dir: &Path, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(shoal_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("SHOAL_CONFIG")
+        .spawn()
+        .expect("spawn shoal");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "shoal {args:?} did not finish within {limit:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run and require success; returns stdout.
+pub fn shoal_ok(dir: &Path, args: &[&str], limit: Duration) -> String {
+    let out = shoal(dir, args, limit);
+    assert!(
+        out.status.success(),
+        "shoal {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Poll `f` until it returns Some, at most `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn random_file(path: &Path, len: usize) {
+    use rand::RngCore;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut rng = rand::thread_rng();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+}
+
+/// SHA-256 as `sha256sum` prints it (the coreutils tool, not our code).
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// `shoal status --json` of a peer.
+pub fn status(dir: &Path, data_dir: &Path) -> serde_json::Value {
+    let out = shoal_ok(
+        dir,
+        &["status", "--json", "--data-dir", data_dir.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// One frame with a JSON header, as bytes.
+pub fn frame(header: &serde_json::Value, payload: &[u8]) -> Vec<u8> {
+    let h = serde_json::to_vec(header).unwrap();
+    let mut v = (h.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(&h);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Read one frame (header only) from a blocking stream; `None` on EOF.
+pub fn read_frame(s: &mut TcpStream) -> Option<(serde_json::Value, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let n = u32::from_be_bytes(len) as usize;
+    assert!(n <= 64 * 1024, "header too large: {n}");
+    let mut h = vec![0u8; n];
+    s.read_exact(&mut h).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&h).unwrap();
+    let plen = v.get("len").and_then(|l| l.as_u64()).unwrap_or(0) as usize;
+    let mut p = vec![0u8; plen];
+    s.read_exact(&mut p).ok()?;
+    Some((v, p))
+}
+
+/// Blocking request/response to a tracker.
+pub fn tracker_call(addr: SocketAddr, req: serde_json::Value) -> serde_json::Value {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&frame(&req, &[])).unwrap();
+    read_frame(&mut s).expect("tracker reply").0
+}
+
+pub fn announce(addr: SocketAddr, info_hash: &str, peer_id: &str, port: u16, event: &str, have: u64, total: u64) -> serde_json::Value {
+    tracker_call(
+        addr,
+        serde_json::json!({"type":"ANNOUNCE","info_hash":info_hash,"peer_id":peer_id,"port":port,
+            "event":event,"have":have,"total":total,"name":"file.bin","length":total * 1024}),
+    )
+}
