@@ -510,7 +510,7 @@ impl Session {
                         frame.payload.len()
                     )));
                 }
-                self.on_piece(index, frame.payload).await;
+                self.on_piece(index, frame.payload).await?;
             }
             PeerMsg::Reject { index, reason } => {
                 self.check_index(index, n)?;
@@ -535,29 +535,38 @@ impl Session {
         Ok(())
     }
 
-    async fn on_piece(&mut self, index: u32, payload: Bytes) {
+    async fn on_piece(&mut self, index: u32, payload: Bytes) -> Result<(), End> {
         let Some(sent_at) = self.requested.remove(&index) else {
             // Not (or no longer) requested: a reply racing our CANCEL. Harmless.
-            return;
+            return Ok(());
         };
         self.consecutive_timeouts = 0;
         let now = Instant::now();
         let latency_ms = now.duration_since(sent_at).as_secs_f64() * 1000.0;
         self.bytes_since_tick += payload.len() as u64;
-        if !self.t.lock().picker.arrive_for_write(index) {
-            return; // Endgame: another copy won.
-        }
+        // A peer earns trust: until it has delivered a good piece, and after any bad one, its
+        // pieces are hashed one at a time before the next frame is read, so a saboteur is
+        // banned after exactly `ban_threshold` corrupt pieces, never more.
+        let on_probation = {
+            let mut st = self.t.lock();
+            if !st.picker.arrive_for_write(index) {
+                return Ok(()); // Endgame: another copy won.
+            }
+            st.peers
+                .get(&self.remote)
+                .is_none_or(|p| p.pieces_from == 0 || p.failures > 0)
+        };
         // Bound the pieces in memory: wait for a hashing slot (the reader keeps at most one
         // more frame meanwhile).
         let Ok(permit) = self.d.verify_limit.clone().acquire_owned().await else {
-            return;
+            return Ok(());
         };
         let t = self.t.clone();
         let tx = self.verify_tx.clone();
         let remote = self.remote.clone();
         let threshold = self.d.cfg.ban_threshold;
         let ban = self.d.cfg.ban_duration;
-        tokio::task::spawn_blocking(move || {
+        let job = tokio::task::spawn_blocking(move || {
             // Hash before writing: a bad piece never touches the file.
             let ok = <Hash>::from(Sha256::digest(&payload)) == t.meta.pieces[index as usize];
             let mut banned = false;
@@ -569,9 +578,22 @@ impl Session {
                 drop(permit);
                 banned = t.on_hash_failed(index, &remote, threshold, ban);
             }
-            // The session may be gone; the outcome is already recorded in the torrent.
-            let _ = tx.blocking_send(Verified { index, ok, banned });
+            Verified { index, ok, banned }
         });
+        if on_probation {
+            match job.await {
+                Ok(v) => self.on_verified(v),
+                Err(_) => Err(End::Quiet),
+            }
+        } else {
+            tokio::spawn(async move {
+                // The session may be gone; the outcome is already recorded in the torrent.
+                if let Ok(v) = job.await {
+                    let _ = tx.send(v).await;
+                }
+            });
+            Ok(())
+        }
     }
 
     fn on_verified(&mut self, v: Verified) -> Result<(), End> {
