@@ -17,7 +17,11 @@ use crate::metainfo::{self, Metainfo};
 use crate::units::{fmt_bytes, fmt_rate, parse_size};
 
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about = "Private-swarm file distribution: redundant trackers, verified pieces, crash-safe resume")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Private-swarm file distribution: redundant trackers, verified pieces, crash-safe resume"
+)]
 pub struct Cli {
     /// Config file (default: ./config.toml when present).
     #[arg(long, global = true, env = "SHOAL_CONFIG")]
@@ -207,7 +211,9 @@ fn init_logging(default: &str) {
 }
 
 fn data_dir(cfg: &Config, d: &DataDir) -> PathBuf {
-    d.data_dir.clone().unwrap_or_else(|| cfg.peer.data_dir.clone())
+    d.data_dir
+        .clone()
+        .unwrap_or_else(|| cfg.peer.data_dir.clone())
 }
 
 /// Run a parsed command line.
@@ -278,7 +284,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Publish { file, dir } => {
             let req = CtlRequest::Publish {
-                path: std::path::absolute(&file).with_context(|| format!("cannot publish {}", file.display()))?,
+                path: std::path::absolute(&file)
+                    .with_context(|| format!("cannot publish {}", file.display()))?,
             };
             // Hashing a large file takes a while before the daemon answers.
             match control::call(&data_dir(&cfg, &dir), &req, Duration::from_secs(3600)).await? {
@@ -300,12 +307,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             timeout,
             dir,
-        } => get(&data_dir(&cfg, &dir), &what, output, trackers, wait, timeout).await,
+        } => {
+            get(
+                &data_dir(&cfg, &dir),
+                &what,
+                output,
+                trackers,
+                wait,
+                timeout,
+            )
+            .await
+        }
         Cmd::Status { json, watch, dir } => status(&data_dir(&cfg, &dir), json, watch).await,
         Cmd::Query { sql, json, dir } => query(&data_dir(&cfg, &dir), sql, json).await,
-        Cmd::Pause { info_hash, dir } => simple(&data_dir(&cfg, &dir), CtlRequest::Pause { info_hash }).await,
-        Cmd::Resume { info_hash, dir } => simple(&data_dir(&cfg, &dir), CtlRequest::Resume { info_hash }).await,
-        Cmd::Recheck { info_hash, dir } => simple(&data_dir(&cfg, &dir), CtlRequest::Recheck { info_hash }).await,
+        Cmd::Pause { info_hash, dir } => {
+            simple(&data_dir(&cfg, &dir), CtlRequest::Pause { info_hash }).await
+        }
+        Cmd::Resume { info_hash, dir } => {
+            simple(&data_dir(&cfg, &dir), CtlRequest::Resume { info_hash }).await
+        }
+        Cmd::Recheck { info_hash, dir } => {
+            simple(&data_dir(&cfg, &dir), CtlRequest::Recheck { info_hash }).await
+        }
         Cmd::Remove {
             info_hash,
             delete_data,
@@ -371,8 +394,10 @@ async fn create(
     let bar = (std::io::stderr().is_terminal() && len > 64 << 20).then(|| {
         let b = indicatif::ProgressBar::new(len);
         b.set_style(
-            indicatif::ProgressStyle::with_template("hashing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template"),
+            indicatif::ProgressStyle::with_template(
+                "hashing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template"),
         );
         b
     });
@@ -413,9 +438,20 @@ fn show(path: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("name: {}", m.name);
     println!("length: {} ({})", m.length, fmt_bytes(m.length));
-    println!("piece length: {} ({})", m.piece_length, fmt_bytes(u64::from(m.piece_length)));
+    println!(
+        "piece length: {} ({})",
+        m.piece_length,
+        fmt_bytes(u64::from(m.piece_length))
+    );
     println!("pieces: {}", m.piece_count());
-    println!("trackers: {}", if m.trackers.is_empty() { "(none)".into() } else { m.trackers.join(", ") });
+    println!(
+        "trackers: {}",
+        if m.trackers.is_empty() {
+            "(none)".into()
+        } else {
+            m.trackers.join(", ")
+        }
+    );
     println!("created at: {}", m.created_at);
     println!("file sha256: {}", hex::encode(m.file_sha256));
     println!("info hash: {}", m.info_hash_hex());
@@ -444,7 +480,10 @@ async fn list(trackers: &[String], json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&files)?);
         return Ok(());
     }
-    println!("{:<30} {:>12} {:>8} {:>8}  INFO HASH", "NAME", "SIZE", "SEEDERS", "LEECHERS");
+    println!(
+        "{:<30} {:>12} {:>8} {:>8}  INFO HASH",
+        "NAME", "SIZE", "SEEDERS", "LEECHERS"
+    );
     for f in files {
         println!(
             "{:<30} {:>12} {:>8} {:>8}  {}",
@@ -461,7 +500,11 @@ async fn list(trackers: &[String], json: bool) -> anyhow::Result<()> {
 fn monitor_table(peers: &[shoal_tracker::proto::SwarmEntry]) -> String {
     let mut s = format!("{:<24} {:<22} {:>7}  {}\n", "FILE", "PEER", "%", "ROLE");
     for p in peers {
-        let pct = if p.total == 0 { 0.0 } else { 100.0 * p.have as f64 / p.total as f64 };
+        let pct = if p.total == 0 {
+            0.0
+        } else {
+            100.0 * p.have as f64 / p.total as f64
+        };
         s.push_str(&format!(
             "{:<24} {:<22} {:>6.1}%  {}\n",
             p.name,
@@ -479,7 +522,9 @@ fn monitor_table(peers: &[shoal_tracker::proto::SwarmEntry]) -> String {
 async fn monitor(tracker: &str, once: bool, interval: Duration, json: bool) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal() && !once && !json;
     loop {
-        let Response::Swarm { peers } = ask_first(&[tracker.to_string()], &Request::Swarm { info_hash: None }).await? else {
+        let Response::Swarm { peers } =
+            ask_first(&[tracker.to_string()], &Request::Swarm { info_hash: None }).await?
+        else {
             bail!("unexpected reply to SWARM");
         };
         if json {
@@ -510,7 +555,9 @@ async fn get(
     timeout: Option<Duration>,
 ) -> anyhow::Result<()> {
     let output = output.map(|o| std::path::absolute(&o)).transpose()?;
-    let is_hash = what.len() == 64 && what.bytes().all(|b| b.is_ascii_hexdigit()) && !Path::new(what).exists();
+    let is_hash = what.len() == 64
+        && what.bytes().all(|b| b.is_ascii_hexdigit())
+        && !Path::new(what).exists();
     let req = if is_hash {
         CtlRequest::Add {
             descriptor: None,
@@ -527,7 +574,9 @@ async fn get(
             trackers,
         }
     };
-    let CtlResponse::Added { info_hash } = control::call(dir, &req, Duration::from_secs(60)).await? else {
+    let CtlResponse::Added { info_hash } =
+        control::call(dir, &req, Duration::from_secs(60)).await?
+    else {
         bail!("unexpected reply to ADD");
     };
     println!("info hash: {info_hash}");
@@ -538,14 +587,18 @@ async fn get(
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template"),
+            indicatif::ProgressStyle::with_template(
+                "{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template"),
         );
         b
     });
     let mut last_line = std::time::Instant::now();
     loop {
-        let CtlResponse::Status(report) = control::call(dir, &CtlRequest::Status, Duration::from_secs(10)).await? else {
+        let CtlResponse::Status(report) =
+            control::call(dir, &CtlRequest::Status, Duration::from_secs(10)).await?
+        else {
             bail!("unexpected reply to STATUS");
         };
         if let Some(t) = report.torrents.iter().find(|t| t.info_hash == info_hash) {
@@ -567,13 +620,20 @@ async fn get(
                     return Ok(());
                 }
                 "FAILED" | "NEEDS RECHECK" => {
-                    bail!("download of {} stopped: {}", t.name, t.note.clone().unwrap_or_else(|| t.state.clone()))
+                    bail!(
+                        "download of {} stopped: {}",
+                        t.name,
+                        t.note.clone().unwrap_or_else(|| t.state.clone())
+                    )
                 }
                 _ => {}
             }
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
-            bail!("gave up waiting after {}", humantime::format_duration(timeout.unwrap_or_default()));
+            bail!(
+                "gave up waiting after {}",
+                humantime::format_duration(timeout.unwrap_or_default())
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -588,9 +648,9 @@ pub fn render_status(r: &StatusReport) -> String {
     for t in &r.torrents {
         let width = 30usize;
         let filled = ((t.progress * width as f64).round() as usize).min(width);
-        let eta = t
-            .eta_secs
-            .map_or("-".to_string(), |e| humantime::format_duration(Duration::from_secs(e)).to_string());
+        let eta = t.eta_secs.map_or("-".to_string(), |e| {
+            humantime::format_duration(Duration::from_secs(e)).to_string()
+        });
         s.push_str(&format!(
             "\n{} ({})  {}\n[{}{}] {:5.1}%  {:<13} down {}  up {}  eta {}\n",
             t.name,
@@ -638,7 +698,9 @@ pub fn render_status(r: &StatusReport) -> String {
             "tracker {}: {}{}\n",
             tr.addr,
             if tr.reachable { "ok" } else { "unreachable" },
-            tr.last_error.as_ref().map_or(String::new(), |e| format!(" ({e})"))
+            tr.last_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" ({e})"))
         ));
     }
     s
@@ -647,7 +709,9 @@ pub fn render_status(r: &StatusReport) -> String {
 async fn status(dir: &Path, json: bool, watch: bool) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     loop {
-        let CtlResponse::Status(report) = control::call(dir, &CtlRequest::Status, Duration::from_secs(10)).await? else {
+        let CtlResponse::Status(report) =
+            control::call(dir, &CtlRequest::Status, Duration::from_secs(10)).await?
+        else {
             bail!("unexpected reply to STATUS");
         };
         if json {
@@ -666,7 +730,9 @@ async fn status(dir: &Path, json: bool, watch: bool) -> anyhow::Result<()> {
 }
 
 async fn query(dir: &Path, sql: String, json: bool) -> anyhow::Result<()> {
-    let CtlResponse::Rows { columns, rows } = control::call(dir, &CtlRequest::Query { sql }, Duration::from_secs(30)).await? else {
+    let CtlResponse::Rows { columns, rows } =
+        control::call(dir, &CtlRequest::Query { sql }, Duration::from_secs(30)).await?
+    else {
         bail!("unexpected reply to QUERY");
     };
     if json {

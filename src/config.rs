@@ -133,13 +133,19 @@ impl PeerConfig {
     /// # Errors
     /// A message naming the setting.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let ps = crate::units::parse_size(&self.piece_size).map_err(|e| anyhow::anyhow!("peer.piece_size: {e}"))?;
+        let ps = crate::units::parse_size(&self.piece_size)
+            .map_err(|e| anyhow::anyhow!("peer.piece_size: {e}"))?;
         crate::metainfo::check_piece_length(u32::try_from(ps).unwrap_or(u32::MAX))
             .map_err(|e| anyhow::anyhow!("peer.piece_size: {e}"))?;
         if self.max_requests_per_peer == 0 || self.initial_requests_per_peer == 0 {
-            bail!("peer.max_requests_per_peer and peer.initial_requests_per_peer must be at least 1");
+            bail!(
+                "peer.max_requests_per_peer and peer.initial_requests_per_peer must be at least 1"
+            );
         }
-        if self.max_pieces_verifying == 0 || self.max_connections == 0 || self.max_peers_per_torrent == 0 {
+        if self.max_pieces_verifying == 0
+            || self.max_connections == 0
+            || self.max_peers_per_torrent == 0
+        {
             bail!("peer.max_pieces_verifying, peer.max_connections and peer.max_peers_per_torrent must be at least 1");
         }
         if self.flush_interval.is_zero() || self.idle_timeout < Duration::from_secs(1) {
@@ -167,7 +173,10 @@ impl Config {
     /// An unreadable file, an unknown key or a bad value, naming the key.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         let text = match path {
-            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?),
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config {}", p.display()))?,
+            ),
             None => std::fs::read_to_string("config.toml").ok(),
         };
         let mut value: toml::Value = match &text {
@@ -182,7 +191,10 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message().trim()))?;
         if cfg.version != CONFIG_VERSION {
-            bail!("config: version {} is not one this shoal reads ({CONFIG_VERSION})", cfg.version);
+            bail!(
+                "config: version {} is not one this shoal reads ({CONFIG_VERSION})",
+                cfg.version
+            );
         }
         cfg.peer.validate()?;
         cfg.tracker.validate().map_err(anyhow::Error::msg)?;
@@ -192,7 +204,10 @@ impl Config {
 
 /// Apply `SHOAL__SECTION__KEY=value` overrides. Values are parsed as TOML when they parse
 /// (numbers, booleans, arrays), else taken as strings.
-fn apply_env(value: &mut toml::Value, vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
+fn apply_env(
+    value: &mut toml::Value,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
     for (k, v) in vars {
         let Some(rest) = k.strip_prefix("SHOAL__") else {
             continue;
@@ -249,7 +264,10 @@ mod tests {
             &mut v,
             vec![
                 ("SHOAL__PEER__FLUSH_INTERVAL".to_string(), "2s".to_string()),
-                ("SHOAL__TRACKER__MAX_CONNECTIONS".to_string(), "7".to_string()),
+                (
+                    "SHOAL__TRACKER__MAX_CONNECTIONS".to_string(),
+                    "7".to_string(),
+                ),
             ]
             .into_iter(),
         )

@@ -21,7 +21,9 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CtlRequest {
     /// Hash a file and seed it in place.
-    Publish { path: PathBuf },
+    Publish {
+        path: PathBuf,
+    },
     /// Download: from descriptor JSON, or from an info hash alone.
     Add {
         descriptor: Option<String>,
@@ -31,23 +33,46 @@ pub enum CtlRequest {
         trackers: Vec<String>,
     },
     Status,
-    Query { sql: String },
-    Pause { info_hash: String },
-    Resume { info_hash: String },
-    Remove { info_hash: String, delete_data: bool },
-    Recheck { info_hash: String },
+    Query {
+        sql: String,
+    },
+    Pause {
+        info_hash: String,
+    },
+    Resume {
+        info_hash: String,
+    },
+    Remove {
+        info_hash: String,
+        delete_data: bool,
+    },
+    Recheck {
+        info_hash: String,
+    },
     Shutdown,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CtlResponse {
-    Ok { message: String },
-    Published { info_hash: String, descriptor: PathBuf },
-    Added { info_hash: String },
+    Ok {
+        message: String,
+    },
+    Published {
+        info_hash: String,
+        descriptor: PathBuf,
+    },
+    Added {
+        info_hash: String,
+    },
     Status(StatusReport),
-    Rows { columns: Vec<String>, rows: Vec<Vec<serde_json::Value>> },
-    Error { reason: String },
+    Rows {
+        columns: Vec<String>,
+        rows: Vec<Vec<serde_json::Value>>,
+    },
+    Error {
+        reason: String,
+    },
 }
 
 /// The state a daemon shows: `shoal status --json` prints this shape.
@@ -115,7 +140,11 @@ pub struct TrackerStatus {
 ///
 /// # Errors
 /// No daemon (says how to start one), a transport error, or the daemon's own refusal.
-pub async fn call(data_dir: &Path, req: &CtlRequest, timeout: Duration) -> anyhow::Result<CtlResponse> {
+pub async fn call(
+    data_dir: &Path,
+    req: &CtlRequest,
+    timeout: Duration,
+) -> anyhow::Result<CtlResponse> {
     let path = socket_path(data_dir);
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
@@ -128,7 +157,14 @@ pub async fn call(data_dir: &Path, req: &CtlRequest, timeout: Duration) -> anyho
     };
     let (r, w) = stream.into_split();
     let mut w = FrameWriter::new(w, timeout);
-    let mut r = FrameReader::new(r, Limits::default(), Timeouts { idle: timeout, read: timeout });
+    let mut r = FrameReader::new(
+        r,
+        Limits::default(),
+        Timeouts {
+            idle: timeout,
+            read: timeout,
+        },
+    );
     w.send(req, &[]).await.context("sending to the daemon")?;
     let frame = r
         .read_frame()

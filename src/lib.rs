@@ -19,6 +19,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod fsutil;
+pub mod hashing;
 pub mod metainfo;
 pub mod peer_proto;
 pub mod picker;

@@ -119,7 +119,9 @@ pub fn piece_count(length: u64, piece_length: u32) -> u64 {
 /// # Errors
 /// A [`MetainfoError::Field`] naming `piece_length`.
 pub fn check_piece_length(piece_length: u32) -> Result<(), MetainfoError> {
-    if !piece_length.is_power_of_two() || !(MIN_PIECE_LENGTH..=MAX_PIECE_LENGTH).contains(&piece_length) {
+    if !piece_length.is_power_of_two()
+        || !(MIN_PIECE_LENGTH..=MAX_PIECE_LENGTH).contains(&piece_length)
+    {
         return Err(field(
             "piece_length",
             format!("{piece_length} is not a power of two from 16 KiB to 16 MiB"),
@@ -150,7 +152,10 @@ impl Metainfo {
     /// A field that breaks a rule (the error names it).
     pub fn from_descriptor(d: Descriptor) -> Result<Metainfo, MetainfoError> {
         if d.format != FORMAT {
-            return Err(field("format", format!("{} is not a format this shoal reads ({FORMAT})", d.format)));
+            return Err(field(
+                "format",
+                format!("{} is not a format this shoal reads ({FORMAT})", d.format),
+            ));
         }
         check_name(&d.name)?;
         check_piece_length(d.piece_length)?;
@@ -252,7 +257,8 @@ impl Metainfo {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec_pretty(&self.to_descriptor()).expect("descriptor serializes");
+        let mut v =
+            serde_json::to_vec_pretty(&self.to_descriptor()).expect("descriptor serializes");
         v.push(b'\n');
         v
     }
@@ -307,14 +313,16 @@ pub fn create(
     let pl = piece_length as usize;
     let (pieces, file_sha256) = std::thread::scope(|s| {
         let pieces = s.spawn(|| {
+            let mut bounce = crate::hashing::bounce_buffer();
             data.chunks(pl)
-                .map(|c| <Hash>::from(Sha256::digest(c)))
+                .map(|c| crate::hashing::sha256_mapped(c, &mut bounce))
                 .collect::<Vec<_>>()
         });
         let mut whole = Sha256::new();
-        // Feed in piece-sized steps so the progress bar moves and pages are released behind.
+        let mut bounce = crate::hashing::bounce_buffer();
+        // Feed in piece-sized steps so the progress bar moves.
         for c in data.chunks(pl) {
-            whole.update(c);
+            crate::hashing::update_via(&mut whole, c, &mut bounce);
             progress.bytes.fetch_add(c.len() as u64, Ordering::Relaxed);
         }
         let whole: Hash = whole.finalize().into();
@@ -358,11 +366,17 @@ mod tests {
             ("name", Box::new(|d| d.name = "/etc/passwd".into())),
             ("name", Box::new(|d| d.name = "a\\b".into())),
             ("name", Box::new(|d| d.name = "a\0b".into())),
-            ("pieces", Box::new(|d| d.pieces.pop().map(drop).unwrap_or(()))),
+            (
+                "pieces",
+                Box::new(|d| d.pieces.pop().map(drop).unwrap_or(())),
+            ),
             ("pieces", Box::new(|d| d.pieces[0] = "00".repeat(31))),
             ("file_sha256", Box::new(|d| d.file_sha256 = "zz".into())),
             ("piece_length", Box::new(|d| d.piece_length = 1000)),
-            ("piece_length", Box::new(|d| d.piece_length = 32 * 1024 * 1024)),
+            (
+                "piece_length",
+                Box::new(|d| d.piece_length = 32 * 1024 * 1024),
+            ),
             ("format", Box::new(|d| d.format = 2)),
         ];
         for (name, mutate) in cases {

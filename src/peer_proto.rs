@@ -20,18 +20,36 @@ pub enum PeerMsg {
         port: u16,
     },
     /// Payload: the sender's bitfield, MSB first.
-    Bitfield { len: u32 },
-    Have { index: u32 },
-    Request { index: u32 },
+    Bitfield {
+        len: u32,
+    },
+    Have {
+        index: u32,
+    },
+    Request {
+        index: u32,
+    },
     /// Payload: the piece.
-    Piece { index: u32, len: u32 },
-    Reject { index: u32, reason: String },
-    Cancel { index: u32 },
+    Piece {
+        index: u32,
+        len: u32,
+    },
+    Reject {
+        index: u32,
+        reason: String,
+    },
+    Cancel {
+        index: u32,
+    },
     GetMetadata,
     /// Payload: the descriptor JSON.
-    Metadata { len: u32 },
+    Metadata {
+        len: u32,
+    },
     Keepalive,
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 }
 
 impl PeerMsg {
@@ -85,7 +103,10 @@ mod tests {
         let mut buf = Vec::new();
         encode(&PeerMsg::Piece { index: 1, len: 3 }, b"abc", &mut buf).unwrap();
         let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
-        assert_eq!(f.parse::<PeerMsg>().unwrap(), PeerMsg::Piece { index: 1, len: 3 });
+        assert_eq!(
+            f.parse::<PeerMsg>().unwrap(),
+            PeerMsg::Piece { index: 1, len: 3 }
+        );
         assert_eq!(&f.payload[..], b"abc");
         let bad = br#"{"type":"TELEPORT"}"#;
         let mut buf = (bad.len() as u32).to_be_bytes().to_vec();

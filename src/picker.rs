@@ -98,7 +98,12 @@ impl Picker {
     /// Choose a piece to request from a peer that has `peer_has`; `mine(i)` tells whether this
     /// connection already has a request out for `i`. The returned piece counts as requested
     /// until [`Picker::release`] or [`Picker::arrive_for_write`].
-    pub fn pick(&mut self, peer_has: &Bitfield, mine: impl Fn(u32) -> bool, rng: &mut impl Rng) -> Pick {
+    pub fn pick(
+        &mut self,
+        peer_has: &Bitfield,
+        mine: impl Fn(u32) -> bool,
+        rng: &mut impl Rng,
+    ) -> Pick {
         if self.unrequested > 0 {
             if let Some(i) = self.pick_fresh(peer_has, rng) {
                 self.in_flight[i as usize] += 1;
@@ -139,7 +144,8 @@ impl Picker {
         let mut ties = 0u32;
         for i in 0..self.have.len() {
             let u = i as usize;
-            if self.in_flight[u] > 0 || self.have.get(i) || self.writing.get(i) || !peer_has.get(i) {
+            if self.in_flight[u] > 0 || self.have.get(i) || self.writing.get(i) || !peer_has.get(i)
+            {
                 continue;
             }
             // Plain random ignores availability; rarest-first compares it.

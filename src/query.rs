@@ -33,27 +33,60 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
     let tx = conn.transaction()?;
     {
-        let mut t = tx.prepare("INSERT INTO torrents VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)")?;
+        let mut t = tx.prepare(
+            "INSERT INTO torrents VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
+        )?;
         let mut p = tx.prepare("INSERT INTO pieces VALUES (?1,?2,?3,?4,?5)")?;
-        let mut pe = tx.prepare("INSERT INTO peers VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)")?;
+        let mut pe =
+            tx.prepare("INSERT INTO peers VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)")?;
         for x in &r.torrents {
             t.execute(params![
-                x.info_hash, x.name, x.length, x.piece_length, x.pieces, x.have, x.state, x.progress,
-                x.downloaded, x.uploaded, x.down_rate, x.up_rate, x.added_at, x.completed_at, x.data_path
+                x.info_hash,
+                x.name,
+                x.length,
+                x.piece_length,
+                x.pieces,
+                x.have,
+                x.state,
+                x.progress,
+                x.downloaded,
+                x.uploaded,
+                x.down_rate,
+                x.up_rate,
+                x.added_at,
+                x.completed_at,
+                x.data_path
             ])?;
             for (i, (have, avail, inflight)) in x.piece_states.iter().enumerate() {
                 p.execute(params![x.info_hash, i as i64, have, avail, inflight])?;
             }
             for q in &x.peers {
                 pe.execute(params![
-                    x.info_hash, q.peer_id, q.addr, q.port, q.connected, q.latency_ms, q.score,
-                    q.pieces_from, q.pieces_to, q.bytes_from, q.bytes_to, q.failures, q.banned_until
+                    x.info_hash,
+                    q.peer_id,
+                    q.addr,
+                    q.port,
+                    q.connected,
+                    q.latency_ms,
+                    q.score,
+                    q.pieces_from,
+                    q.pieces_to,
+                    q.bytes_from,
+                    q.bytes_to,
+                    q.failures,
+                    q.banned_until
                 ])?;
             }
         }
         let mut tr = tx.prepare("INSERT INTO trackers VALUES (?1,?2,?3,?4,?5)")?;
         for x in &r.trackers {
-            tr.execute(params![x.addr, x.reachable, x.last_ok, x.last_error, x.failures])?;
+            tr.execute(params![
+                x.addr,
+                x.reachable,
+                x.last_ok,
+                x.last_error,
+                x.failures
+            ])?;
         }
     }
     tx.commit()
@@ -61,9 +94,10 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
 
 fn authorize(ctx: AuthContext<'_>) -> Authorization {
     match ctx.action {
-        AuthAction::Select | AuthAction::Read { .. } | AuthAction::Function { .. } | AuthAction::Recursive => {
-            Authorization::Allow
-        }
+        AuthAction::Select
+        | AuthAction::Read { .. }
+        | AuthAction::Function { .. }
+        | AuthAction::Recursive => Authorization::Allow,
         _ => Authorization::Deny,
     }
 }
@@ -72,7 +106,10 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
 ///
 /// # Errors
 /// SQL errors, refused statements (anything but a read), more than one statement, timeouts.
-pub fn run(report: &StatusReport, sql: &str) -> anyhow::Result<(Vec<String>, Vec<Vec<serde_json::Value>>)> {
+pub fn run(
+    report: &StatusReport,
+    sql: &str,
+) -> anyhow::Result<(Vec<String>, Vec<Vec<serde_json::Value>>)> {
     let mut conn = Connection::open_in_memory()?;
     load(&mut conn, report).context("loading the snapshot")?;
     conn.authorizer(Some(authorize));
@@ -86,14 +123,19 @@ pub fn run(report: &StatusReport, sql: &str) -> anyhow::Result<(Vec<String>, Vec
         Err(e) => return Err(e).context("query"),
     };
     if !stmt.readonly() {
-        bail!("refused: `shoal query` is read-only (SELECT over torrents, pieces, peers, trackers)");
+        bail!(
+            "refused: `shoal query` is read-only (SELECT over torrents, pieces, peers, trackers)"
+        );
     }
     let columns: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
     let ncol = columns.len();
     let mut rows = stmt.query([]).context("query")?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(|e| {
-        if matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::OperationInterrupted)) {
+        if matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::OperationInterrupted)
+        ) {
             anyhow::anyhow!("query interrupted after {}s", QUERY_TIMEOUT.as_secs())
         } else {
             anyhow::Error::new(e).context("query")
@@ -144,13 +186,17 @@ mod tests {
             "INSERT INTO torrents (info_hash) VALUES ('x')",
         ] {
             let e = format!("{:#}", run(&report(), bad).unwrap_err());
-            assert!(e.contains("refused") || e.contains("not authorized"), "{bad}: {e}");
+            assert!(
+                e.contains("refused") || e.contains("not authorized"),
+                "{bad}: {e}"
+            );
         }
     }
 
     #[test]
     fn it_should_interrupt_a_runaway_query() {
-        let sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c";
+        let sql =
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c";
         let e = format!("{:#}", run(&report(), sql).unwrap_err());
         assert!(e.contains("interrupted"), "{e}");
     }

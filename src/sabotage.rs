@@ -36,7 +36,9 @@ impl Sabotage {
                 .split_once('=')
                 .ok_or_else(|| format!("sabotage: {part:?} is not KEY=VALUE"))?;
             let share = || -> Result<f64, String> {
-                let x: f64 = v.parse().map_err(|_| format!("sabotage: {k}={v} is not a number"))?;
+                let x: f64 = v
+                    .parse()
+                    .map_err(|_| format!("sabotage: {k}={v} is not a number"))?;
                 if (0.0..=1.0).contains(&x) {
                     Ok(x)
                 } else {
@@ -47,9 +49,14 @@ impl Sabotage {
                 "corrupt" => out.corrupt = share()?,
                 "drop" => out.drop = share()?,
                 "delay" => {
-                    out.delay = humantime::parse_duration(v).map_err(|e| format!("sabotage: delay={v}: {e}"))?;
+                    out.delay = humantime::parse_duration(v)
+                        .map_err(|e| format!("sabotage: delay={v}: {e}"))?;
                 }
-                _ => return Err(format!("sabotage: unknown key {k:?} (corrupt, drop, delay)")),
+                _ => {
+                    return Err(format!(
+                        "sabotage: unknown key {k:?} (corrupt, drop, delay)"
+                    ))
+                }
             }
         }
         Ok(out)

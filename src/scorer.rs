@@ -99,7 +99,11 @@ mod tests {
         assert_eq!(fast.slots(1 << 20, 4, 32), 32);
         assert_eq!(slow.slots(1 << 20, 4, 32), 2);
         slow.failures = 50;
-        assert_eq!(slow.slots(1 << 20, 4, 32), 1, "failing peers are still probed");
+        assert_eq!(
+            slow.slots(1 << 20, 4, 32),
+            1,
+            "failing peers are still probed"
+        );
         assert!(fast.score() > slow.score());
     }
 }

@@ -74,7 +74,12 @@ impl Storage {
     ///
     /// # Errors
     /// Missing or short files (for the existing modes), and I/O errors, each naming the path.
-    pub fn open(path: &Path, length: u64, piece_length: u32, mode: OpenMode) -> Result<Storage, StorageError> {
+    pub fn open(
+        path: &Path,
+        length: u64,
+        piece_length: u32,
+        mode: OpenMode,
+    ) -> Result<Storage, StorageError> {
         let p = path.display().to_string();
         let io = |source| StorageError::Io {
             path: p.clone(),
@@ -159,12 +164,20 @@ impl Storage {
     /// Wrong length or index (a bug: both are checked before hashing).
     pub fn write_piece(&self, index: u32, data: &[u8]) {
         let (start, end) = self.range(index);
-        assert_eq!(data.len(), end - start, "piece {index} has the wrong length");
+        assert_eq!(
+            data.len(),
+            end - start,
+            "piece {index} has the wrong length"
+        );
         // SAFETY: the range is inside a writable map (ExistingReadOnly maps are never given
         // pieces to write: the daemon only writes torrents it is downloading), and per the
         // module doc nobody reads a piece while it is being written.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(start), data.len());
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.map.as_mut_ptr().add(start),
+                data.len(),
+            );
         }
         self.release(index);
     }
@@ -180,7 +193,8 @@ impl Storage {
         if hi > lo {
             // SAFETY: [lo, hi) lies inside our shared file mapping; MADV_DONTNEED on a shared
             // file mapping keeps the data (the page cache has it, dirty or not).
-            let rc = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
+            let rc =
+                unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
             debug_assert_eq!(rc, 0, "madvise failed");
         }
     }
@@ -226,7 +240,9 @@ mod tests {
         drop(s);
         let s = Storage::open(&path, 100_000, 16384, OpenMode::ExistingReadOnly).unwrap();
         assert!(s.piece(0).iter().all(|&b| b == 1));
-        let e = Storage::open(&path, 200_000, 16384, OpenMode::ExistingReadOnly).err().unwrap();
+        let e = Storage::open(&path, 200_000, 16384, OpenMode::ExistingReadOnly)
+            .err()
+            .unwrap();
         assert!(matches!(e, StorageError::TooShort { .. }));
     }
 }

@@ -111,7 +111,9 @@ impl TorrentRecord {
     pub fn working_path(&self) -> PathBuf {
         match self.state {
             TorrentState::Seeding => self.data_path.clone(),
-            TorrentState::Paused if self.paused_from == Some(TorrentState::Seeding) => self.data_path.clone(),
+            TorrentState::Paused if self.paused_from == Some(TorrentState::Seeding) => {
+                self.data_path.clone()
+            }
             _ => part_path(&self.data_path),
         }
     }
@@ -147,18 +149,24 @@ impl Store {
                 path: data_dir.display().to_string(),
             });
         }
-        let db = sled::Config::new().path(&dir).open().map_err(|source| match &source {
-            sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => {
-                StoreError::Locked {
+        let db = sled::Config::new()
+            .path(&dir)
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("lock") =>
+                {
+                    StoreError::Locked {
+                        path: path.clone(),
+                        source,
+                    }
+                }
+                _ => StoreError::Sled {
                     path: path.clone(),
                     source,
-                }
-            }
-            _ => StoreError::Sled {
-                path: path.clone(),
-                source,
-            },
-        })?;
+                },
+            })?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Sled {
                 path: path.clone(),
@@ -175,11 +183,13 @@ impl Store {
         };
         match store.meta.get("format").map_err(|e| store.err(e))? {
             Some(v) => {
-                let found = <[u8; 4]>::try_from(&v[..]).map(u32::from_be_bytes).map_err(|_| StoreError::Damaged {
-                    path: path.clone(),
-                    what: "format".into(),
-                    reason: "not 4 bytes".into(),
-                })?;
+                let found = <[u8; 4]>::try_from(&v[..])
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Damaged {
+                        path: path.clone(),
+                        what: "format".into(),
+                        reason: "not 4 bytes".into(),
+                    })?;
                 if found > STORE_FORMAT {
                     return Err(StoreError::NewerFormat { path, found });
                 }
@@ -215,7 +225,9 @@ impl Store {
             return Ok(String::from_utf8_lossy(&v).into_owned());
         }
         let id = format!("shoal-{:016x}", rand::random::<u64>());
-        self.meta.insert("peer_id", id.as_bytes()).map_err(|e| self.err(e))?;
+        self.meta
+            .insert("peer_id", id.as_bytes())
+            .map_err(|e| self.err(e))?;
         self.flush()?;
         Ok(id)
     }
@@ -287,8 +299,15 @@ impl Store {
     ///
     /// # Errors
     /// sled failing; the previous durable state stays.
-    pub fn commit_progress(&self, hash: &Hash, bits: &Bitfield, rec: &TorrentRecord) -> Result<(), StoreError> {
-        self.bitfields.insert(hash, bits.as_bytes()).map_err(|e| self.err(e))?;
+    pub fn commit_progress(
+        &self,
+        hash: &Hash,
+        bits: &Bitfield,
+        rec: &TorrentRecord,
+    ) -> Result<(), StoreError> {
+        self.bitfields
+            .insert(hash, bits.as_bytes())
+            .map_err(|e| self.err(e))?;
         self.put_torrent(hash, rec)?;
         self.flush()
     }
@@ -376,8 +395,18 @@ mod tests {
         }
         let s = Store::open(dir.path(), false).unwrap();
         assert_eq!(s.peer_id().unwrap(), id);
-        assert_eq!(s.bitfield(&h, 20).unwrap().unwrap().ones().collect::<Vec<_>>(), vec![3]);
-        assert!(s.bitfield(&h, 30).unwrap().is_none(), "wrong length is not trusted");
+        assert_eq!(
+            s.bitfield(&h, 20)
+                .unwrap()
+                .unwrap()
+                .ones()
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert!(
+            s.bitfield(&h, 30).unwrap().is_none(),
+            "wrong length is not trusted"
+        );
         assert_eq!(s.torrents().unwrap()[0].1, rec());
         s.remove_torrent(&h).unwrap();
         assert!(s.get_torrent(&h).unwrap().is_none());

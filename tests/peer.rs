@@ -10,16 +10,43 @@ use crate::common::*;
 const T: Duration = Duration::from_secs(120);
 
 fn publish(d: &Path, peer: &PeerProc, file: &str) -> (String, String) {
-    let out = shoal_ok(d, &["publish", file, "--data-dir", peer.data_dir.to_str().unwrap()], T);
-    let hash = out.lines().find_map(|l| l.strip_prefix("info hash: ")).unwrap().to_string();
-    let desc = out.lines().find_map(|l| l.strip_prefix("descriptor: ")).unwrap().to_string();
+    let out = shoal_ok(
+        d,
+        &[
+            "publish",
+            file,
+            "--data-dir",
+            peer.data_dir.to_str().unwrap(),
+        ],
+        T,
+    );
+    let hash = out
+        .lines()
+        .find_map(|l| l.strip_prefix("info hash: "))
+        .unwrap()
+        .to_string();
+    let desc = out
+        .lines()
+        .find_map(|l| l.strip_prefix("descriptor: "))
+        .unwrap()
+        .to_string();
     (hash, desc)
 }
 
 fn get_wait(d: &Path, peer: &PeerProc, what: &str, out_dir: &str) -> std::process::Output {
     shoal(
         d,
-        &["get", what, "--data-dir", peer.data_dir.to_str().unwrap(), "--output", out_dir, "--wait", "--timeout", "100s"],
+        &[
+            "get",
+            what,
+            "--data-dir",
+            peer.data_dir.to_str().unwrap(),
+            "--output",
+            out_dir,
+            "--wait",
+            "--timeout",
+            "100s",
+        ],
         T,
     )
 }
@@ -47,7 +74,9 @@ fn it_should_let_three_leechers_fetch_64mib_from_one_seeder_and_each_other() {
     let t = start_tracker(d, "t", &[]);
     let seeder = start_peer(d, "seeder", &[t.addr], &[]);
     let (hash, desc) = publish(d, &seeder, "file.bin");
-    let leechers: Vec<PeerProc> = (0..3).map(|i| start_peer(d, &format!("l{i}"), &[t.addr], &[])).collect();
+    let leechers: Vec<PeerProc> = (0..3)
+        .map(|i| start_peer(d, &format!("l{i}"), &[t.addr], &[]))
+        .collect();
     // All three at once.
     let handles: Vec<_> = leechers
         .iter()
@@ -57,7 +86,17 @@ fn it_should_let_three_leechers_fetch_64mib_from_one_seeder_and_each_other() {
             std::thread::spawn(move || {
                 shoal(
                     &d,
-                    &["get", &desc, "--data-dir", dd.to_str().unwrap(), "--output", &format!("out{i}"), "--wait", "--timeout", "100s"],
+                    &[
+                        "get",
+                        &desc,
+                        "--data-dir",
+                        dd.to_str().unwrap(),
+                        "--output",
+                        &format!("out{i}"),
+                        "--wait",
+                        "--timeout",
+                        "100s",
+                    ],
                     T,
                 )
             })
@@ -65,7 +104,11 @@ fn it_should_let_three_leechers_fetch_64mib_from_one_seeder_and_each_other() {
         .collect();
     for h in handles {
         let out = h.join().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let want = sha256sum(&d.join("file.bin"));
     let mut from_leechers = 0;
@@ -75,19 +118,30 @@ fn it_should_let_three_leechers_fetch_64mib_from_one_seeder_and_each_other() {
         let tor = torrent(d, l);
         assert_eq!(tor["info_hash"], hash);
         assert_eq!(tor["state"], "SEEDING");
-        let got: u64 = tor["peers"].as_array().unwrap().iter().map(|p| p["pieces_from"].as_u64().unwrap()).sum();
+        let got: u64 = tor["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["pieces_from"].as_u64().unwrap())
+            .sum();
         assert!(got >= 64, "leecher {i} counted {got} pieces");
         from_leechers += pieces_from_others(&tor, &[&seeder.peer_id]);
     }
     println!("pieces the leechers got from each other: {from_leechers} of 192");
-    assert!(from_leechers >= 192 / 10, "leechers traded only {from_leechers} pieces among themselves");
+    assert!(
+        from_leechers >= 192 / 10,
+        "leechers traded only {from_leechers} pieces among themselves"
+    );
     // The seeder's upload counter matches what it was asked for.
     let st = torrent(d, &seeder);
     assert!(st["uploaded"].as_u64().unwrap() >= (192 - from_leechers) * (1 << 20));
 }
 
 /// A fake peer that answers GET_METADATA with a forged descriptor; counts who asked.
-fn forger(hash: String, forged_json: Vec<u8>) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+fn forger(
+    hash: String,
+    forged_json: Vec<u8>,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -104,7 +158,10 @@ fn forger(hash: String, forged_json: Vec<u8>) -> (SocketAddr, std::sync::Arc<std
                     }
                     "GET_METADATA" => {
                         a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let _ = s.write_all(&frame(&json!({"type":"METADATA","len":forged_json.len()}), &forged_json));
+                        let _ = s.write_all(&frame(
+                            &json!({"type":"METADATA","len":forged_json.len()}),
+                            &forged_json,
+                        ));
                     }
                     _ => {}
                 }
@@ -125,7 +182,8 @@ fn it_should_fetch_the_descriptor_by_info_hash_and_not_believe_a_forger() {
     let (hash, _) = publish(d, &seeder, "file.bin");
     // The forger claims the same info hash but serves another file's descriptor.
     shoal_ok(d, &["create", "other.bin", "-o", "forged.json"], T);
-    let mut forged: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("forged.json")).unwrap()).unwrap();
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("forged.json")).unwrap()).unwrap();
     forged["name"] = "file.bin".into();
     let (faddr, asked) = forger(hash.clone(), serde_json::to_vec(&forged).unwrap());
     // It announces itself a seeder of the real hash; re-announce until the leecher asked it.
@@ -133,15 +191,32 @@ fn it_should_fetch_the_descriptor_by_info_hash_and_not_believe_a_forger() {
     announce_forger();
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let out = get_wait(d, &leecher, &hash, "out");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(sha256sum(&d.join("out/file.bin")), sha256sum(&d.join("file.bin")));
-    println!("forger was asked {} times", asked.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
+    println!(
+        "forger was asked {} times",
+        asked.load(std::sync::atomic::Ordering::SeqCst)
+    );
     let tor = torrent(d, &leecher);
     assert_eq!(tor["name"], "file.bin");
-    assert_eq!(tor["length"], 8 << 20, "the forged descriptor (1 MiB) was not used");
+    assert_eq!(
+        tor["length"],
+        8 << 20,
+        "the forged descriptor (1 MiB) was not used"
+    );
     let log = leecher.proc.stderr();
     if asked.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-        assert!(log.contains("forged descriptor"), "the refusal is logged: {log}");
+        assert!(
+            log.contains("forged descriptor"),
+            "the refusal is logged: {log}"
+        );
     }
 }
 
@@ -157,51 +232,113 @@ fn it_should_refuse_a_forged_descriptor_even_when_the_forger_is_the_only_source(
     let (faddr, asked) = forger(hash.clone(), forged);
     announce(t.addr, &hash, "forger", faddr.port(), "started", 1, 1);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    shoal_ok(d, &["get", &hash, "--data-dir", leecher.data_dir.to_str().unwrap(), "--output", "out"], T);
+    shoal_ok(
+        d,
+        &[
+            "get",
+            &hash,
+            "--data-dir",
+            leecher.data_dir.to_str().unwrap(),
+            "--output",
+            "out",
+        ],
+        T,
+    );
     wait_for(Duration::from_secs(20), "the forger to be asked", || {
         (asked.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
     });
     wait_for(Duration::from_secs(10), "the refusal in the log", || {
-        leecher.proc.stderr().contains("forged descriptor").then_some(())
+        leecher
+            .proc
+            .stderr()
+            .contains("forged descriptor")
+            .then_some(())
     });
     let st = status(d, &leecher.data_dir);
-    assert!(st["torrents"].as_array().unwrap().is_empty(), "nothing was started from the forgery: {st}");
+    assert!(
+        st["torrents"].as_array().unwrap().is_empty(),
+        "nothing was started from the forgery: {st}"
+    );
     assert!(!d.join("out/other.bin").exists() && !d.join("out/other.bin.part").exists());
 }
 
 #[test]
-fn it_should_finish_when_the_first_tracker_dies_and_let_late_peers_find_the_swarm_through_the_second() {
+fn it_should_finish_when_the_first_tracker_dies_and_let_late_peers_find_the_swarm_through_the_second(
+) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     random_file(&d.join("file.bin"), 16 << 20);
     let mut t1 = start_tracker(d, "t1", &["--interval", "1s"]);
     let t2 = start_tracker(d, "t2", &["--interval", "1s"]);
     // A slow seeder, so the download is still going when the tracker dies.
-    let seeder = start_peer(d, "seeder", &[t1.addr, t2.addr], &["--sabotage", "delay=40ms"]);
+    let seeder = start_peer(
+        d,
+        "seeder",
+        &[t1.addr, t2.addr],
+        &["--sabotage", "delay=40ms"],
+    );
     let (hash, desc) = publish(d, &seeder, "file.bin");
     let l1 = start_peer(d, "l1", &[t1.addr, t2.addr], &[]);
-    shoal_ok(d, &["get", &desc, "--data-dir", l1.data_dir.to_str().unwrap(), "--output", "out1"], T);
+    shoal_ok(
+        d,
+        &[
+            "get",
+            &desc,
+            "--data-dir",
+            l1.data_dir.to_str().unwrap(),
+            "--output",
+            "out1",
+        ],
+        T,
+    );
     wait_for(Duration::from_secs(30), "some progress", || {
         let tor = torrent(d, &l1);
         (tor["have"].as_u64().unwrap_or(0) >= 2).then_some(())
     });
     t1.proc.kill9();
     let have_at_kill = torrent(d, &l1)["have"].as_u64().unwrap();
-    assert!(have_at_kill < 16, "the download finished before the kill; slow the seeder more");
+    assert!(
+        have_at_kill < 16,
+        "the download finished before the kill; slow the seeder more"
+    );
     // A peer that joins now knows both trackers, the first one dead.
     let late = start_peer(d, "late", &[t1.addr, t2.addr], &[]);
     let out = get_wait(d, &late, &hash, "out2");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = shoal_ok(d, &["get", &desc, "--data-dir", l1.data_dir.to_str().unwrap(), "--output", "out1", "--wait", "--timeout", "100s"], T);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = shoal_ok(
+        d,
+        &[
+            "get",
+            &desc,
+            "--data-dir",
+            l1.data_dir.to_str().unwrap(),
+            "--output",
+            "out1",
+            "--wait",
+            "--timeout",
+            "100s",
+        ],
+        T,
+    );
     assert!(out.contains("complete and verified"));
     let want = sha256sum(&d.join("file.bin"));
     assert_eq!(sha256sum(&d.join("out1/file.bin")), want);
     assert_eq!(sha256sum(&d.join("out2/file.bin")), want);
     let st = status(d, &late.data_dir);
     let trackers = st["trackers"].as_array().unwrap();
-    let dead = trackers.iter().find(|x| x["addr"] == t1.addr.to_string()).expect("first tracker listed");
+    let dead = trackers
+        .iter()
+        .find(|x| x["addr"] == t1.addr.to_string())
+        .expect("first tracker listed");
     assert_eq!(dead["reachable"], false);
-    let alive = trackers.iter().find(|x| x["addr"] == t2.addr.to_string()).expect("second tracker listed");
+    let alive = trackers
+        .iter()
+        .find(|x| x["addr"] == t2.addr.to_string())
+        .expect("second tracker listed");
     assert_eq!(alive["reachable"], true);
 }
 
@@ -217,15 +354,36 @@ fn it_should_refetch_a_corrupt_piece_from_another_peer() {
     publish(d, &bad, "file.bin");
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let out = get_wait(d, &leecher, &desc, "out");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(sha256sum(&d.join("out/file.bin")), sha256sum(&d.join("file.bin")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
     let tor = torrent(d, &leecher);
     let rejected = tor["rejected_pieces"].as_u64().unwrap();
-    let from_bad = tor["peers"].as_array().unwrap().iter().find(|p| p["peer_id"] == bad.peer_id.as_str()).cloned();
+    let from_bad = tor["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == bad.peer_id.as_str())
+        .cloned();
     println!("rejected {rejected}; saboteur: {from_bad:?}");
-    assert!(rejected >= 1, "no corrupt piece was ever received: the test proves nothing");
+    assert!(
+        rejected >= 1,
+        "no corrupt piece was ever received: the test proves nothing"
+    );
     let from_bad = from_bad.expect("the saboteur is known");
-    assert_eq!(from_bad["pieces_from"], 0, "no piece from the saboteur was accepted");
+    assert_eq!(
+        from_bad["pieces_from"], 0,
+        "no piece from the saboteur was accepted"
+    );
     let failures = from_bad["failures"].as_u64().unwrap();
-    assert!((1..=3).contains(&failures), "took {failures} corrupt pieces; the ban threshold is 3");
+    assert!(
+        (1..=3).contains(&failures),
+        "took {failures} corrupt pieces; the ban threshold is 3"
+    );
 }

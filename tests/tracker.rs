@@ -15,7 +15,8 @@ fn swarm(t: std::net::SocketAddr) -> Vec<serde_json::Value> {
 }
 
 fn db_rows(db: &std::path::Path, sql: &str) -> i64 {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
     c.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
@@ -27,9 +28,17 @@ fn it_should_show_three_peers_with_roles_and_never_the_asker() {
     announce(t.addr, H, "leech-a", 7002, "started", 3, 10);
     let r = announce(t.addr, H, "leech-b", 7003, "started", 0, 10);
     assert_eq!(r["type"], "PEERS");
-    let ids: Vec<&str> = r["peers"].as_array().unwrap().iter().map(|p| p["peer_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = r["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["peer_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), 2);
-    assert!(!ids.contains(&"leech-b"), "the asker is never in its own list");
+    assert!(
+        !ids.contains(&"leech-b"),
+        "the asker is never in its own list"
+    );
     assert!(r["interval"].as_u64().unwrap() >= 1);
     let peers = swarm(t.addr);
     assert_eq!(peers.len(), 3);
@@ -39,7 +48,10 @@ fn it_should_show_three_peers_with_roles_and_never_the_asker() {
     assert!(peers.iter().all(|p| p["addr"] == "127.0.0.1"));
     let files = tracker_call(t.addr, json!({"type":"LIST_FILES"}));
     let f = &files["files"][0];
-    assert_eq!((f["seeders"].as_u64(), f["leechers"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (f["seeders"].as_u64(), f["leechers"].as_u64()),
+        (Some(1), Some(2))
+    );
     assert_eq!(f["name"], "file.bin");
     // Completion turns a leecher into a seeder and is recorded once in the history.
     announce(t.addr, H, "leech-a", 7002, "completed", 10, 10);
@@ -48,14 +60,41 @@ fn it_should_show_three_peers_with_roles_and_never_the_asker() {
     announce(t.addr, H, "leech-b", 7003, "stopped", 0, 10);
     assert_eq!(swarm(t.addr).len(), 2);
     wait_for(Duration::from_secs(5), "history rows", || {
-        (db_rows(&t.db, "SELECT count(*) FROM events WHERE event IN ('completed','stopped')") == 2).then_some(())
+        (db_rows(
+            &t.db,
+            "SELECT count(*) FROM events WHERE event IN ('completed','stopped')",
+        ) == 2)
+            .then_some(())
     });
     // `shoal list` and `shoal tracker monitor --once` read the same.
     let d = dir.path();
-    let list = shoal_ok(d, &["list", "--tracker", "127.0.0.1:1", "--tracker", &t.addr.to_string()], Duration::from_secs(20));
+    let list = shoal_ok(
+        d,
+        &[
+            "list",
+            "--tracker",
+            "127.0.0.1:1",
+            "--tracker",
+            &t.addr.to_string(),
+        ],
+        Duration::from_secs(20),
+    );
     assert!(list.contains("file.bin"), "{list}");
-    let mon = shoal_ok(d, &["tracker", "monitor", "--tracker", &t.addr.to_string(), "--once"], Duration::from_secs(20));
-    assert!(mon.contains("127.0.0.1:7001") && mon.contains("seeder") && mon.contains("100.0%"), "{mon}");
+    let mon = shoal_ok(
+        d,
+        &[
+            "tracker",
+            "monitor",
+            "--tracker",
+            &t.addr.to_string(),
+            "--once",
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(
+        mon.contains("127.0.0.1:7001") && mon.contains("seeder") && mon.contains("100.0%"),
+        "{mon}"
+    );
 }
 
 #[test]
@@ -96,16 +135,27 @@ fn it_should_prune_peers_silent_for_the_ttl() {
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0]["peer_id"], "alive");
     wait_for(Duration::from_secs(5), "an expired event", || {
-        (db_rows(&t.db, "SELECT count(*) FROM events WHERE event = 'expired' AND peer_id = 'quiet'") == 1).then_some(())
+        (db_rows(
+            &t.db,
+            "SELECT count(*) FROM events WHERE event = 'expired' AND peer_id = 'quiet'",
+        ) == 1)
+            .then_some(())
     });
     // Heartbeats refresh the live row and write no history.
-    assert_eq!(db_rows(&t.db, "SELECT count(*) FROM events WHERE peer_id = 'alive'"), 1);
+    assert_eq!(
+        db_rows(&t.db, "SELECT count(*) FROM events WHERE peer_id = 'alive'"),
+        1
+    );
 }
 
 #[test]
 fn it_should_answer_garbage_with_error_and_keep_serving() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.toml"), "[tracker]\nidle_timeout = \"1s\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[tracker]\nidle_timeout = \"1s\"\n",
+    )
+    .unwrap();
     let t = start_tracker(dir.path(), "t", &["--config", "c.toml"]);
     let reply_kind = |bytes: &[u8]| -> Option<String> {
         let mut s = TcpStream::connect(t.addr).unwrap();
@@ -124,19 +174,35 @@ fn it_should_answer_garbage_with_error_and_keep_serving() {
         },
         frame(&json!({"hello":1}), &[]),
         frame(&json!({"type":"TELEPORT"}), &[]),
-        frame(&json!({"type":"ANNOUNCE","info_hash":"xyz","peer_id":"p","port":1,"event":"started","have":0,"total":1}), &[]),
-        frame(&json!({"type":"ANNOUNCE","info_hash":H,"peer_id":"p","port":0,"event":"started","have":0,"total":1}), &[]),
+        frame(
+            &json!({"type":"ANNOUNCE","info_hash":"xyz","peer_id":"p","port":1,"event":"started","have":0,"total":1}),
+            &[],
+        ),
+        frame(
+            &json!({"type":"ANNOUNCE","info_hash":H,"peer_id":"p","port":0,"event":"started","have":0,"total":1}),
+            &[],
+        ),
     ];
     for c in &cases {
-        assert_eq!(reply_kind(c).as_deref(), Some("ERROR"), "case {:?}", &c[..c.len().min(40)]);
+        assert_eq!(
+            reply_kind(c).as_deref(),
+            Some("ERROR"),
+            "case {:?}",
+            &c[..c.len().min(40)]
+        );
     }
     // A peer that connects and sends nothing is closed after the idle timeout.
     let mut silent = TcpStream::connect(t.addr).unwrap();
-    silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
     let _ = silent.read_to_end(&mut buf);
-    assert!(started.elapsed() < Duration::from_secs(4), "silent connection not closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "silent connection not closed"
+    );
     // And the tracker still serves well-formed requests.
     let r = announce(t.addr, H, "good", 7001, "started", 0, 1);
     assert_eq!(r["type"], "PEERS", "{r}");

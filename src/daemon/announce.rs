@@ -59,10 +59,18 @@ pub fn trackers_for(d: &Daemon, descriptor: &[String], rec: &TorrentRecord) -> V
 }
 
 /// Announce to one tracker, honouring and updating its health. `None`: skipped or failed.
-async fn announce_one(d: &Daemon, addr: &str, req: &Announce, force: bool) -> Option<(Vec<PeerEntry>, u64)> {
+async fn announce_one(
+    d: &Daemon,
+    addr: &str,
+    req: &Announce,
+    force: bool,
+) -> Option<(Vec<PeerEntry>, u64)> {
     if !force {
         let h = d.trackers.lock().expect("trackers lock");
-        if h.get(addr).and_then(|h| h.next_try).is_some_and(|t| t > Instant::now()) {
+        if h.get(addr)
+            .and_then(|h| h.next_try)
+            .is_some_and(|t| t > Instant::now())
+        {
             return None;
         }
     }
@@ -93,7 +101,8 @@ async fn announce_one(d: &Daemon, addr: &str, req: &Announce, force: bool) -> Op
                 warn!(tracker = %addr, cause = %e, "tracker unreachable; going on with the others");
             }
             h.failures += 1;
-            let backoff = Duration::from_secs(1u64 << h.failures.min(6)).min(d.cfg.tracker_backoff_max);
+            let backoff =
+                Duration::from_secs(1u64 << h.failures.min(6)).min(d.cfg.tracker_backoff_max);
             h.next_try = Some(Instant::now() + backoff);
             h.last_error = Some(e.to_string());
             None
@@ -103,7 +112,12 @@ async fn announce_one(d: &Daemon, addr: &str, req: &Announce, force: bool) -> Op
 
 /// Announce to all `trackers` at once; returns every peer any of them gave and the shortest
 /// interval they asked for.
-async fn announce_all(d: &Arc<Daemon>, trackers: &[String], req: &Announce, force: bool) -> (Vec<PeerEntry>, Option<u64>) {
+async fn announce_all(
+    d: &Arc<Daemon>,
+    trackers: &[String],
+    req: &Announce,
+    force: bool,
+) -> (Vec<PeerEntry>, Option<u64>) {
     let mut set = JoinSet::new();
     for addr in trackers {
         let d = d.clone();
@@ -184,7 +198,11 @@ pub async fn announce_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
     }
     // Tell every tracker we leave, even those marked down: a short bounded try each.
     let req = announce_of(&d, &t, Event::Stopped);
-    let _ = tokio::time::timeout(d.cfg.tracker_timeout, announce_all(&d, &trackers, &req, true)).await;
+    let _ = tokio::time::timeout(
+        d.cfg.tracker_timeout,
+        announce_all(&d, &trackers, &req, true),
+    )
+    .await;
 }
 
 /// While downloading, keep up to `max_peers_per_torrent` connections to the peers trackers
@@ -220,12 +238,17 @@ pub async fn dial_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
         let targets: Vec<SocketAddr> = {
             let s = t.lock();
             let connected: HashSet<SocketAddr> = s.conns.values().map(|c| c.addr).collect();
-            let room = d.cfg.max_peers_per_torrent.saturating_sub(s.conns.len() + dialing.len());
+            let room = d
+                .cfg
+                .max_peers_per_torrent
+                .saturating_sub(s.conns.len() + dialing.len());
             let now = Instant::now();
             s.known
                 .iter()
                 .filter(|(a, k)| {
-                    !connected.contains(a) && !dialing.contains(a) && k.next_try.is_none_or(|t| t <= now)
+                    !connected.contains(a)
+                        && !dialing.contains(a)
+                        && k.next_try.is_none_or(|t| t <= now)
                 })
                 .map(|(a, _)| *a)
                 .take(room)
@@ -283,15 +306,25 @@ pub async fn fetch_metadata_task(d: Arc<Daemon>, hash: Hash, mut rec: TorrentRec
             match super::conn::fetch_metadata(&d, addr, &hash).await {
                 Ok(meta) => {
                     rec.data_path = rec.data_path.join(&meta.name);
-                    rec.descriptor = Some(String::from_utf8(meta.to_json()).expect("JSON is UTF-8"));
+                    rec.descriptor =
+                        Some(String::from_utf8(meta.to_json()).expect("JSON is UTF-8"));
                     rec.state = TorrentState::Downloading;
                     if rec.data_path.exists() {
                         rec.state = TorrentState::Failed;
-                        rec.note = Some(format!("{} already exists; shoal will not overwrite it", rec.data_path.display()));
+                        rec.note = Some(format!(
+                            "{} already exists; shoal will not overwrite it",
+                            rec.data_path.display()
+                        ));
                     }
                     info!(info_hash = %hex, name = %meta.name, from = %addr, "descriptor fetched and verified");
-                    let stored = d.store.put_torrent(&hash, &rec).and_then(|_| d.store.flush());
-                    if let Err(e) = stored.map_err(anyhow::Error::from).and_then(|_| super::activate(&d, hash, rec.clone())) {
+                    let stored = d
+                        .store
+                        .put_torrent(&hash, &rec)
+                        .and_then(|_| d.store.flush());
+                    if let Err(e) = stored
+                        .map_err(anyhow::Error::from)
+                        .and_then(|_| super::activate(&d, hash, rec.clone()))
+                    {
                         warn!(info_hash = %hex, cause = %format!("{e:#}"), "cannot start the download");
                     }
                     return;

@@ -80,7 +80,9 @@ async fn read_hello(reader: &mut FrameReader<OwnedReadHalf>) -> Result<Hello, Co
             port,
         }) => {
             if v != VERSION {
-                return Err(ConnError::Refused(format!("protocol version {v}, we speak {VERSION}")));
+                return Err(ConnError::Refused(format!(
+                    "protocol version {v}, we speak {VERSION}"
+                )));
             }
             let hash = hex::decode(&info_hash)
                 .ok()
@@ -96,12 +98,21 @@ async fn read_hello(reader: &mut FrameReader<OwnedReadHalf>) -> Result<Hello, Co
             })
         }
         Ok(PeerMsg::Error { reason }) => Err(ConnError::Refused(reason)),
-        Ok(other) => Err(ConnError::Protocol(format!("expected HELLO, got {}", other.name()))),
-        Err(e) => Err(ConnError::Protocol(format!("bad {} message: {e}", frame.kind()))),
+        Ok(other) => Err(ConnError::Protocol(format!(
+            "expected HELLO, got {}",
+            other.name()
+        ))),
+        Err(e) => Err(ConnError::Protocol(format!(
+            "bad {} message: {e}",
+            frame.kind()
+        ))),
     }
 }
 
-fn split(d: &Daemon, stream: TcpStream) -> (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
+fn split(
+    d: &Daemon,
+    stream: TcpStream,
+) -> (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
     let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
     let (r, w) = stream.into_split();
     let t = Timeouts {
@@ -124,7 +135,8 @@ pub async fn connect(d: &Daemon, addr: SocketAddr) -> Result<TcpStream, ConnErro
         }
         .map_err(ConnError::Connect)?;
         if let Some(ip) = d.bind_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
-            sock.bind(SocketAddr::new(ip, 0)).map_err(ConnError::Connect)?;
+            sock.bind(SocketAddr::new(ip, 0))
+                .map_err(ConnError::Connect)?;
         }
         sock.connect(addr).await.map_err(ConnError::Connect)
     };
@@ -140,19 +152,34 @@ pub async fn run_incoming(d: Arc<Daemon>, stream: TcpStream, addr: SocketAddr) {
         Ok(h) => h,
         Err(e) => {
             debug!(%addr, cause = %e, "incoming handshake failed");
-            let _ = writer.send(&PeerMsg::Error { reason: e.to_string() }, &[]).await; // Best effort.
+            let _ = writer
+                .send(
+                    &PeerMsg::Error {
+                        reason: e.to_string(),
+                    },
+                    &[],
+                )
+                .await; // Best effort.
             return;
         }
     };
     let refuse = |reason: String| PeerMsg::Error { reason };
     let Some(t) = d.torrent(&hello.info_hash) else {
         let _ = writer
-            .send(&refuse(format!("unknown info hash {}", hex::encode(hello.info_hash))), &[])
+            .send(
+                &refuse(format!(
+                    "unknown info hash {}",
+                    hex::encode(hello.info_hash)
+                )),
+                &[],
+            )
             .await;
         return;
     };
     if t.storage.is_none() {
-        let _ = writer.send(&refuse("torrent is not active here".into()), &[]).await;
+        let _ = writer
+            .send(&refuse("torrent is not active here".into()), &[])
+            .await;
         return;
     }
     if hello.peer_id == d.peer_id {
@@ -174,7 +201,11 @@ pub async fn run_incoming(d: Arc<Daemon>, stream: TcpStream, addr: SocketAddr) {
 ///
 /// # Errors
 /// Connection and handshake failures; a session that ran returns Ok whatever ended it.
-pub async fn run_outgoing(d: Arc<Daemon>, t: Arc<Torrent>, addr: SocketAddr) -> Result<(), ConnError> {
+pub async fn run_outgoing(
+    d: Arc<Daemon>,
+    t: Arc<Torrent>,
+    addr: SocketAddr,
+) -> Result<(), ConnError> {
     let stream = connect(&d, addr).await?;
     let (mut reader, mut writer) = split(&d, stream);
     writer.send(&hello_of(&d, &t.hash), &[]).await?;
@@ -197,7 +228,11 @@ pub async fn run_outgoing(d: Arc<Daemon>, t: Arc<Torrent>, addr: SocketAddr) -> 
 ///
 /// # Errors
 /// Transport failures, a refusal, or a forged descriptor.
-pub async fn fetch_metadata(d: &Daemon, addr: SocketAddr, hash: &Hash) -> Result<crate::metainfo::Metainfo, ConnError> {
+pub async fn fetch_metadata(
+    d: &Daemon,
+    addr: SocketAddr,
+    hash: &Hash,
+) -> Result<crate::metainfo::Metainfo, ConnError> {
     let stream = connect(d, addr).await?;
     let (mut reader, mut writer) = split(d, stream);
     writer.send(&hello_of(d, hash), &[]).await?;
@@ -253,7 +288,13 @@ struct Verified {
     banned: bool,
 }
 
-fn register(d: &Daemon, t: &Torrent, remote: &str, addr: SocketAddr, outgoing: bool) -> Option<(u64, CancellationToken)> {
+fn register(
+    d: &Daemon,
+    t: &Torrent,
+    remote: &str,
+    addr: SocketAddr,
+    outgoing: bool,
+) -> Option<(u64, CancellationToken)> {
     let mut s = t.lock();
     if let Some(existing) = s.conns.get(remote) {
         // Two peers dialing each other at once: both keep the connection opened by the peer
@@ -322,7 +363,12 @@ async fn session(
 ) {
     let Some((conn_id, token)) = register(&d, &t, &remote, addr, outgoing) else {
         let _ = writer
-            .send(&PeerMsg::Error { reason: "duplicate connection".into() }, &[])
+            .send(
+                &PeerMsg::Error {
+                    reason: "duplicate connection".into(),
+                },
+                &[],
+            )
             .await; // Best effort.
         return;
     };
@@ -410,7 +456,12 @@ async fn session(
     };
     if let End::Tell(reason) = &end {
         warn!(peer = %remote, %addr, %reason, "closing connection");
-        let _ = s.out.send(Out::Msg(PeerMsg::Error { reason: reason.clone() })).await;
+        let _ = s
+            .out
+            .send(Out::Msg(PeerMsg::Error {
+                reason: reason.clone(),
+            }))
+            .await;
         // Let the writer send the ERROR before the socket goes.
         drop(s.out.clone());
     }
@@ -446,7 +497,9 @@ impl Session {
 
     fn check_index(&self, index: u32, n: u32) -> Result<(), End> {
         if index >= n {
-            return Err(End::Tell(format!("piece index {index} out of range (0..{n})")));
+            return Err(End::Tell(format!(
+                "piece index {index} out of range (0..{n})"
+            )));
         }
         Ok(())
     }
@@ -458,8 +511,12 @@ impl Session {
         };
         match msg {
             PeerMsg::Bitfield { .. } => {
-                let bits = Bitfield::from_bytes(&frame.payload, n)
-                    .ok_or_else(|| End::Tell(format!("BITFIELD of {} bytes does not fit {n} pieces", frame.payload.len())))?;
+                let bits = Bitfield::from_bytes(&frame.payload, n).ok_or_else(|| {
+                    End::Tell(format!(
+                        "BITFIELD of {} bytes does not fit {n} pieces",
+                        frame.payload.len()
+                    ))
+                })?;
                 let mut st = self.t.lock();
                 if let Some(old) = &self.peer_bits {
                     st.picker.remove_peer(old);
@@ -485,21 +542,34 @@ impl Session {
                         reason: "piece not available here".into(),
                     })
                     .await?;
-                } else if self.shared.queued.load(Ordering::Relaxed) >= self.d.cfg.max_uploads_per_peer {
+                } else if self.shared.queued.load(Ordering::Relaxed)
+                    >= self.d.cfg.max_uploads_per_peer
+                {
                     self.send(PeerMsg::Reject {
                         index,
                         reason: "too many queued requests".into(),
                     })
                     .await?;
                 } else {
-                    self.shared.cancelled.lock().expect("cancel lock").remove(&index);
+                    self.shared
+                        .cancelled
+                        .lock()
+                        .expect("cancel lock")
+                        .remove(&index);
                     self.shared.queued.fetch_add(1, Ordering::Relaxed);
-                    self.out.send(Out::Serve(index)).await.map_err(|_| End::Quiet)?;
+                    self.out
+                        .send(Out::Serve(index))
+                        .await
+                        .map_err(|_| End::Quiet)?;
                 }
             }
             PeerMsg::Cancel { index } => {
                 self.check_index(index, n)?;
-                self.shared.cancelled.lock().expect("cancel lock").insert(index);
+                self.shared
+                    .cancelled
+                    .lock()
+                    .expect("cancel lock")
+                    .insert(index);
             }
             PeerMsg::Piece { index, len } => {
                 self.check_index(index, n)?;
@@ -522,8 +592,13 @@ impl Session {
             }
             PeerMsg::GetMetadata => {
                 let json = Bytes::from(self.t.meta.to_json());
-                let m = PeerMsg::Metadata { len: json.len() as u32 };
-                self.out.send(Out::Payload(m, json)).await.map_err(|_| End::Quiet)?;
+                let m = PeerMsg::Metadata {
+                    len: json.len() as u32,
+                };
+                self.out
+                    .send(Out::Payload(m, json))
+                    .await
+                    .map_err(|_| End::Quiet)?;
             }
             PeerMsg::Keepalive | PeerMsg::Metadata { .. } => {}
             PeerMsg::Error { reason } => {
@@ -571,7 +646,10 @@ impl Session {
             let ok = <Hash>::from(Sha256::digest(&payload)) == t.meta.pieces[index as usize];
             let mut banned = false;
             if ok {
-                t.storage.as_ref().expect("active torrent has storage").write_piece(index, &payload);
+                t.storage
+                    .as_ref()
+                    .expect("active torrent has storage")
+                    .write_piece(index, &payload);
                 drop(permit);
                 t.on_verified(index, &remote, latency_ms);
             } else {
@@ -610,7 +688,10 @@ impl Session {
         Ok(())
     }
 
-    async fn on_event(&mut self, ev: Result<TorrentEvent, broadcast::error::RecvError>) -> Result<(), End> {
+    async fn on_event(
+        &mut self,
+        ev: Result<TorrentEvent, broadcast::error::RecvError>,
+    ) -> Result<(), End> {
         match ev {
             Ok(TorrentEvent::Have(i)) => self.on_have(i).await,
             Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -646,7 +727,12 @@ impl Session {
         self.last_tick = Instant::now();
         if dt > 0.0 && (self.bytes_since_tick > 0 || !self.requested.is_empty()) {
             let sample = self.bytes_since_tick as f64 / dt;
-            self.t.lock().peers.entry(self.remote.clone()).or_default().record_throughput(sample);
+            self.t
+                .lock()
+                .peers
+                .entry(self.remote.clone())
+                .or_default()
+                .record_throughput(sample);
         }
         self.bytes_since_tick = 0;
         let timeout = self.d.cfg.request_timeout;
@@ -683,27 +769,40 @@ impl Session {
         };
         let slots = {
             let st = self.t.lock();
-            if st.record.state != crate::store::TorrentState::Downloading || st.picker.is_complete() {
+            if st.record.state != crate::store::TorrentState::Downloading || st.picker.is_complete()
+            {
                 return Ok(());
             }
             let cfg = &self.d.cfg;
-            st.peers.get(&self.remote).map_or(cfg.initial_requests_per_peer, |p| {
-                p.slots(self.t.meta.piece_length, cfg.initial_requests_per_peer, cfg.max_requests_per_peer)
-            })
+            st.peers
+                .get(&self.remote)
+                .map_or(cfg.initial_requests_per_peer, |p| {
+                    p.slots(
+                        self.t.meta.piece_length,
+                        cfg.initial_requests_per_peer,
+                        cfg.max_requests_per_peer,
+                    )
+                })
         };
         while self.requested.len() < slots {
             let pick = {
                 let requested = &self.requested;
                 let avoid = &self.avoid;
-                self.t
-                    .lock()
-                    .picker
-                    .pick(bits, |i| requested.contains_key(&i) || avoid.contains(&i), &mut self.rng)
+                self.t.lock().picker.pick(
+                    bits,
+                    |i| requested.contains_key(&i) || avoid.contains(&i),
+                    &mut self.rng,
+                )
             };
             match pick {
                 Pick::Fresh(i) | Pick::Endgame(i) => {
                     self.requested.insert(i, Instant::now());
-                    if self.out.send(Out::Msg(PeerMsg::Request { index: i })).await.is_err() {
+                    if self
+                        .out
+                        .send(Out::Msg(PeerMsg::Request { index: i }))
+                        .await
+                        .is_err()
+                    {
                         return Err(());
                     }
                 }

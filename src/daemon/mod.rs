@@ -95,7 +95,8 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
 /// Start-up failures: the data dir is locked or not usable, the address cannot be bound.
 pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     let data_dir = cfg.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     // Only the owner may enter: the control socket inside is the daemon's whole authority.
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict data dir {}", data_dir.display()))?;
@@ -110,10 +111,14 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     let sock_path = crate::control::socket_path(&data_dir);
     // A socket left by a killed daemon: the lock proves nobody serves it.
     let _ = std::fs::remove_file(&sock_path);
-    let control = UnixListener::bind(&sock_path).with_context(|| format!("cannot bind {}", sock_path.display()))?;
+    let control = UnixListener::bind(&sock_path)
+        .with_context(|| format!("cannot bind {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
     if sabotage.is_active() {
-        warn!(?sabotage, "SABOTAGE MODE: this peer corrupts, drops or delays what it serves");
+        warn!(
+            ?sabotage,
+            "SABOTAGE MODE: this peer corrupts, drops or delays what it serves"
+        );
     }
     let d = Arc::new(Daemon {
         conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -131,7 +136,10 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         trackers: Mutex::new(HashMap::new()),
     });
     // Tests and scripts read this line for the bound port.
-    println!("peer listening on {listen} (peer id {peer_id}, data dir {})", data_dir.display());
+    println!(
+        "peer listening on {listen} (peer id {peer_id}, data dir {})",
+        data_dir.display()
+    );
     info!(%listen, %peer_id, "peer started");
 
     for (hash, rec) in d.store.torrents()? {
@@ -141,19 +149,30 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     }
     {
         let d2 = d.clone();
-        d.tasks.spawn(async move { accept_loop(d2, listener).await });
+        d.tasks
+            .spawn(async move { accept_loop(d2, listener).await });
         let d2 = d.clone();
-        d.tasks.spawn(async move { control_loop(d2, control).await });
+        d.tasks
+            .spawn(async move { control_loop(d2, control).await });
     }
     wait_for_signal(&d.cancel).await;
     info!("shutting down");
     d.cancel.cancel();
-    let torrents: Vec<Arc<Torrent>> = d.torrents.lock().expect("torrents lock").values().cloned().collect();
+    let torrents: Vec<Arc<Torrent>> = d
+        .torrents
+        .lock()
+        .expect("torrents lock")
+        .values()
+        .cloned()
+        .collect();
     for t in torrents {
         t.stop().await;
     }
     d.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(10), d.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), d.tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("some tasks did not stop within 10s");
     }
     d.store.flush()?;
@@ -211,7 +230,8 @@ async fn control_loop(d: Arc<Daemon>, listener: UnixListener) {
         match accepted {
             Ok((stream, _)) => {
                 let d2 = d.clone();
-                d.tasks.spawn(async move { serve_control(d2, stream).await });
+                d.tasks
+                    .spawn(async move { serve_control(d2, stream).await });
             }
             Err(e) => {
                 warn!(cause = %e, "control accept failed");
@@ -258,12 +278,17 @@ fn parse_hash(s: &str) -> anyhow::Result<Hash> {
 
 impl Daemon {
     pub fn torrent(&self, hash: &Hash) -> Option<Arc<Torrent>> {
-        self.torrents.lock().expect("torrents lock").get(hash).cloned()
+        self.torrents
+            .lock()
+            .expect("torrents lock")
+            .get(hash)
+            .cloned()
     }
 
     fn find(&self, s: &str) -> anyhow::Result<Arc<Torrent>> {
         let h = parse_hash(s)?;
-        self.torrent(&h).with_context(|| format!("no torrent {s} in this peer"))
+        self.torrent(&h)
+            .with_context(|| format!("no torrent {s} in this peer"))
     }
 
     pub fn status(&self, with_pieces: bool) -> StatusReport {
@@ -297,7 +322,8 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
         CtlRequest::Status => Ok(CtlResponse::Status(d.status(false))),
         CtlRequest::Query { sql } => {
             let report = d.status(true);
-            let (columns, rows) = tokio::task::spawn_blocking(move || crate::query::run(&report, &sql)).await??;
+            let (columns, rows) =
+                tokio::task::spawn_blocking(move || crate::query::run(&report, &sql)).await??;
             Ok(CtlResponse::Rows { columns, rows })
         }
         CtlRequest::Publish { path } => publish(d, &path).await,
@@ -364,9 +390,13 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
             d.store.remove_torrent(&t.hash)?;
             let mut msg = format!("removed {}", t.name());
             if delete_data {
-                for p in [rec.data_path.clone(), crate::store::part_path(&rec.data_path)] {
+                for p in [
+                    rec.data_path.clone(),
+                    crate::store::part_path(&rec.data_path),
+                ] {
                     if p.is_file() {
-                        std::fs::remove_file(&p).with_context(|| format!("cannot delete {}", p.display()))?;
+                        std::fs::remove_file(&p)
+                            .with_context(|| format!("cannot delete {}", p.display()))?;
                         msg.push_str(&format!("; deleted {}", p.display()));
                     }
                 }
@@ -387,7 +417,10 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
 /// Stop and start a torrent again from its stored record.
 async fn restart(d: &Arc<Daemon>, hash: Hash) -> anyhow::Result<()> {
     d.torrents.lock().expect("torrents lock").remove(&hash);
-    let rec = d.store.get_torrent(&hash)?.context("torrent vanished from the store")?;
+    let rec = d
+        .store
+        .get_torrent(&hash)?
+        .context("torrent vanished from the store")?;
     activate(d, hash, rec)
 }
 
@@ -396,7 +429,8 @@ fn descriptor_dir(d: &Daemon) -> PathBuf {
 }
 
 async fn publish(d: &Arc<Daemon>, path: &Path) -> anyhow::Result<CtlResponse> {
-    let path = std::fs::canonicalize(path).with_context(|| format!("cannot publish {}", path.display()))?;
+    let path = std::fs::canonicalize(path)
+        .with_context(|| format!("cannot publish {}", path.display()))?;
     let trackers = d.cfg.trackers.clone();
     let pl = d.cfg.piece_length();
     let p2 = path.clone();
@@ -441,13 +475,17 @@ async fn add(
     trackers: Vec<String>,
 ) -> anyhow::Result<CtlResponse> {
     let out_dir = output.unwrap_or_else(|| d.data_dir.join("downloads"));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&out_dir)?;
     let (hash, rec) = match (descriptor, info_hash) {
         (Some(json), _) => {
             let meta = Metainfo::from_json(json.as_bytes())?;
             let data_path = out_dir.join(&meta.name);
-            (meta.info_hash, new_download_record(Some(json), data_path, trackers))
+            (
+                meta.info_hash,
+                new_download_record(Some(json), data_path, trackers),
+            )
         }
         (None, Some(h)) => {
             let hash = parse_hash(&h)?;
@@ -476,7 +514,11 @@ async fn add(
     })
 }
 
-fn new_download_record(descriptor: Option<String>, data_path: PathBuf, trackers: Vec<String>) -> TorrentRecord {
+fn new_download_record(
+    descriptor: Option<String>,
+    data_path: PathBuf,
+    trackers: Vec<String>,
+) -> TorrentRecord {
     TorrentRecord {
         descriptor,
         data_path,
@@ -503,7 +545,10 @@ pub fn activate(d: &Arc<Daemon>, hash: Hash, rec: TorrentRecord) -> anyhow::Resu
         return Ok(());
     }
     let t = Torrent::load(d, hash, rec)?;
-    d.torrents.lock().expect("torrents lock").insert(hash, t.clone());
+    d.torrents
+        .lock()
+        .expect("torrents lock")
+        .insert(hash, t.clone());
     t.start(d);
     Ok(())
 }

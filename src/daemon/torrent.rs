@@ -109,11 +109,21 @@ impl Torrent {
     ///
     /// # Errors
     /// A record without a readable descriptor.
-    pub fn load(d: &Arc<Daemon>, hash: Hash, mut rec: TorrentRecord) -> anyhow::Result<Arc<Torrent>> {
-        let json = rec.descriptor.as_deref().context("record has no descriptor")?;
+    pub fn load(
+        d: &Arc<Daemon>,
+        hash: Hash,
+        mut rec: TorrentRecord,
+    ) -> anyhow::Result<Arc<Torrent>> {
+        let json = rec
+            .descriptor
+            .as_deref()
+            .context("record has no descriptor")?;
         let meta = Arc::new(Metainfo::from_json(json.as_bytes()).context("stored descriptor")?);
         let n = meta.piece_count();
-        let mut bits = d.store.bitfield(&hash, n)?.unwrap_or_else(|| Bitfield::new(n));
+        let mut bits = d
+            .store
+            .bitfield(&hash, n)?
+            .unwrap_or_else(|| Bitfield::new(n));
         let mut storage = None;
         let active = matches!(rec.state, TorrentState::Downloading | TorrentState::Seeding);
         if active {
@@ -142,7 +152,11 @@ impl Torrent {
             bits = Bitfield::new(n);
         }
         let peers = d.store.scores(&hash)?.into_iter().collect();
-        let picker = Picker::new(bits.clone(), d.cfg.piece_selection, d.cfg.random_first_pieces);
+        let picker = Picker::new(
+            bits.clone(),
+            d.cfg.piece_selection,
+            d.cfg.random_first_pieces,
+        );
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Torrent {
             hash,
@@ -206,7 +220,9 @@ impl Torrent {
     /// Start the torrent's tasks according to its state.
     pub fn start(self: &Arc<Self>, d: &Arc<Daemon>) {
         let state = self.state();
-        if !matches!(state, TorrentState::Downloading | TorrentState::Seeding) || self.storage.is_none() {
+        if !matches!(state, TorrentState::Downloading | TorrentState::Seeding)
+            || self.storage.is_none()
+        {
             return;
         }
         let t = self.clone();
@@ -219,7 +235,8 @@ impl Torrent {
         if state == TorrentState::Downloading {
             let t = self.clone();
             let d2 = d.clone();
-            self.tasks.spawn(async move { super::announce::dial_loop(d2, t).await });
+            self.tasks
+                .spawn(async move { super::announce::dial_loop(d2, t).await });
         }
         info!(info_hash = %self.hex, name = %self.meta.name, state = state.label(), "torrent started");
     }
@@ -231,7 +248,10 @@ impl Torrent {
         self.signal.stop.store(true, Ordering::Relaxed);
         self.signal.cond.notify_all();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
             warn!(info_hash = %self.hex, "torrent tasks did not stop within 10s");
         }
     }
@@ -308,7 +328,9 @@ impl Torrent {
             let storage = self.storage.clone().expect("started with storage");
             let meta = self.meta.clone();
             let signal = self.signal.clone();
-            Some(tokio::task::spawn_blocking(move || prefix_hash(&storage, &meta, &signal)))
+            Some(tokio::task::spawn_blocking(move || {
+                prefix_hash(&storage, &meta, &signal)
+            }))
         } else {
             None
         };
@@ -385,7 +407,11 @@ impl Torrent {
                 s.durable.set(i);
             }
             s.dirty = false;
-            let scores: Vec<(String, PeerScore)> = s.peers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let scores: Vec<(String, PeerScore)> = s
+                .peers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             (s.durable.clone(), s.record.clone(), scores)
         };
         let store = d.store.clone();
@@ -430,7 +456,12 @@ impl Torrent {
             crate::fsutil::sync_dir(final_path.parent().unwrap_or(Path::new(".")))
         })
         .await?
-        .with_context(|| format!("cannot rename the finished file to {}", rec.data_path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot rename the finished file to {}",
+                rec.data_path.display()
+            )
+        })?;
         {
             let mut s = self.lock();
             s.record.state = TorrentState::Seeding;
@@ -486,7 +517,11 @@ impl Torrent {
             pieces: n,
             have,
             state: s.record.state.label().to_string(),
-            progress: if n == 0 { 1.0 } else { f64::from(have) / f64::from(n) },
+            progress: if n == 0 {
+                1.0
+            } else {
+                f64::from(have) / f64::from(n)
+            },
             downloaded: s.record.downloaded,
             uploaded: s.record.uploaded,
             down_rate: s.down_rate,
@@ -501,7 +536,13 @@ impl Torrent {
             peers,
             piece_states: if with_pieces {
                 (0..n)
-                    .map(|i| (s.picker.have().get(i), s.picker.availability(i), s.picker.in_flight(i)))
+                    .map(|i| {
+                        (
+                            s.picker.have().get(i),
+                            s.picker.availability(i),
+                            s.picker.in_flight(i),
+                        )
+                    })
                     .collect()
             } else {
                 Vec::new()
@@ -514,6 +555,7 @@ impl Torrent {
 /// little extra time at the end. Returns `None` when stopped first.
 fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> Option<Hash> {
     let mut h = Sha256::new();
+    let mut bounce = crate::hashing::bounce_buffer();
     for i in 0..meta.piece_count() {
         let mut bits = signal.bits.lock().expect("signal lock");
         while !bits.get(i) {
@@ -527,31 +569,41 @@ fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> O
                 .0;
         }
         drop(bits);
-        h.update(storage.piece(i));
+        crate::hashing::update_via(&mut h, storage.piece(i), &mut bounce);
         storage.release(i);
     }
     Some(h.finalize().into())
 }
 
 /// Hash every piece of `storage`, on both cores; returns the good pieces.
-pub fn hash_pieces(storage: &Storage, meta: &Metainfo, progress: &std::sync::atomic::AtomicU64) -> Bitfield {
+pub fn hash_pieces(
+    storage: &Storage,
+    meta: &Metainfo,
+    progress: &std::sync::atomic::AtomicU64,
+) -> Bitfield {
     let n = meta.piece_count();
-    let workers = std::thread::available_parallelism().map_or(2, |p| p.get()).clamp(1, 8) as u32;
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |p| p.get())
+        .clamp(1, 8) as u32;
     let next = std::sync::atomic::AtomicU32::new(0);
     let good = Mutex::new(Bitfield::new(n));
     std::thread::scope(|s| {
         for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                let data = storage.piece(i);
-                let ok = <Hash>::from(Sha256::digest(data)) == meta.pieces[i as usize];
-                progress.fetch_add(data.len() as u64, Ordering::Relaxed);
-                storage.release(i);
-                if ok {
-                    good.lock().expect("good lock").set(i);
+            s.spawn(|| {
+                let mut bounce = crate::hashing::bounce_buffer();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let data = storage.piece(i);
+                    let ok =
+                        crate::hashing::sha256_mapped(data, &mut bounce) == meta.pieces[i as usize];
+                    progress.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    storage.release(i);
+                    if ok {
+                        good.lock().expect("good lock").set(i);
+                    }
                 }
             });
         }
@@ -573,7 +625,12 @@ pub async fn recheck(d: &Arc<Daemon>, t: &Torrent) -> anyhow::Result<(u32, u32)>
     } else {
         crate::store::part_path(&rec.data_path)
     };
-    let good = match Storage::open(&path, meta.length, meta.piece_length, OpenMode::ExistingReadOnly) {
+    let good = match Storage::open(
+        &path,
+        meta.length,
+        meta.piece_length,
+        OpenMode::ExistingReadOnly,
+    ) {
         Ok(s) => {
             let m = meta.clone();
             tokio::task::spawn_blocking(move || hash_pieces(&s, &m, &Default::default())).await?

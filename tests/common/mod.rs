@@ -32,7 +32,10 @@ impl Proc {
 
     /// SIGTERM, then wait (bounded) for a clean exit.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -58,7 +61,12 @@ impl Drop for Proc {
 }
 
 /// Start `shoal ARGS`, wait (bounded) for its first stdout line and return it.
-pub fn spawn_with_line(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+pub fn spawn_with_line(
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, String) {
     let stderr_path = dir.join(format!("{name}.stderr"));
     let mut cmd = Command::new(shoal_bin());
     cmd.args(args)
@@ -115,7 +123,14 @@ pub fn start_tracker(dir: &Path, name: &str, extra: &[&str]) -> TrackerProc {
 
 pub fn start_tracker_at(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> TrackerProc {
     let db = dir.join(format!("{name}.db"));
-    let mut args = vec!["tracker", "run", "--listen", listen, "--db", db.to_str().unwrap()];
+    let mut args = vec![
+        "tracker",
+        "run",
+        "--listen",
+        listen,
+        "--db",
+        db.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let (proc, line) = spawn_with_line(dir, name, &args, &[]);
     TrackerProc {
@@ -245,9 +260,17 @@ pub fn random_file(path: &Path, len: usize) {
 
 /// SHA-256 as `sha256sum` prints it (the coreutils tool, not our code).
 pub fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
     assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// `shoal status --json` of a peer.
@@ -292,7 +315,15 @@ pub fn tracker_call(addr: SocketAddr, req: serde_json::Value) -> serde_json::Val
     read_frame(&mut s).expect("tracker reply").0
 }
 
-pub fn announce(addr: SocketAddr, info_hash: &str, peer_id: &str, port: u16, event: &str, have: u64, total: u64) -> serde_json::Value {
+pub fn announce(
+    addr: SocketAddr,
+    info_hash: &str,
+    peer_id: &str,
+    port: u16,
+    event: &str,
+    have: u64,
+    total: u64,
+) -> serde_json::Value {
     tracker_call(
         addr,
         serde_json::json!({"type":"ANNOUNCE","info_hash":info_hash,"peer_id":peer_id,"port":port,

@@ -79,11 +79,11 @@ impl TrackerClient {
             };
             Ok::<_, ClientError>(stream)
         };
-        let stream = tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| ClientError::ConnectTimeout {
+        let stream = tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            ClientError::ConnectTimeout {
                 addr: addr.to_string(),
-            })??;
+            }
+        })??;
         let _ = stream.set_nodelay(true); // Small request/reply frames: send at once.
         let (r, w) = stream.into_split();
         let timeouts = Timeouts {
@@ -141,15 +141,21 @@ impl TrackerClient {
     /// As [`TrackerClient::request`].
     pub async fn request_many(&mut self, reqs: &[Request]) -> Result<Vec<Response>, ClientError> {
         for r in reqs {
-            self.writer.feed(r, &[]).await.map_err(|source| ClientError::Frame {
+            self.writer
+                .feed(r, &[])
+                .await
+                .map_err(|source| ClientError::Frame {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
+        }
+        self.writer
+            .flush()
+            .await
+            .map_err(|source| ClientError::Frame {
                 addr: self.addr.clone(),
                 source,
             })?;
-        }
-        self.writer.flush().await.map_err(|source| ClientError::Frame {
-            addr: self.addr.clone(),
-            source,
-        })?;
         let mut out = Vec::with_capacity(reqs.len());
         for _ in reqs {
             let frame = self

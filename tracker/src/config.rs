@@ -76,7 +76,10 @@ impl TrackerConfig {
             ));
         }
         if self.ttl.is_zero() || self.batch_interval.is_zero() || self.idle_timeout.is_zero() {
-            return Err("tracker.ttl, tracker.batch_interval and tracker.idle_timeout must be over zero".into());
+            return Err(
+                "tracker.ttl, tracker.batch_interval and tracker.idle_timeout must be over zero"
+                    .into(),
+            );
         }
         if self.max_connections == 0 {
             return Err("tracker.max_connections must be at least 1".into());

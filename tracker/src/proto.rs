@@ -46,7 +46,9 @@ impl Announce {
             return Err("info_hash must be 64 hex digits".into());
         }
         if self.peer_id.is_empty() || self.peer_id.chars().count() > MAX_PEER_ID_CHARS {
-            return Err(format!("peer_id must be 1 to {MAX_PEER_ID_CHARS} characters"));
+            return Err(format!(
+                "peer_id must be 1 to {MAX_PEER_ID_CHARS} characters"
+            ));
         }
         if self.peer_id.chars().any(char::is_control) {
             return Err("peer_id must not contain control characters".into());
@@ -55,7 +57,10 @@ impl Announce {
             return Err("port must be 1 to 65535".into());
         }
         if self.have > self.total {
-            return Err(format!("have ({}) is more than total ({})", self.have, self.total));
+            return Err(format!(
+                "have ({}) is more than total ({})",
+                self.have, self.total
+            ));
         }
         if self.name.len() > 1024 {
             return Err("name is longer than 1024 bytes".into());

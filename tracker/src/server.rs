@@ -57,7 +57,9 @@ impl Shared {
                     error!("tracker writer is gone; change not persisted");
                 }
             }
-            Err(TrySendError::Disconnected(_)) => error!("tracker writer is gone; change not persisted"),
+            Err(TrySendError::Disconnected(_)) => {
+                error!("tracker writer is gone; change not persisted")
+            }
         }
     }
 }
@@ -195,11 +197,11 @@ async fn prune_loop(shared: Arc<Shared>, token: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         let mut changes = Vec::new();
-        let n = shared
-            .swarm
-            .lock()
-            .expect("swarm lock poisoned")
-            .prune(unix_ms(), ttl_ms, &mut changes);
+        let n = shared.swarm.lock().expect("swarm lock poisoned").prune(
+            unix_ms(),
+            ttl_ms,
+            &mut changes,
+        );
         if n > 0 {
             info!(expired = n, "pruned silent peers");
         }
@@ -228,7 +230,12 @@ async fn serve(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, token: 
                 if e.is_protocol_violation() || matches!(e, FrameError::Timeout(_)) {
                     debug!(%addr, cause = %e, "closing connection");
                     let _ = writer
-                        .send(&Response::Error { reason: e.to_string() }, &[])
+                        .send(
+                            &Response::Error {
+                                reason: e.to_string(),
+                            },
+                            &[],
+                        )
                         .await; // Best effort before the close.
                 }
                 break;
@@ -268,11 +275,13 @@ fn handle(shared: &Shared, req: Request, addr: SocketAddr) -> Response {
                 .map_or(shared.cfg.max_peers_per_reply, |n| n as usize)
                 .min(shared.cfg.max_peers_per_reply);
             let mut changes = Vec::with_capacity(2);
-            let peers = shared
-                .swarm
-                .lock()
-                .expect("swarm lock poisoned")
-                .announce(&a, &source, unix_ms(), numwant, &mut changes);
+            let peers = shared.swarm.lock().expect("swarm lock poisoned").announce(
+                &a,
+                &source,
+                unix_ms(),
+                numwant,
+                &mut changes,
+            );
             shared.persist(changes);
             Response::Peers {
                 interval: shared.cfg.interval.as_secs().max(1),
@@ -292,7 +301,12 @@ fn handle(shared: &Shared, req: Request, addr: SocketAddr) -> Response {
     }
 }
 
-fn run_writer(mut store: Store, rx: Receiver<Vec<Change>>, batch_interval: Duration, retention: Duration) {
+fn run_writer(
+    mut store: Store,
+    rx: Receiver<Vec<Change>>,
+    batch_interval: Duration,
+    retention: Duration,
+) {
     let mut next_retention = Instant::now() + RETENTION_EVERY;
     let mut open = true;
     while open {

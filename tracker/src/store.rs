@@ -21,7 +21,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// The migrations, in order. The schema lives only in `migrations/`.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -139,10 +140,14 @@ impl Store {
         // WAL: `sqlite3` readers never block the writer and the writer never blocks them.
         // synchronous=FULL: each batch commit is fsynced, so a state change survives a power cut
         // once its batch commits (at most batch_interval after the announce).
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         migrate(&mut conn, &p)?;
         Ok(Store { conn, path: p })
     }
@@ -223,13 +228,21 @@ impl Store {
                        port = excluded.port, have = excluded.have, total = excluded.total,
                        role = excluded.role, last_seen = excluded.last_seen",
                 )?;
-                let mut del = tx.prepare_cached("DELETE FROM peers WHERE info_hash = ?1 AND peer_id = ?2")?;
+                let mut del =
+                    tx.prepare_cached("DELETE FROM peers WHERE info_hash = ?1 AND peer_id = ?2")?;
                 for ((info_hash, peer_id), row) in &batch.peers {
                     match row {
                         Some(p) => {
                             up.execute(params![
-                                p.info_hash, p.peer_id, p.addr, p.port, p.have, p.total, p.role,
-                                p.first_seen, p.last_seen
+                                p.info_hash,
+                                p.peer_id,
+                                p.addr,
+                                p.port,
+                                p.have,
+                                p.total,
+                                p.role,
+                                p.first_seen,
+                                p.last_seen
                             ])?;
                         }
                         None => {
@@ -243,7 +256,14 @@ impl Store {
                 )?;
                 for e in &batch.events {
                     ev.execute(params![
-                        e.at, e.info_hash, e.peer_id, e.addr, e.port, e.event, e.have, e.total
+                        e.at,
+                        e.info_hash,
+                        e.peer_id,
+                        e.addr,
+                        e.port,
+                        e.event,
+                        e.have,
+                        e.total
                     ])?;
                 }
             }

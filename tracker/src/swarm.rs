@@ -88,22 +88,19 @@ impl Swarm {
         changes: &mut Vec<Change>,
     ) -> Vec<PeerEntry> {
         let now = now_ms / 1000;
-        let torrent = self
-            .torrents
-            .entry(a.info_hash.clone())
-            .or_insert_with(|| {
-                changes.push(Change::Torrent(TorrentRow {
-                    info_hash: a.info_hash.clone(),
-                    name: a.name.clone(),
-                    length: a.length,
-                    first_seen: now,
-                }));
-                Torrent {
-                    name: a.name.clone(),
-                    length: a.length,
-                    peers: HashMap::new(),
-                }
-            });
+        let torrent = self.torrents.entry(a.info_hash.clone()).or_insert_with(|| {
+            changes.push(Change::Torrent(TorrentRow {
+                info_hash: a.info_hash.clone(),
+                name: a.name.clone(),
+                length: a.length,
+                first_seen: now,
+            }));
+            Torrent {
+                name: a.name.clone(),
+                length: a.length,
+                peers: HashMap::new(),
+            }
+        });
         if torrent.name.is_empty() && !a.name.is_empty() {
             torrent.name = a.name.clone();
             torrent.length = a.length;
@@ -131,10 +128,7 @@ impl Swarm {
             return Vec::new();
         }
         let previous_role = torrent.peers.get(&a.peer_id).map(Peer::role);
-        let first_seen = torrent
-            .peers
-            .get(&a.peer_id)
-            .map_or(now, |p| p.first_seen);
+        let first_seen = torrent.peers.get(&a.peer_id).map_or(now, |p| p.first_seen);
         let peer = Peer {
             addr: addr.to_string(),
             port: a.port,
@@ -307,7 +301,13 @@ mod tests {
         c.clear();
         s.announce(&ann("a", Event::Progress, 2), "127.0.0.1", 2000, 50, &mut c);
         assert!(events(&c).is_empty());
-        s.announce(&ann("a", Event::Completed, 4), "127.0.0.1", 3000, 50, &mut c);
+        s.announce(
+            &ann("a", Event::Completed, 4),
+            "127.0.0.1",
+            3000,
+            50,
+            &mut c,
+        );
         assert_eq!(events(&c), ["completed"]);
         c.clear();
         s.announce(&ann("a", Event::Stopped, 4), "127.0.0.1", 4000, 50, &mut c);
@@ -321,7 +321,13 @@ mod tests {
         let mut c = Vec::new();
         s.announce(&ann("a", Event::Started, 0), "127.0.0.1", 0, 50, &mut c);
         s.announce(&ann("b", Event::Started, 4), "127.0.0.2", 0, 50, &mut c);
-        let peers = s.announce(&ann("a", Event::Progress, 1), "127.0.0.1", 20_000, 50, &mut c);
+        let peers = s.announce(
+            &ann("a", Event::Progress, 1),
+            "127.0.0.1",
+            20_000,
+            50,
+            &mut c,
+        );
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].peer_id, "b");
         c.clear();

@@ -127,7 +127,10 @@ fn check_header_len(len: usize, limits: &Limits) -> Result<(), FrameError> {
 
 /// Parse and validate a header; returns it with the payload length it announces, already
 /// checked against the limits.
-pub fn parse_header(bytes: &[u8], limits: &Limits) -> Result<(Map<String, Value>, usize), FrameError> {
+pub fn parse_header(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<(Map<String, Value>, usize), FrameError> {
     let value: Value = serde_json::from_slice(bytes).map_err(FrameError::InvalidJson)?;
     let Value::Object(map) = value else {
         return Err(FrameError::NotAnObject);
@@ -186,7 +189,11 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(Frame, usize)>, Fra
 ///
 /// # Errors
 /// The header or payload is over the protocol limits, or does not serialize.
-pub fn encode(header: &impl Serialize, payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+pub fn encode(
+    header: &impl Serialize,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let json = serde_json::to_vec(header).map_err(FrameError::InvalidJson)?;
     check_header_len(json.len(), &Limits::default())?;
     if payload.len() > MAX_PAYLOAD_BYTES {
@@ -326,7 +333,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Queue a frame without flushing; call [`FrameWriter::flush`] after a batch.
-    pub async fn feed(&mut self, header: &impl Serialize, payload: &[u8]) -> Result<(), FrameError> {
+    pub async fn feed(
+        &mut self,
+        header: &impl Serialize,
+        payload: &[u8],
+    ) -> Result<(), FrameError> {
         self.scratch.clear();
         // The header goes through the scratch buffer; a large payload is written straight
         // through (BufWriter passes writes larger than its buffer to the socket) so piece bytes
@@ -357,7 +368,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Write one frame and flush it.
-    pub async fn send(&mut self, header: &impl Serialize, payload: &[u8]) -> Result<(), FrameError> {
+    pub async fn send(
+        &mut self,
+        header: &impl Serialize,
+        payload: &[u8],
+    ) -> Result<(), FrameError> {
         self.feed(header, payload).await?;
         self.flush().await
     }
@@ -487,10 +502,15 @@ mod tests {
         let mut r = FrameReader::new(server, Limits::default(), t);
         let payload = vec![7u8; 100_000];
         let writer = tokio::spawn(async move {
-            w.send(&json!({"type":"PIECE","index":1,"len":payload.len()}), &payload)
+            w.send(
+                &json!({"type":"PIECE","index":1,"len":payload.len()}),
+                &payload,
+            )
+            .await
+            .unwrap();
+            w.send(&json!({"type":"HAVE","index":2}), &[])
                 .await
                 .unwrap();
-            w.send(&json!({"type":"HAVE","index":2}), &[]).await.unwrap();
         });
         let f = r.read_frame().await.unwrap().unwrap();
         assert_eq!(f.payload.len(), 100_000);
