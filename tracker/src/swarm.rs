@@ -18,12 +18,48 @@ struct Peer {
     first_seen: i64,
     /// Unix milliseconds; pruning compares it with the TTL.
     last_seen_ms: i64,
+    /// This peer's PEERS entry, serialized once per announce of its own: a reply is then a
+    /// concatenation, not a serialization of every listed peer (the tracker's hottest cost).
+    entry_json: Vec<u8>,
 }
 
 impl Peer {
     fn role(&self) -> Role {
         Role::of(self.have, self.total)
     }
+
+    fn new(
+        peer_id: &str,
+        addr: String,
+        port: u16,
+        have: u64,
+        total: u64,
+        first_seen: i64,
+        last_seen_ms: i64,
+    ) -> Peer {
+        let entry_json = serde_json::to_vec(&PeerEntry {
+            peer_id: peer_id.to_string(),
+            addr: addr.clone(),
+            port,
+            have,
+            total,
+        })
+        .expect("peer entry serializes");
+        Peer {
+            addr,
+            port,
+            have,
+            total,
+            first_seen,
+            last_seen_ms,
+            entry_json,
+        }
+    }
+}
+
+/// Parse the peer list written by [`Swarm::announce`] (tests and tools).
+pub fn parse_peer_list(json: &[u8]) -> Vec<PeerEntry> {
+    serde_json::from_slice(json).expect("a JSON array of peer entries")
 }
 
 #[derive(Debug)]
@@ -58,17 +94,16 @@ impl Swarm {
                 length: 0,
                 peers: HashMap::new(),
             });
-            t.peers.insert(
-                p.peer_id,
-                Peer {
-                    addr: p.addr,
-                    port: p.port,
-                    have: p.have,
-                    total: p.total,
-                    first_seen: p.first_seen,
-                    last_seen_ms: p.last_seen.saturating_mul(1000),
-                },
+            let peer = Peer::new(
+                &p.peer_id,
+                p.addr,
+                p.port,
+                p.have,
+                p.total,
+                p.first_seen,
+                p.last_seen.saturating_mul(1000),
             );
+            t.peers.insert(p.peer_id, peer);
         }
         s
     }
@@ -77,8 +112,8 @@ impl Swarm {
         self.torrents.values().map(|t| t.peers.len()).sum()
     }
 
-    /// Apply an announce from `addr`; returns up to `numwant` other peers and the changes to
-    /// persist (appended to `changes`).
+    /// Apply an announce from `addr`; writes up to `numwant` other peers as a JSON array into
+    /// `peers_json` and appends the changes to persist to `changes`.
     pub fn announce(
         &mut self,
         a: &Announce,
@@ -86,7 +121,9 @@ impl Swarm {
         now_ms: i64,
         numwant: usize,
         changes: &mut Vec<Change>,
-    ) -> Vec<PeerEntry> {
+        peers_json: &mut Vec<u8>,
+    ) {
+        peers_json.push(b'[');
         let now = now_ms / 1000;
         let torrent = self.torrents.entry(a.info_hash.clone()).or_insert_with(|| {
             changes.push(Change::Torrent(TorrentRow {
@@ -125,18 +162,20 @@ impl Swarm {
                 });
                 changes.push(event_row("stopped"));
             }
-            return Vec::new();
+            peers_json.push(b']');
+            return;
         }
         let previous_role = torrent.peers.get(&a.peer_id).map(Peer::role);
         let first_seen = torrent.peers.get(&a.peer_id).map_or(now, |p| p.first_seen);
-        let peer = Peer {
-            addr: addr.to_string(),
-            port: a.port,
-            have: a.have,
-            total: a.total,
+        let peer = Peer::new(
+            &a.peer_id,
+            addr.to_string(),
+            a.port,
+            a.have,
+            a.total,
             first_seen,
-            last_seen_ms: now_ms,
-        };
+            now_ms,
+        );
         let role = peer.role();
         match previous_role {
             None => changes.push(event_row("started")),
@@ -160,26 +199,21 @@ impl Swarm {
         let wanted = |id: &String, p: &Peer| {
             *id != a.peer_id && !(role == Role::Seeder && p.role() == Role::Seeder)
         };
-        let entry = |(id, p): (&String, &Peer)| PeerEntry {
-            peer_id: id.clone(),
-            addr: p.addr.clone(),
-            port: p.port,
-            have: p.have,
-            total: p.total,
-        };
-        if numwant == 0 {
-            return Vec::new();
+        if numwant > 0 {
+            let candidates = torrent.peers.iter().filter(|(id, p)| wanted(id, p));
+            let chosen: Vec<(&String, &Peer)> = if torrent.peers.len() <= numwant + 1 {
+                candidates.collect()
+            } else {
+                candidates.choose_multiple(&mut rand::thread_rng(), numwant)
+            };
+            for (i, (_, p)) in chosen.into_iter().enumerate() {
+                if i > 0 {
+                    peers_json.push(b',');
+                }
+                peers_json.extend_from_slice(&p.entry_json);
+            }
         }
-        let candidates = torrent.peers.iter().filter(|(id, p)| wanted(id, p));
-        if torrent.peers.len() <= numwant + 1 {
-            candidates.map(entry).collect()
-        } else {
-            candidates
-                .choose_multiple(&mut rand::thread_rng(), numwant)
-                .into_iter()
-                .map(entry)
-                .collect()
-        }
+        peers_json.push(b']');
     }
 
     /// Remove every peer last heard from before `now_ms - ttl_ms`, with an `expired` event each.

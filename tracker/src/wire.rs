@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 /// Bytes of the header length prefix.
@@ -87,8 +87,9 @@ impl FrameError {
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
-    /// The JSON header; always an object with a string `type`.
-    pub header: Map<String, Value>,
+    /// The JSON header as received (an object with a string `type`, already checked).
+    pub header: Bytes,
+    kind: String,
     /// The payload: empty unless the header had `len`.
     pub payload: Bytes,
 }
@@ -96,19 +97,28 @@ pub struct Frame {
 impl Frame {
     /// The message type named by the header.
     pub fn kind(&self) -> &str {
-        self.header
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
+        &self.kind
     }
 
-    /// Decode the header into a typed message. The `type` tag stays in the map, so an
-    /// internally tagged serde enum reads it directly.
+    /// Decode the header into a typed message, straight from the bytes (no intermediate
+    /// `Value`: this is the hot path of the tracker).
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        // Going through a borrowed Value would need a clone anyway: serde_json's Map
-        // deserializer takes ownership.
-        serde_json::from_value(Value::Object(self.header.clone()))
+        serde_json::from_slice(&self.header)
     }
+
+    /// The header as a JSON value (for tools and tests).
+    pub fn header_value(&self) -> Value {
+        serde_json::from_slice(&self.header).expect("checked when decoded")
+    }
+}
+
+/// The fields every header has, read without building a map.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    len: Option<u64>,
 }
 
 /// Validate a header length prefix against the limits.
@@ -125,23 +135,16 @@ fn check_header_len(len: usize, limits: &Limits) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Parse and validate a header; returns it with the payload length it announces, already
-/// checked against the limits.
-pub fn parse_header(
-    bytes: &[u8],
-    limits: &Limits,
-) -> Result<(Map<String, Value>, usize), FrameError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(FrameError::InvalidJson)?;
-    let Value::Object(map) = value else {
-        return Err(FrameError::NotAnObject);
+/// Validate a header; returns its type with the payload length it announces, already checked
+/// against the limits.
+pub fn parse_header(bytes: &[u8], limits: &Limits) -> Result<(String, usize), FrameError> {
+    let env: Envelope = match serde_json::from_slice(bytes) {
+        Ok(e) => e,
+        Err(_) => return Err(diagnose(bytes)),
     };
-    if !map.get("type").is_some_and(Value::is_string) {
-        return Err(FrameError::MissingType);
-    }
-    let payload_len = match map.get("len") {
+    let payload_len = match env.len {
         None => 0,
-        Some(v) => {
-            let len = v.as_u64().ok_or(FrameError::BadLen)?;
+        Some(len) => {
             if len > limits.max_payload_bytes as u64 {
                 return Err(FrameError::PayloadTooLarge {
                     len,
@@ -152,7 +155,22 @@ pub fn parse_header(
             len as usize
         }
     };
-    Ok((map, payload_len))
+    Ok((env.kind, payload_len))
+}
+
+/// Why a header failed the fast parse (the slow path, for bad input only).
+fn diagnose(bytes: &[u8]) -> FrameError {
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return FrameError::InvalidJson(e),
+    };
+    let Value::Object(map) = value else {
+        return FrameError::NotAnObject;
+    };
+    if !map.get("type").is_some_and(Value::is_string) {
+        return FrameError::MissingType;
+    }
+    FrameError::BadLen
 }
 
 /// Decode one frame from the front of `buf`.
@@ -170,14 +188,15 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(Frame, usize)>, Fra
     let Some(header_bytes) = buf.get(LEN_PREFIX_BYTES..header_end) else {
         return Ok(None);
     };
-    let (header, payload_len) = parse_header(header_bytes, limits)?;
+    let (kind, payload_len) = parse_header(header_bytes, limits)?;
     let frame_end = header_end + payload_len;
     let Some(payload) = buf.get(header_end..frame_end) else {
         return Ok(None);
     };
     Ok(Some((
         Frame {
-            header,
+            header: Bytes::copy_from_slice(header_bytes),
+            kind,
             payload: Bytes::copy_from_slice(payload),
         },
         frame_end,
@@ -287,7 +306,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             check_header_len(header_len, &limits)?;
             let mut header_bytes = vec![0u8; header_len];
             read_exact(inner, &mut header_bytes, "header").await?;
-            let (header, payload_len) = parse_header(&header_bytes, &limits)?;
+            let (kind, payload_len) = parse_header(&header_bytes, &limits)?;
             let payload = if payload_len == 0 {
                 Bytes::new()
             } else {
@@ -296,7 +315,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 read_exact(inner, &mut buf, "payload").await?;
                 Bytes::from(buf)
             };
-            Ok(Some(Frame { header, payload }))
+            Ok(Some(Frame {
+                header: Bytes::from(header_bytes),
+                kind,
+                payload,
+            }))
         })
         .await
     }
@@ -357,6 +380,24 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             if !payload.is_empty() {
                 inner.write_all(payload).await?;
             }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Queue a frame whose header is already JSON (no payload), without flushing.
+    ///
+    /// # Errors
+    /// The header is over the limit, or the write fails or times out.
+    pub async fn feed_raw_header(&mut self, header_json: &[u8]) -> Result<(), FrameError> {
+        check_header_len(header_json.len(), &Limits::default())?;
+        let dur = self.write_timeout;
+        let inner = &mut self.inner;
+        #[allow(clippy::cast_possible_truncation)] // checked against MAX_HEADER_BYTES above
+        let prefix = (header_json.len() as u32).to_be_bytes();
+        with_timeout("a frame to be written", dur, async move {
+            inner.write_all(&prefix).await?;
+            inner.write_all(header_json).await?;
             Ok(())
         })
         .await
@@ -532,7 +573,7 @@ mod tests {
             let bytes = enc(header.clone(), &payload);
             let (frame, used) = decode(&bytes, &Limits::default()).unwrap().unwrap();
             prop_assert_eq!(used, bytes.len());
-            prop_assert_eq!(Value::Object(frame.header), header);
+            prop_assert_eq!(frame.header_value(), header);
             prop_assert_eq!(&frame.payload[..], &payload[..]);
         }
 
