@@ -1,1 +1,225 @@
-fn main() {}
+//! One seeder to one leecher, a 1 GiB file on loopback, against a baseline in the same run:
+//! the same bytes over one loopback TCP connection into a file (a plain Rust sender and
+//! receiver, with and without an fdatasync at the end, since shoal makes the file durable).
+//! Also reports both daemons' peak resident set (VmHWM) while moving the file.
+//!
+//! Run: `cargo bench --bench transfer` (SHOAL_BENCH_MIB, SHOAL_BENCH_RUNS to vary).
+
+#[path = "common.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn env_or(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// Baseline: stream `src` over one loopback TCP connection into `dst`.
+fn baseline(src: &Path, dst: &Path, sync: bool) -> Duration {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = dst.to_path_buf();
+    let t = Instant::now();
+    let rx = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut f = std::fs::File::create(&dst).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            f.write_all(&buf[..n]).unwrap();
+        }
+        if sync {
+            f.sync_data().unwrap();
+        }
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut f = std::fs::File::open(src).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n]).unwrap();
+    }
+    drop(s);
+    rx.join().unwrap();
+    t.elapsed()
+}
+
+struct Daemon {
+    child: Child,
+    line: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Daemon {
+    let mut child = Command::new(common::shoal_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Daemon { child, line }
+}
+
+fn addr_of(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.parse::<std::net::SocketAddr>().is_ok())
+        .unwrap()
+        .to_string()
+}
+
+fn shoal(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(common::shoal_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn main() {
+    let mib = env_or("SHOAL_BENCH_MIB", 1024);
+    let runs = env_or("SHOAL_BENCH_RUNS", 3);
+    let dir = common::bench_dir();
+    let d = dir.path();
+    let file = d.join("file.bin");
+    common::random_file(&file, mib << 20);
+    common::warm(&file);
+    let tracker = spawn(
+        d,
+        &["tracker", "run", "--listen", "127.0.0.1:0", "--db", "t.db"],
+    );
+    let taddr = addr_of(&tracker.line);
+    let seeder = spawn(
+        d,
+        &[
+            "peer",
+            "run",
+            "--data-dir",
+            "seeder",
+            "--listen",
+            "127.0.0.1:0",
+            "--tracker",
+            &taddr,
+        ],
+    );
+    let out = shoal(d, &["publish", "file.bin", "--data-dir", "seeder"]);
+    let desc = out
+        .lines()
+        .find_map(|l| l.strip_prefix("descriptor: "))
+        .unwrap()
+        .to_string();
+    let (mut base, mut base_sync, mut ours, mut hwm_leech) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let dst = d.join(format!("baseline{r}.bin"));
+        base.push(baseline(&file, &dst, false).as_secs_f64());
+        let _ = std::fs::remove_file(&dst);
+        base_sync.push(baseline(&file, &dst, true).as_secs_f64());
+        let _ = std::fs::remove_file(&dst);
+        let ldir = format!("leecher{r}");
+        let leecher = spawn(
+            d,
+            &[
+                "peer",
+                "run",
+                "--data-dir",
+                &ldir,
+                "--listen",
+                "127.0.0.1:0",
+                "--tracker",
+                &taddr,
+            ],
+        );
+        let t = Instant::now();
+        shoal(
+            d,
+            &[
+                "get",
+                &desc,
+                "--data-dir",
+                &ldir,
+                "--output",
+                &format!("out{r}"),
+            ],
+        );
+        // Poll finely: the time is the daemon's own, from the ADD to the verified rename.
+        let (added, done) = loop {
+            let st: serde_json::Value =
+                serde_json::from_str(&shoal(d, &["status", "--json", "--data-dir", &ldir]))
+                    .unwrap();
+            let tor = &st["torrents"][0];
+            if tor["state"] == "SEEDING" {
+                break (
+                    tor["added_at"].as_i64().unwrap(),
+                    tor["completed_at"].as_i64().unwrap(),
+                );
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "download did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ours.push((done - added) as f64 / 1000.0);
+        hwm_leech.push(vm_hwm_kib(leecher.child.id()));
+        let _ = std::fs::remove_dir_all(d.join(format!("out{r}")));
+    }
+    let hwm_seed = vm_hwm_kib(seeder.child.id());
+    let (b, bs, o) = (
+        common::median(base.clone()),
+        common::median(base_sync.clone()),
+        common::median(ours.clone()),
+    );
+    println!(
+        "transfer bench: {mib} MiB, one seeder to one leecher on loopback, {runs} runs alternating"
+    );
+    println!("  baseline TCP -> file:              median {b:.3} s  runs {base:.3?}");
+    println!("  baseline TCP -> file + fdatasync:  median {bs:.3} s  runs {base_sync:.3?}");
+    println!("  shoal (hash, mmap, durable, renamed): median {o:.3} s  runs {ours:.3?}");
+    println!(
+        "  ratio shoal/baseline: {:.2}  shoal/baseline+fdatasync: {:.2}  (target <= 1.5)",
+        o / b,
+        o / bs
+    );
+    println!("  peak RSS (VmHWM): seeder {} MiB (after serving all runs), leecher {:?} MiB  (target < 128 MiB)",
+        hwm_seed / 1024, hwm_leech.iter().map(|k| k / 1024).collect::<Vec<_>>());
+}

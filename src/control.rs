@@ -1,6 +1,8 @@
 //! The control socket: how `shoal get`, `publish`, `status`, `query`, `pause`, `resume` and
 //! `remove` talk to a running daemon. A Unix socket in the data dir, mode 0600, so only the
-//! owner can open it; the same frames as the network, with JSON requests and replies.
+//! owner can open it. The same frames as the network: a small `{"type":"CTL","len":N}` header
+//! and the request or reply as JSON in the payload, so descriptors, status of many torrents and
+//! query results are bounded by the 16 MiB payload limit rather than the 64 KiB header one.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use shoal_tracker::wire::{FrameReader, FrameWriter, Limits, Timeouts};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 /// File name of the control socket inside the data dir.
@@ -165,15 +168,50 @@ pub async fn call(
             read: timeout,
         },
     );
-    w.send(req, &[]).await.context("sending to the daemon")?;
-    let frame = r
-        .read_frame()
+    send_msg(&mut w, req)
+        .await
+        .context("sending to the daemon")?;
+    let resp: CtlResponse = recv_msg(&mut r)
         .await
         .context("reading the daemon's reply")?
         .context("the daemon closed the control connection")?;
-    let resp: CtlResponse = frame.parse().context("the daemon's reply does not parse")?;
     if let CtlResponse::Error { reason } = resp {
         bail!("{reason}");
     }
     Ok(resp)
+}
+
+/// Send one control message (request or reply) as the payload of a `CTL` frame.
+///
+/// # Errors
+/// Over 16 MiB, or the write fails.
+pub async fn send_msg<W: AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+    msg: &impl Serialize,
+) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(msg)?;
+    w.send(
+        &serde_json::json!({"type": "CTL", "len": body.len()}),
+        &body,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Read one control message; `None` on a clean close.
+///
+/// # Errors
+/// Transport errors, or a message that does not parse.
+pub async fn recv_msg<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
+    r: &mut FrameReader<R>,
+) -> anyhow::Result<Option<T>> {
+    let Some(frame) = r.read_frame().await? else {
+        return Ok(None);
+    };
+    if frame.kind() != "CTL" {
+        bail!("expected a CTL frame, got {}", frame.kind());
+    }
+    Ok(Some(
+        serde_json::from_slice(&frame.payload).context("control message does not parse")?,
+    ))
 }

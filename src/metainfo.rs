@@ -308,21 +308,31 @@ pub fn create(
     if length == 0 {
         return Err(field("length", format!("{} is empty", path.display())));
     }
-    let map = crate::storage::map_read_only(&file).map_err(io)?;
-    let data: &[u8] = &map;
+    // Each thread reads its own map and releases the pages behind it, so hashing a file of any
+    // size keeps the resident set small (publish runs this inside the daemon).
+    let piece_map = crate::storage::map_read_only(&file).map_err(io)?;
+    let whole_map = crate::storage::map_read_only(&file).map_err(io)?;
     let pl = piece_length as usize;
     let (pieces, file_sha256) = std::thread::scope(|s| {
         let pieces = s.spawn(|| {
             let mut bounce = crate::hashing::bounce_buffer();
-            data.chunks(pl)
-                .map(|c| crate::hashing::sha256_mapped(c, &mut bounce))
+            piece_map
+                .chunks(pl)
+                .map(|c| {
+                    crate::storage::prefetch_mapped(c);
+                    let h = crate::hashing::sha256_mapped(c, &mut bounce);
+                    crate::storage::release_mapped(c);
+                    h
+                })
                 .collect::<Vec<_>>()
         });
         let mut whole = Sha256::new();
         let mut bounce = crate::hashing::bounce_buffer();
         // Feed in piece-sized steps so the progress bar moves.
-        for c in data.chunks(pl) {
+        for c in whole_map.chunks(pl) {
+            crate::storage::prefetch_mapped(c);
             crate::hashing::update_via(&mut whole, c, &mut bounce);
+            crate::storage::release_mapped(c);
             progress.bytes.fetch_add(c.len() as u64, Ordering::Relaxed);
         }
         let whole: Hash = whole.finalize().into();
@@ -361,7 +371,8 @@ mod tests {
 
     #[test]
     fn it_should_refuse_each_broken_field_by_name() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Descriptor)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Descriptor)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("name", Box::new(|d| d.name = "../evil".into())),
             ("name", Box::new(|d| d.name = "/etc/passwd".into())),
             ("name", Box::new(|d| d.name = "a\\b".into())),

@@ -852,6 +852,7 @@ async fn write_loop(
                 } else {
                     Action::Serve
                 };
+                storage.prefetch(index);
                 let data = storage.piece(index);
                 let header = PeerMsg::Piece {
                     index,

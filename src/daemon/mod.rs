@@ -250,19 +250,20 @@ async fn serve_control(d: Arc<Daemon>, stream: UnixStream) {
     let mut r = FrameReader::new(r, Limits::default(), t);
     // Publishing hashes a whole file before it answers.
     let mut w = FrameWriter::new(w, Duration::from_secs(30));
-    while let Ok(Some(frame)) = r.read_frame().await {
-        let resp = match frame.parse::<CtlRequest>() {
-            Ok(req) => match handle_control(&d, req).await {
+    loop {
+        let resp = match crate::control::recv_msg::<_, CtlRequest>(&mut r).await {
+            Ok(None) => break,
+            Ok(Some(req)) => match handle_control(&d, req).await {
                 Ok(resp) => resp,
                 Err(e) => CtlResponse::Error {
                     reason: format!("{e:#}"),
                 },
             },
             Err(e) => CtlResponse::Error {
-                reason: format!("bad control request: {e}"),
+                reason: format!("bad control request: {e:#}"),
             },
         };
-        if w.send(&resp, &[]).await.is_err() {
+        if crate::control::send_msg(&mut w, &resp).await.is_err() {
             break;
         }
     }

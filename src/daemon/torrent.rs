@@ -569,6 +569,7 @@ fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> O
                 .0;
         }
         drop(bits);
+        storage.prefetch(i);
         crate::hashing::update_via(&mut h, storage.piece(i), &mut bounce);
         storage.release(i);
     }
@@ -596,6 +597,7 @@ pub fn hash_pieces(
                     if i >= n {
                         break;
                     }
+                    storage.prefetch(i);
                     let data = storage.piece(i);
                     let ok =
                         crate::hashing::sha256_mapped(data, &mut bounce) == meta.pieces[i as usize];

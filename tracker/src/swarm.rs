@@ -330,21 +330,45 @@ mod tests {
     fn it_should_record_changes_of_state_not_heartbeats() {
         let mut s = Swarm::default();
         let mut c = Vec::new();
-        s.announce(&ann("a", Event::Started, 0), "127.0.0.1", 1000, 50, &mut c);
+        let mut j = Vec::new();
+        let local = "127.0.0.1";
+        s.announce(
+            &ann("a", Event::Started, 0),
+            local,
+            1000,
+            50,
+            &mut c,
+            &mut j,
+        );
         assert_eq!(events(&c), ["started"]);
         c.clear();
-        s.announce(&ann("a", Event::Progress, 2), "127.0.0.1", 2000, 50, &mut c);
+        s.announce(
+            &ann("a", Event::Progress, 2),
+            local,
+            2000,
+            50,
+            &mut c,
+            &mut j,
+        );
         assert!(events(&c).is_empty());
         s.announce(
             &ann("a", Event::Completed, 4),
-            "127.0.0.1",
+            local,
             3000,
             50,
             &mut c,
+            &mut j,
         );
         assert_eq!(events(&c), ["completed"]);
         c.clear();
-        s.announce(&ann("a", Event::Stopped, 4), "127.0.0.1", 4000, 50, &mut c);
+        s.announce(
+            &ann("a", Event::Stopped, 4),
+            local,
+            4000,
+            50,
+            &mut c,
+            &mut j,
+        );
         assert_eq!(events(&c), ["stopped"]);
         assert_eq!(s.live_peers(), 0);
     }
@@ -353,17 +377,37 @@ mod tests {
     fn it_should_never_return_the_asker_and_prune_the_silent() {
         let mut s = Swarm::default();
         let mut c = Vec::new();
-        s.announce(&ann("a", Event::Started, 0), "127.0.0.1", 0, 50, &mut c);
-        s.announce(&ann("b", Event::Started, 4), "127.0.0.2", 0, 50, &mut c);
-        let peers = s.announce(
+        let mut j = Vec::new();
+        s.announce(
+            &ann("a", Event::Started, 0),
+            "127.0.0.1",
+            0,
+            50,
+            &mut c,
+            &mut j,
+        );
+        j.clear();
+        s.announce(
+            &ann("b", Event::Started, 4),
+            "127.0.0.2",
+            0,
+            50,
+            &mut c,
+            &mut j,
+        );
+        j.clear();
+        s.announce(
             &ann("a", Event::Progress, 1),
             "127.0.0.1",
             20_000,
             50,
             &mut c,
+            &mut j,
         );
+        let peers = parse_peer_list(&j);
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].peer_id, "b");
+        assert_eq!(peers[0].addr, "127.0.0.2");
         c.clear();
         assert_eq!(s.prune(31_000, 30_000, &mut c), 1);
         assert_eq!(events(&c), ["expired"]);
