@@ -8,3 +8,5 @@ mod descriptor;
 mod tracker;
 // `shoal peer run`: publish, swarm downloads, metadata from the swarm, failover, corruption.
 mod peer;
+// Crashes, restarts, sabotage, banning and Smart Swarm scoring.
+mod faults;
