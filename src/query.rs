@@ -201,3 +201,32 @@ mod tests {
         assert!(e.contains("interrupted"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod big {
+    use super::*;
+    use crate::control::TorrentStatus;
+
+    #[test]
+    fn it_should_answer_over_a_100k_piece_torrent() {
+        let n = 100_000u32;
+        let report = StatusReport {
+            torrents: vec![TorrentStatus {
+                info_hash: "cd".into(),
+                pieces: n,
+                have: n / 2,
+                piece_states: (0..n).map(|i| (i % 2 == 0, (i % 5) as u16, 0)).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let (_, rows) = run(
+            &report,
+            "SELECT count(*) FROM pieces WHERE have AND availability > 2",
+        )
+        .unwrap();
+        println!("100k-piece query answered in {:?}", t.elapsed());
+        assert_eq!(rows[0][0], 20_000);
+    }
+}

@@ -9,9 +9,26 @@ use crate::common::*;
 const T: Duration = Duration::from_secs(120);
 
 fn publish(d: &Path, peer: &PeerProc, file: &str) -> (String, String) {
-    let out = shoal_ok(d, &["publish", file, "--data-dir", peer.data_dir.to_str().unwrap()], T);
-    let hash = out.lines().find_map(|l| l.strip_prefix("info hash: ")).unwrap().to_string();
-    let desc = out.lines().find_map(|l| l.strip_prefix("descriptor: ")).unwrap().to_string();
+    let out = shoal_ok(
+        d,
+        &[
+            "publish",
+            file,
+            "--data-dir",
+            peer.data_dir.to_str().unwrap(),
+        ],
+        T,
+    );
+    let hash = out
+        .lines()
+        .find_map(|l| l.strip_prefix("info hash: "))
+        .unwrap()
+        .to_string();
+    let desc = out
+        .lines()
+        .find_map(|l| l.strip_prefix("descriptor: "))
+        .unwrap()
+        .to_string();
     (hash, desc)
 }
 
@@ -29,12 +46,17 @@ fn assert_every_set_bit_is_a_good_piece(data_dir: &Path, desc: &Path, part: &Pat
     };
     // A finished download has been renamed from NAME.part to NAME.
     let done = part.with_extension("");
-    let data = std::fs::read(part).or_else(|_| std::fs::read(&done)).unwrap_or_default();
+    let data = std::fs::read(part)
+        .or_else(|_| std::fs::read(&done))
+        .unwrap_or_default();
     for i in bits.ones() {
         let start = i as usize * meta.piece_length as usize;
         let end = (start + meta.piece_size(i) as usize).min(data.len());
         let got: [u8; 32] = Sha256::digest(&data[start.min(end)..end]).into();
-        assert_eq!(got, meta.pieces[i as usize], "bit {i} is set but the piece on disk is bad");
+        assert_eq!(
+            got, meta.pieces[i as usize],
+            "bit {i} is set but the piece on disk is bad"
+        );
     }
     bits.count()
 }
@@ -51,13 +73,32 @@ fn it_should_resume_after_repeated_sigkill_without_refetching_more_than_a_flush_
     let d = dir.path();
     let size_mib = 256u64;
     random_file(&d.join("file.bin"), (size_mib << 20) as usize);
-    let cfg = write_config(d, "[peer]\nflush_interval = \"200ms\"\nmax_requests_per_peer = 8\n");
+    let cfg = write_config(
+        d,
+        "[peer]\nflush_interval = \"200ms\"\nmax_requests_per_peer = 8\n",
+    );
     let t = start_tracker(d, "t", &["--interval", "1s"]);
     // About 50 pieces a second, so the kills land mid-download.
-    let seeder = start_peer(d, "seeder", &[t.addr], &["--config", &cfg, "--sabotage", "delay=20ms"]);
+    let seeder = start_peer(
+        d,
+        "seeder",
+        &[t.addr],
+        &["--config", &cfg, "--sabotage", "delay=20ms"],
+    );
     let (_, desc) = publish(d, &seeder, "file.bin");
     let mut leecher = start_peer(d, "leecher", &[t.addr], &["--config", &cfg]);
-    shoal_ok(d, &["get", &desc, "--data-dir", leecher.data_dir.to_str().unwrap(), "--output", "out"], T);
+    shoal_ok(
+        d,
+        &[
+            "get",
+            &desc,
+            "--data-dir",
+            leecher.data_dir.to_str().unwrap(),
+            "--output",
+            "out",
+        ],
+        T,
+    );
     let part = d.join("out/file.bin.part");
     let mut rng = rand::thread_rng();
     let mut kills = 0;
@@ -73,11 +114,17 @@ fn it_should_resume_after_repeated_sigkill_without_refetching_more_than_a_flush_
         println!("kill {kills}: {good} pieces durable and verified");
         leecher = start_peer(d, "leecher", &[t.addr], &["--config", &cfg]);
     }
-    assert_eq!(kills, 5, "the download finished before five kills; slow the seeder");
+    assert_eq!(
+        kills, 5,
+        "the download finished before five kills; slow the seeder"
+    );
     wait_for(Duration::from_secs(90), "the download to finish", || {
         (torrent(d, &leecher)["state"] == "SEEDING").then_some(())
     });
-    assert_eq!(sha256sum(&d.join("out/file.bin")), sha256sum(&d.join("file.bin")));
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
     // What the leecher received is what the only seeder sent.
     let sent = torrent(d, &seeder)["uploaded"].as_u64().unwrap();
     // Per kill: at most a flush interval of pieces (about 10 at 50/s, doubled for slack) plus
@@ -101,18 +148,49 @@ fn it_should_never_claim_a_piece_when_crashing_between_the_data_sync_and_the_sto
     let seeder = start_peer(d, "seeder", &[t.addr], &["--sabotage", "delay=20ms"]);
     let (hash, desc) = publish(d, &seeder, "file.bin");
     // First crash at the very first flush: data synced, bits not yet committed.
-    let mut leecher = start_peer_env(d, "leecher", &[t.addr], &[], &[("SHOAL_TEST_CRASH_AT", "between-sync-and-commit")]);
-    shoal_ok(d, &["get", &desc, "--data-dir", leecher.data_dir.to_str().unwrap(), "--output", "out"], T);
-    wait_for(Duration::from_secs(30), "the crash point", || leecher.proc.child.try_wait().ok().flatten());
-    assert!(leecher.proc.stderr().contains("crashing at between-sync-and-commit"));
+    let mut leecher = start_peer_env(
+        d,
+        "leecher",
+        &[t.addr],
+        &[],
+        &[("SHOAL_TEST_CRASH_AT", "between-sync-and-commit")],
+    );
+    shoal_ok(
+        d,
+        &[
+            "get",
+            &desc,
+            "--data-dir",
+            leecher.data_dir.to_str().unwrap(),
+            "--output",
+            "out",
+        ],
+        T,
+    );
+    wait_for(Duration::from_secs(30), "the crash point", || {
+        leecher.proc.child.try_wait().ok().flatten()
+    });
+    assert!(leecher
+        .proc
+        .stderr()
+        .contains("crashing at between-sync-and-commit"));
     let part = d.join("out/file.bin.part");
     let claimed = assert_every_set_bit_is_a_good_piece(&leecher.data_dir, Path::new(&desc), &part);
     assert_eq!(claimed, 0, "nothing was committed before the crash");
     // Then crash right after a commit, a few times: whatever is claimed is good.
     for round in 0..3 {
-        leecher = start_peer_env(d, "leecher", &[t.addr], &[], &[("SHOAL_TEST_CRASH_AT", "after-flush")]);
-        wait_for(Duration::from_secs(30), "the crash point", || leecher.proc.child.try_wait().ok().flatten());
-        let claimed = assert_every_set_bit_is_a_good_piece(&leecher.data_dir, Path::new(&desc), &part);
+        leecher = start_peer_env(
+            d,
+            "leecher",
+            &[t.addr],
+            &[],
+            &[("SHOAL_TEST_CRASH_AT", "after-flush")],
+        );
+        wait_for(Duration::from_secs(30), "the crash point", || {
+            leecher.proc.child.try_wait().ok().flatten()
+        });
+        let claimed =
+            assert_every_set_bit_is_a_good_piece(&leecher.data_dir, Path::new(&desc), &part);
         println!("round {round}: {claimed} pieces claimed, all good");
     }
     leecher = start_peer(d, "leecher", &[t.addr], &[]);
@@ -120,7 +198,10 @@ fn it_should_never_claim_a_piece_when_crashing_between_the_data_sync_and_the_sto
         (torrent(d, &leecher)["state"] == "SEEDING").then_some(())
     });
     assert_eq!(torrent(d, &leecher)["info_hash"], hash);
-    assert_eq!(sha256sum(&d.join("out/file.bin")), sha256sum(&d.join("file.bin")));
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
 }
 
 fn read_bytes(pid: u32) -> u64 {
@@ -149,11 +230,19 @@ fn it_should_restart_a_seeder_without_reading_its_file() {
     random_file(&file, 256 << 20);
     let mut seeder = start_peer(d, "seeder", &[], &[]);
     publish(d, &seeder, "file.bin");
-    assert_eq!(seeder.proc.terminate(Duration::from_secs(20)).map(|s| s.success()), Some(true));
+    assert_eq!(
+        seeder
+            .proc
+            .terminate(Duration::from_secs(20))
+            .map(|s| s.success()),
+        Some(true)
+    );
     std::process::Command::new("sync").status().unwrap();
     drop_from_page_cache(&file);
     let seeder = start_peer(d, "seeder", &[], &[]);
-    wait_for(Duration::from_secs(20), "seeding", || (torrent(d, &seeder)["state"] == "SEEDING").then_some(()));
+    wait_for(Duration::from_secs(20), "seeding", || {
+        (torrent(d, &seeder)["state"] == "SEEDING").then_some(())
+    });
     let read = read_bytes(seeder.proc.pid());
     // Control: the same file, read now by this test process, does cost disk reads, so the
     // counter would have shown a re-hash.
@@ -163,8 +252,14 @@ fn it_should_restart_a_seeder_without_reading_its_file() {
     let _ = std::fs::read(&file).unwrap();
     let control = read_bytes(me) - before;
     println!("seeder restart read {read} bytes from disk; reading the file reads {control}");
-    assert!(control >= 128 << 20, "page cache not dropped ({control}); the test cannot tell");
-    assert!(read < 4 << 20, "the restarted seeder read {read} bytes: it re-hashed the file");
+    assert!(
+        control >= 128 << 20,
+        "page cache not dropped ({control}); the test cannot tell"
+    );
+    assert!(
+        read < 4 << 20,
+        "the restarted seeder read {read} bytes: it re-hashed the file"
+    );
 }
 
 #[test]
@@ -182,11 +277,28 @@ fn it_should_ban_a_saboteur_among_three_seeders_after_the_threshold() {
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let out = shoal(
         d,
-        &["get", &desc, "--data-dir", leecher.data_dir.to_str().unwrap(), "--output", "out", "--wait", "--timeout", "100s"],
+        &[
+            "get",
+            &desc,
+            "--data-dir",
+            leecher.data_dir.to_str().unwrap(),
+            "--output",
+            "out",
+            "--wait",
+            "--timeout",
+            "100s",
+        ],
         T,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(sha256sum(&d.join("out/file.bin")), sha256sum(&d.join("file.bin")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
     let tor = torrent(d, &leecher);
     let saboteur = tor["peers"]
         .as_array()
@@ -196,10 +308,19 @@ fn it_should_ban_a_saboteur_among_three_seeders_after_the_threshold() {
         .cloned()
         .expect("the saboteur was met");
     println!("saboteur as the leecher sees it: {saboteur}");
-    assert!(saboteur["banned_until"].as_i64().is_some(), "the saboteur is banned");
-    assert_eq!(saboteur["failures"], 3, "exactly the threshold of corrupt pieces, no more");
+    assert!(
+        saboteur["banned_until"].as_i64().is_some(),
+        "the saboteur is banned"
+    );
+    assert_eq!(
+        saboteur["failures"], 3,
+        "exactly the threshold of corrupt pieces, no more"
+    );
     assert_eq!(saboteur["pieces_from"], 0);
-    assert!(leecher.proc.stderr().contains("peer banned"), "the ban is logged");
+    assert!(
+        leecher.proc.stderr().contains("peer banned"),
+        "the ban is logged"
+    );
 }
 
 #[test]
@@ -215,20 +336,46 @@ fn it_should_take_most_pieces_from_the_fast_seeder() {
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let out = shoal(
         d,
-        &["get", &desc, "--data-dir", leecher.data_dir.to_str().unwrap(), "--output", "out", "--wait", "--timeout", "100s"],
+        &[
+            "get",
+            &desc,
+            "--data-dir",
+            leecher.data_dir.to_str().unwrap(),
+            "--output",
+            "out",
+            "--wait",
+            "--timeout",
+            "100s",
+        ],
         T,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tor = torrent(d, &leecher);
     let from = |id: &str| {
-        tor["peers"].as_array().unwrap().iter().find(|p| p["peer_id"] == id).map_or(0, |p| p["pieces_from"].as_u64().unwrap())
+        tor["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer_id"] == id)
+            .map_or(0, |p| p["pieces_from"].as_u64().unwrap())
     };
     let (f, s) = (from(&fast.peer_id), from(&slow.peer_id));
     println!("fast seeder served {f} pieces, slow seeder {s}");
     assert_eq!(f + s, 64);
-    assert!(f >= 56, "the fast seeder should serve most pieces (got {f} of 64)");
+    assert!(
+        f >= 56,
+        "the fast seeder should serve most pieces (got {f} of 64)"
+    );
     // The status table shows the load balancing with latencies.
-    let table = shoal_ok(d, &["status", "--data-dir", leecher.data_dir.to_str().unwrap()], T);
+    let table = shoal_ok(
+        d,
+        &["status", "--data-dir", leecher.data_dir.to_str().unwrap()],
+        T,
+    );
     println!("{table}");
     assert!(table.contains("LATENCY") && table.contains(&fast.peer_id));
 }

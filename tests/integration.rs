@@ -10,3 +10,5 @@ mod tracker;
 mod peer;
 // Crashes, restarts, sabotage, banning and Smart Swarm scoring.
 mod faults;
+// `status`, `query`, pause/resume/remove and the usual mistakes.
+mod status;
