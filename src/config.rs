@@ -96,6 +96,8 @@ pub struct PeerConfig {
     pub random_first_pieces: u32,
     /// Pieces being verified (hashed) at once at most, per daemon; bounds buffered memory.
     pub max_pieces_verifying: usize,
+    /// Upload rate limit per second for the whole daemon, e.g. "16MiB" ("0": unlimited).
+    pub max_upload_rate: String,
     /// Log filter when RUST_LOG is not set (tracing env-filter syntax).
     pub log: String,
 }
@@ -124,6 +126,7 @@ impl Default for PeerConfig {
             piece_selection: PieceSelection::RarestFirst,
             random_first_pieces: 4,
             max_pieces_verifying: 8,
+            max_upload_rate: "0".into(),
             log: "info".into(),
         }
     }
@@ -151,10 +154,19 @@ impl PeerConfig {
         if self.flush_interval.is_zero() || self.idle_timeout < Duration::from_secs(1) {
             bail!("peer.flush_interval must be over zero and peer.idle_timeout at least 1s");
         }
+        crate::units::parse_size(&self.max_upload_rate)
+            .map_err(|e| anyhow::anyhow!("peer.max_upload_rate: {e}"))?;
         if self.ban_threshold == 0 {
             bail!("peer.ban_threshold must be at least 1");
         }
         Ok(())
+    }
+
+    /// The upload limit in bytes per second; `None` when unlimited.
+    pub fn upload_rate(&self) -> Option<u64> {
+        crate::units::parse_size(&self.max_upload_rate)
+            .ok()
+            .filter(|&r| r > 0)
     }
 
     pub fn piece_length(&self) -> u32 {

@@ -22,6 +22,8 @@ use crate::config::PieceSelection;
 
 /// At most this many requests for one piece at once (endgame).
 const MAX_REQUESTS_PER_PIECE: u8 = 2;
+/// Equally rare pieces chosen among, in index order, after the random first pieces.
+const TIE_WINDOW: u32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {
@@ -95,8 +97,8 @@ impl Picker {
 
     // === ACQUIRE ===
 
-    /// Choose a piece to request from a peer that has `peer_has`; `mine(i)` tells whether this
-    /// connection already has a request out for `i`. The returned piece counts as requested
+    /// Choose a piece to request from a peer that has `peer_has`; `mine(i)` excludes pieces
+    /// this connection should not ask for (already requested by it, or recently refused). The returned piece counts as requested
     /// until [`Picker::release`] or [`Picker::arrive_for_write`].
     pub fn pick(
         &mut self,
@@ -105,7 +107,7 @@ impl Picker {
         rng: &mut impl Rng,
     ) -> Pick {
         if self.unrequested > 0 {
-            if let Some(i) = self.pick_fresh(peer_has, rng) {
+            if let Some(i) = self.pick_fresh(peer_has, &mine, rng) {
                 self.in_flight[i as usize] += 1;
                 self.unrequested -= 1;
                 self.random_left = self.random_left.saturating_sub(1);
@@ -137,14 +139,31 @@ impl Picker {
         }
     }
 
-    fn pick_fresh(&self, peer_has: &Bitfield, rng: &mut impl Rng) -> Option<u32> {
-        let random = self.selection == PieceSelection::Random || self.random_left > 0;
+    fn pick_fresh(
+        &self,
+        peer_has: &Bitfield,
+        exclude: &impl Fn(u32) -> bool,
+        rng: &mut impl Rng,
+    ) -> Option<u32> {
+        // How many equally rare candidates to choose among: all of them while picking at
+        // random, else the first TIE_WINDOW in index order. The window spreads leechers over
+        // different pieces (so they have something to trade) while keeping arrival close to
+        // file order (so the whole-file hash runs alongside the download).
+        let window = if self.selection == PieceSelection::Random || self.random_left > 0 {
+            u32::MAX
+        } else {
+            TIE_WINDOW
+        };
         let mut best: Option<u32> = None;
         let mut best_avail = u16::MAX;
         let mut ties = 0u32;
         for i in 0..self.have.len() {
             let u = i as usize;
-            if self.in_flight[u] > 0 || self.have.get(i) || self.writing.get(i) || !peer_has.get(i)
+            if self.in_flight[u] > 0
+                || self.have.get(i)
+                || self.writing.get(i)
+                || !peer_has.get(i)
+                || exclude(i)
             {
                 continue;
             }
@@ -158,15 +177,13 @@ impl Picker {
                 best_avail = a;
                 best = Some(i);
                 ties = 1;
-            } else if a == best_avail && random {
-                // Reservoir sampling: each equal candidate ends up chosen with equal chance.
+            } else if a == best_avail && ties < window {
+                // Reservoir sampling: each candidate in the window is equally likely.
                 ties += 1;
                 if rng.gen_range(0..ties) == 0 {
                     best = Some(i);
                 }
             }
-            // Otherwise ties go to the lowest index: pieces then arrive mostly in order, which
-            // lets the whole-file hash run alongside the download.
         }
         best
     }
@@ -239,7 +256,33 @@ mod tests {
         p.add_peer(&all);
         p.add_peer(&others);
         assert_eq!(p.pick(&all, |_| false, &mut rng()), Pick::Fresh(2));
-        assert_eq!(p.pick(&all, |_| false, &mut rng()), Pick::Fresh(0));
+        // The rest are equally rare: any of them, each once.
+        let mut rest: Vec<u32> = (0..3)
+            .map(|_| match p.pick(&all, |_| false, &mut rng()) {
+                Pick::Fresh(i) => i,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        rest.sort();
+        assert_eq!(rest, vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn it_should_spread_ties_over_a_window_near_the_front() {
+        let all = Bitfield::full(200);
+        let mut r = rng();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let mut p = Picker::new(Bitfield::new(200), PieceSelection::RarestFirst, 0);
+            match p.pick(&all, |_| false, &mut r) {
+                Pick::Fresh(i) => {
+                    assert!(i < TIE_WINDOW, "picked {i}, outside the window");
+                    seen.insert(i);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(seen.len() > 4, "ties should be spread, saw {seen:?}");
     }
 
     #[test]
@@ -247,10 +290,20 @@ mod tests {
         let mut p = Picker::new(Bitfield::new(2), PieceSelection::RarestFirst, 0);
         let all = Bitfield::full(2);
         let mut r = rng();
-        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(0));
-        p.release(0);
-        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(0));
-        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(1));
+        let Pick::Fresh(first) = p.pick(&all, |_| false, &mut r) else {
+            panic!()
+        };
+        p.release(first);
+        // Released, it can be picked again: with the other one taken, it must be.
+        let other = 1 - first;
+        assert_eq!(p.pick(&all, |i| i == first, &mut r), Pick::Fresh(other));
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(first));
+        if first == 1 {
+            // Keep the rest of the script in terms of pieces 0 and 1 as below.
+            p = Picker::new(Bitfield::new(2), PieceSelection::RarestFirst, 0);
+            assert!(matches!(p.pick(&all, |i| i == 1, &mut r), Pick::Fresh(0)));
+            assert!(matches!(p.pick(&all, |_| false, &mut r), Pick::Fresh(1)));
+        }
         // Everything requested: a second connection gets endgame duplicates, not its own.
         assert_eq!(p.pick(&all, |i| i == 0, &mut r), Pick::Endgame(1));
         assert_eq!(p.pick(&all, |_| true, &mut r), Pick::None);

@@ -12,3 +12,5 @@ mod peer;
 mod faults;
 // `status`, `query`, pause/resume/remove and the usual mistakes.
 mod status;
+// `shoal demo`: the whole emulated swarm.
+mod demo;

@@ -852,6 +852,10 @@ async fn write_loop(
                 } else {
                     Action::Serve
                 };
+                if let Some(limit) = &d.upload_limit {
+                    let _ = w.flush().await; // Do not hold sent bytes while waiting.
+                    limit.acquire(u64::from(t.meta.piece_size(index))).await;
+                }
                 storage.prefetch(index);
                 let data = storage.piece(index);
                 let header = PeerMsg::Piece {

@@ -58,6 +58,37 @@ pub struct Daemon {
     pub tasks: TaskTracker,
     pub sabotage: Sabotage,
     pub trackers: Mutex<HashMap<String, TrackerHealth>>,
+    pub upload_limit: Option<RateLimiter>,
+}
+
+/// A token bucket shared by every upload of the daemon.
+pub struct RateLimiter {
+    bytes_per_sec: f64,
+    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: u64) -> RateLimiter {
+        RateLimiter {
+            bytes_per_sec: bytes_per_sec as f64,
+            state: tokio::sync::Mutex::new((0.0, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Wait until `bytes` may be sent. Up to one second of burst is allowed.
+    pub async fn acquire(&self, bytes: u64) {
+        let mut st = self.state.lock().await;
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(st.1).as_secs_f64() * self.bytes_per_sec;
+        st.0 = (st.0 + refill).min(self.bytes_per_sec);
+        st.1 = now;
+        st.0 -= bytes as f64;
+        if st.0 < 0.0 {
+            // Holding the lock while sleeping queues the other uploads behind this one: fair.
+            let wait = Duration::from_secs_f64(-st.0 / self.bytes_per_sec);
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 /// Hold the data dir's lock for the daemon's lifetime (released by the kernel on exit, even
@@ -120,6 +151,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
             "SABOTAGE MODE: this peer corrupts, drops or delays what it serves"
         );
     }
+    let cfg_upload_rate = cfg.upload_rate();
     let d = Arc::new(Daemon {
         conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
         verify_limit: Arc::new(Semaphore::new(cfg.max_pieces_verifying)),
@@ -134,6 +166,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         tasks: TaskTracker::new(),
         sabotage,
         trackers: Mutex::new(HashMap::new()),
+        upload_limit: cfg_upload_rate.map(RateLimiter::new),
     });
     // Tests and scripts read this line for the bound port.
     println!(
