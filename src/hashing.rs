@@ -5,9 +5,14 @@
 //! hashing that takes 0.78 s: the copy streams from memory at full speed, while SHA's own loads
 //! do not. So every hash of mapped data goes through a bounce buffer of [`BOUNCE_BYTES`].
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
 use sha2::{Digest, Sha256};
 
-use crate::metainfo::Hash;
+use crate::bitfield::Bitfield;
+use crate::metainfo::{Hash, Metainfo};
+use crate::storage::Storage;
 
 /// Fits in L2 with room to spare.
 pub const BOUNCE_BYTES: usize = 256 * 1024;
@@ -30,6 +35,39 @@ pub fn sha256_mapped(data: &[u8], bounce: &mut [u8]) -> Hash {
 
 pub fn bounce_buffer() -> Vec<u8> {
     vec![0u8; BOUNCE_BYTES]
+}
+
+/// Hash every piece of `storage`, on both cores; returns the good pieces.
+pub fn hash_pieces(storage: &Storage, meta: &Metainfo, progress: &AtomicU64) -> Bitfield {
+    let n = meta.piece_count();
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |p| p.get())
+        .clamp(1, 8) as u32;
+    let next = AtomicU32::new(0);
+    let good = Mutex::new(Bitfield::new(n));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let mut bounce = crate::hashing::bounce_buffer();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    storage.prefetch(i);
+                    let data = storage.piece(i);
+                    let ok =
+                        crate::hashing::sha256_mapped(data, &mut bounce) == meta.pieces[i as usize];
+                    progress.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    storage.release(i);
+                    if ok {
+                        good.lock().expect("good lock").set(i);
+                    }
+                }
+            });
+        }
+    });
+    good.into_inner().expect("good lock")
 }
 
 #[cfg(test)]

@@ -144,6 +144,15 @@ impl Store {
     pub fn open(data_dir: &Path, create: bool) -> Result<Store, StoreError> {
         let dir = data_dir.join(STORE_DIR);
         let path = dir.display().to_string();
+        // A compaction interrupted between its two renames left the old store aside: take it
+        // back (the compacted copy is rebuilt next time).
+        let aside = data_dir.join(format!("{STORE_DIR}.old"));
+        if !dir.exists() && aside.join("conf").exists() {
+            std::fs::rename(&aside, &dir).map_err(|e| StoreError::Sled {
+                path: path.clone(),
+                source: sled::Error::Io(e),
+            })?;
+        }
         if !create && !dir.join("conf").exists() {
             return Err(StoreError::NotAStore {
                 path: data_dir.display().to_string(),

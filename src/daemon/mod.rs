@@ -92,10 +92,14 @@ impl RateLimiter {
 }
 
 /// Hold the data dir's lock for the daemon's lifetime (released by the kernel on exit, even
-/// on SIGKILL).
-struct DirLock(#[allow(dead_code)] std::fs::File);
+/// on SIGKILL). The offline tools take the same lock, so neither runs behind the other's back.
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
 
-fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
+/// Take the data dir's lock, or say who holds it.
+///
+/// # Errors
+/// Another process (a daemon or a tool) holds it, or the lock file cannot be opened.
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
     use std::os::fd::AsRawFd;
     let path = dir.join(LOCK_NAME);
     let f = std::fs::OpenOptions::new()
@@ -110,7 +114,7 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
     if rc != 0 {
         let pid = std::fs::read_to_string(&path).unwrap_or_default();
         bail!(
-            "another shoal daemon (pid {}) is already running for data dir {}; stop it first or use another --data-dir",
+            "another shoal process (pid {}) is already running for data dir {}: a daemon holds it; stop it first or use another --data-dir",
             pid.trim(),
             dir.display()
         );

@@ -576,43 +576,6 @@ fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> O
     Some(h.finalize().into())
 }
 
-/// Hash every piece of `storage`, on both cores; returns the good pieces.
-pub fn hash_pieces(
-    storage: &Storage,
-    meta: &Metainfo,
-    progress: &std::sync::atomic::AtomicU64,
-) -> Bitfield {
-    let n = meta.piece_count();
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |p| p.get())
-        .clamp(1, 8) as u32;
-    let next = std::sync::atomic::AtomicU32::new(0);
-    let good = Mutex::new(Bitfield::new(n));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let mut bounce = crate::hashing::bounce_buffer();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
-                    }
-                    storage.prefetch(i);
-                    let data = storage.piece(i);
-                    let ok =
-                        crate::hashing::sha256_mapped(data, &mut bounce) == meta.pieces[i as usize];
-                    progress.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    storage.release(i);
-                    if ok {
-                        good.lock().expect("good lock").set(i);
-                    }
-                }
-            });
-        }
-    });
-    good.into_inner().expect("good lock")
-}
-
 /// Re-hash a stopped torrent's data and make the store agree both ways. Returns (good, total).
 ///
 /// # Errors
@@ -635,7 +598,10 @@ pub async fn recheck(d: &Arc<Daemon>, t: &Torrent) -> anyhow::Result<(u32, u32)>
     ) {
         Ok(s) => {
             let m = meta.clone();
-            tokio::task::spawn_blocking(move || hash_pieces(&s, &m, &Default::default())).await?
+            tokio::task::spawn_blocking(move || {
+                crate::hashing::hash_pieces(&s, &m, &Default::default())
+            })
+            .await?
         }
         Err(e) => {
             warn!(info_hash = %t.hex, cause = %e, "recheck: data unreadable; every piece is missing");

@@ -8,8 +8,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn shoal_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_shoal")
+/// The `shoal` binary: cargo names it for this package's tests; the tools package's tests find
+/// it beside `shoal-tools` (`cargo test --workspace` builds both).
+pub fn shoal_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_shoal") {
+        return p.into();
+    }
+    let Some(tools) = option_env!("CARGO_BIN_EXE_shoal-tools") else {
+        panic!("neither CARGO_BIN_EXE_shoal nor CARGO_BIN_EXE_shoal-tools is set: run through cargo test");
+    };
+    let p = Path::new(tools).with_file_name("shoal");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// The `shoal-tools` binary (beside `shoal`).
+pub fn tools_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_shoal-tools") {
+        return p.into();
+    }
+    shoal_bin().with_file_name("shoal-tools")
 }
 
 /// A running child process, SIGKILLed by PID when dropped.
