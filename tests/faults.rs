@@ -8,34 +8,6 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(120);
 
-fn publish(d: &Path, peer: &PeerProc, file: &str) -> (String, String) {
-    let out = shoal_ok(
-        d,
-        &[
-            "publish",
-            file,
-            "--data-dir",
-            peer.data_dir.to_str().unwrap(),
-        ],
-        T,
-    );
-    let hash = out
-        .lines()
-        .find_map(|l| l.strip_prefix("info hash: "))
-        .unwrap()
-        .to_string();
-    let desc = out
-        .lines()
-        .find_map(|l| l.strip_prefix("descriptor: "))
-        .unwrap()
-        .to_string();
-    (hash, desc)
-}
-
-fn torrent(d: &Path, peer: &PeerProc) -> serde_json::Value {
-    status(d, &peer.data_dir)["torrents"][0].clone()
-}
-
 /// The invariant, checked from outside: open the (stopped) peer's sled store with the shoal
 /// library, and hash every piece whose bit is set against the descriptor.
 fn assert_every_set_bit_is_a_good_piece(data_dir: &Path, desc: &Path, part: &Path) -> u32 {

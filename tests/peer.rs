@@ -1,6 +1,5 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
@@ -8,52 +7,6 @@ use serde_json::json;
 use crate::common::*;
 
 const T: Duration = Duration::from_secs(120);
-
-fn publish(d: &Path, peer: &PeerProc, file: &str) -> (String, String) {
-    let out = shoal_ok(
-        d,
-        &[
-            "publish",
-            file,
-            "--data-dir",
-            peer.data_dir.to_str().unwrap(),
-        ],
-        T,
-    );
-    let hash = out
-        .lines()
-        .find_map(|l| l.strip_prefix("info hash: "))
-        .unwrap()
-        .to_string();
-    let desc = out
-        .lines()
-        .find_map(|l| l.strip_prefix("descriptor: "))
-        .unwrap()
-        .to_string();
-    (hash, desc)
-}
-
-fn get_wait(d: &Path, peer: &PeerProc, what: &str, out_dir: &str) -> std::process::Output {
-    shoal(
-        d,
-        &[
-            "get",
-            what,
-            "--data-dir",
-            peer.data_dir.to_str().unwrap(),
-            "--output",
-            out_dir,
-            "--wait",
-            "--timeout",
-            "100s",
-        ],
-        T,
-    )
-}
-
-fn torrent(d: &Path, peer: &PeerProc) -> serde_json::Value {
-    status(d, &peer.data_dir)["torrents"][0].clone()
-}
 
 /// Pieces a peer received from peers other than `exclude`.
 fn pieces_from_others(t: &serde_json::Value, exclude: &[&str]) -> u64 {

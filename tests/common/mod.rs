@@ -352,3 +352,52 @@ pub fn announce(
             "event":event,"have":have,"total":total,"name":"file.bin","length":total * 1024}),
     )
 }
+
+/// `shoal publish FILE` on a running peer; returns (info hash, descriptor path).
+pub fn publish(dir: &Path, peer: &PeerProc, file: &str) -> (String, String) {
+    let out = shoal_ok(
+        dir,
+        &[
+            "publish",
+            file,
+            "--data-dir",
+            peer.data_dir.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    let hash = out
+        .lines()
+        .find_map(|l| l.strip_prefix("info hash: "))
+        .unwrap()
+        .to_string();
+    let desc = out
+        .lines()
+        .find_map(|l| l.strip_prefix("descriptor: "))
+        .unwrap()
+        .to_string();
+    (hash, desc)
+}
+
+/// `shoal get WHAT --wait` into `out_dir` on a running peer, bounded.
+pub fn get_wait(dir: &Path, peer: &PeerProc, what: &str, out_dir: &str) -> Output {
+    shoal(
+        dir,
+        &[
+            "get",
+            what,
+            "--data-dir",
+            peer.data_dir.to_str().unwrap(),
+            "--output",
+            out_dir,
+            "--wait",
+            "--timeout",
+            "100s",
+        ],
+        Duration::from_secs(120),
+    )
+}
+
+/// The first torrent of a peer's `status --json`.
+pub fn torrent(dir: &Path, peer: &PeerProc) -> serde_json::Value {
+    status(dir, &peer.data_dir)["torrents"][0].clone()
+}

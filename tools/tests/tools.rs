@@ -27,23 +27,6 @@ fn verify_json(dd: &Path) -> (bool, serde_json::Value) {
     (ok, v[0].clone())
 }
 
-fn publish(d: &Path, peer: &PeerProc, file: &str) -> String {
-    let out = shoal_ok(
-        d,
-        &[
-            "publish",
-            file,
-            "--data-dir",
-            peer.data_dir.to_str().unwrap(),
-        ],
-        T,
-    );
-    out.lines()
-        .find_map(|l| l.strip_prefix("descriptor: "))
-        .unwrap()
-        .to_string()
-}
-
 fn uploaded(d: &Path, peer: &PeerProc) -> u64 {
     status(d, &peer.data_dir)["torrents"][0]["uploaded"]
         .as_u64()
@@ -57,7 +40,7 @@ fn it_should_find_bad_and_missing_pieces_repair_the_store_and_refetch_only_those
     random_file(&d.join("file.bin"), 8 << 20);
     let t = start_tracker(d, "t", &["--interval", "1s"]);
     let seeder = start_peer(d, "seeder", &[t.addr], &[]);
-    let desc = publish(d, &seeder, "file.bin");
+    let (_, desc) = publish(d, &seeder, "file.bin");
     let mut leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let dd = leecher.data_dir.clone();
     shoal_ok(
@@ -151,7 +134,7 @@ fn it_should_rescue_correct_unclaimed_pieces() {
     random_file(&d.join("file.bin"), 16 << 20);
     let t = start_tracker(d, "t", &["--interval", "1s"]);
     let seeder = start_peer(d, "seeder", &[t.addr], &["--sabotage", "delay=300ms"]);
-    let desc = publish(d, &seeder, "file.bin");
+    let (_, desc) = publish(d, &seeder, "file.bin");
     std::fs::write(
         d.join("fast-flush.toml"),
         "[peer]\nflush_interval = \"200ms\"\n",

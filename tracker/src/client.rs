@@ -106,26 +106,11 @@ impl TrackerClient {
     /// # Errors
     /// Transport failures, timeouts, unparseable replies and refusals, naming the tracker.
     pub async fn request(&mut self, req: &Request) -> Result<Response, ClientError> {
-        let frame_err = |source| ClientError::Frame {
-            addr: self.addr.clone(),
-            source,
-        };
-        self.writer.send(req, &[]).await.map_err(frame_err)?;
-        let frame = self
-            .reader
-            .read_frame()
-            .await
-            .map_err(|source| ClientError::Frame {
-                addr: self.addr.clone(),
-                source,
-            })?
-            .ok_or_else(|| ClientError::Closed {
-                addr: self.addr.clone(),
-            })?;
-        let resp: Response = frame.parse().map_err(|e| ClientError::BadReply {
-            addr: self.addr.clone(),
-            reason: e.to_string(),
-        })?;
+        let resp = self
+            .request_many(std::slice::from_ref(req))
+            .await?
+            .pop()
+            .expect("one reply per request");
         if let Response::Error { reason } = resp {
             return Err(ClientError::Refused {
                 addr: self.addr.clone(),
@@ -135,40 +120,37 @@ impl TrackerClient {
         Ok(resp)
     }
 
-    /// Send several requests back to back, then read all replies (pipelining).
+    fn frame_err(&self, source: FrameError) -> ClientError {
+        ClientError::Frame {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    /// Send several requests back to back, then read all replies (pipelining). `ERROR`
+    /// replies are returned as they are.
     ///
     /// # Errors
-    /// As [`TrackerClient::request`].
+    /// Transport failures, timeouts and unparseable replies, naming the tracker.
     pub async fn request_many(&mut self, reqs: &[Request]) -> Result<Vec<Response>, ClientError> {
         for r in reqs {
             self.writer
                 .feed(r, &[])
                 .await
-                .map_err(|source| ClientError::Frame {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
+                .map_err(|e| self.frame_err(e))?;
         }
-        self.writer
-            .flush()
-            .await
-            .map_err(|source| ClientError::Frame {
-                addr: self.addr.clone(),
-                source,
-            })?;
+        self.writer.flush().await.map_err(|e| self.frame_err(e))?;
         let mut out = Vec::with_capacity(reqs.len());
         for _ in reqs {
-            let frame = self
-                .reader
-                .read_frame()
-                .await
-                .map_err(|source| ClientError::Frame {
-                    addr: self.addr.clone(),
-                    source,
-                })?
-                .ok_or_else(|| ClientError::Closed {
-                    addr: self.addr.clone(),
-                })?;
+            let frame = match self.reader.read_frame().await {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    return Err(ClientError::Closed {
+                        addr: self.addr.clone(),
+                    })
+                }
+                Err(e) => return Err(self.frame_err(e)),
+            };
             out.push(frame.parse().map_err(|e| ClientError::BadReply {
                 addr: self.addr.clone(),
                 reason: e.to_string(),
