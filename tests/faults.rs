@@ -351,3 +351,46 @@ fn it_should_take_most_pieces_from_the_fast_seeder() {
     println!("{table}");
     assert!(table.contains("LATENCY") && table.contains(&fast.peer_id));
 }
+
+#[test]
+fn it_should_catch_a_seeded_file_changed_behind_its_back_and_recheck_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    random_file(&d.join("file.bin"), 4 << 20);
+    let mut seeder = start_peer(d, "seeder", &[], &[]);
+    let (hash, _) = publish(d, &seeder, "file.bin");
+    seeder.proc.terminate(Duration::from_secs(20));
+    // Replace the content, same length: a spot check at start must notice.
+    let original = std::fs::read(d.join("file.bin")).unwrap();
+    let mut changed = original.clone();
+    for b in changed.iter_mut().step_by(4096) {
+        *b ^= 0x5A;
+    }
+    std::fs::write(d.join("file.bin"), &changed).unwrap();
+    let seeder = start_peer(d, "seeder", &[], &[]);
+    let t = torrent(d, &seeder);
+    assert_eq!(t["state"], "NEEDS RECHECK", "{t}");
+    assert!(t["note"].as_str().unwrap().contains("shoal recheck"), "{t}");
+    // Put half of it back: the recheck finds exactly those pieces and the torrent resumes
+    // as a download of the rest.
+    changed[..2 << 20].copy_from_slice(&original[..2 << 20]);
+    std::fs::write(d.join("file.bin"), &changed).unwrap();
+    let out = shoal_ok(
+        d,
+        &[
+            "recheck",
+            &hash,
+            "--data-dir",
+            seeder.data_dir.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert!(out.contains("2 of 4 pieces good"), "{out}");
+    let t = torrent(d, &seeder);
+    assert_eq!(t["state"], "DOWNLOADING");
+    assert_eq!(t["have"], 2);
+    assert!(
+        d.join("file.bin.part").exists(),
+        "a damaged seed goes back to being a .part"
+    );
+}

@@ -143,6 +143,20 @@ impl Torrent {
                 Err(e) => return Err(e.into()),
             }
         }
+        if let Some(st) = &storage {
+            // Trust, but check: hash a couple of claimed pieces (rqbit's fast-resume check). A
+            // file edited or replaced behind our back is caught here, for 2 pieces of reading.
+            if let Some(bad) = spot_check(st, &meta, &bits) {
+                warn!(info_hash = %hex::encode(hash), piece = bad, "spot check failed: the data changed since it was verified");
+                rec.note = Some(format!(
+                    "piece {bad} no longer matches its hash: the data file changed; run `shoal recheck {}`",
+                    hex::encode(hash)
+                ));
+                rec.state = TorrentState::NeedsRecheck;
+                d.store.put_torrent(&hash, &rec)?;
+                storage = None;
+            }
+        }
         if rec.state == TorrentState::Seeding && !bits.is_complete() {
             // A seeding record always had every piece: a short bitfield means a damaged store.
             warn!(info_hash = %hex::encode(hash), "seeding torrent with an incomplete bitfield: needs a recheck");
@@ -549,6 +563,20 @@ impl Torrent {
             },
         }
     }
+}
+
+/// Hash up to two random claimed pieces; returns the first that does not match.
+fn spot_check(storage: &Storage, meta: &Metainfo, bits: &Bitfield) -> Option<u32> {
+    use rand::seq::IteratorRandom;
+    let mut bounce = crate::hashing::bounce_buffer();
+    let picks = bits.ones().choose_multiple(&mut rand::thread_rng(), 2);
+    picks.into_iter().find(|&i| {
+        storage.prefetch(i);
+        let ok =
+            crate::hashing::sha256_mapped(storage.piece(i), &mut bounce) == meta.pieces[i as usize];
+        storage.release(i);
+        !ok
+    })
 }
 
 /// Hash the file from the front as pieces become verified, so the whole-file check costs
