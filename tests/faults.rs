@@ -109,6 +109,21 @@ fn it_should_resume_after_repeated_sigkill_without_refetching_more_than_a_flush_
     );
     assert!(sent >= size_mib << 20);
     assert!(sent <= bound, "re-fetched too much: {sent} > {bound}");
+    // Scores survive restarts: what the leecher counts from the seeder adds up over all
+    // its sessions to at least the whole file.
+    let t = torrent(d, &leecher);
+    let from_seeder = t["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == seeder.peer_id.as_str())
+        .unwrap()["pieces_from"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        from_seeder >= size_mib,
+        "pieces_from {from_seeder} was reset by a restart"
+    );
 }
 
 #[test]

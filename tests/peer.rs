@@ -340,3 +340,77 @@ fn it_should_refetch_a_corrupt_piece_from_another_peer() {
         "took {failures} corrupt pieces; the ban threshold is 3"
     );
 }
+
+#[test]
+fn it_should_drop_a_misbehaving_peer_and_go_on_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    random_file(&d.join("file.bin"), 4 << 20);
+    let t = start_tracker(d, "t", &["--interval", "1s"]);
+    let mut seeder = start_peer(d, "seeder", &[t.addr], &[]);
+    let (hash, desc) = publish(d, &seeder, "file.bin");
+    let hello = |id: &str| json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id,"port":1});
+    let expect_error = |bytes: Vec<u8>| {
+        let mut s = std::net::TcpStream::connect(seeder.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&bytes).unwrap();
+        // Skip the seeder's own HELLO and BITFIELD; an ERROR (or a close) must follow.
+        loop {
+            match read_frame(&mut s) {
+                None => return,
+                Some((h, _)) if h["type"] == "ERROR" => return,
+                Some(_) => continue,
+            }
+        }
+    };
+    // An oversize header, a piece index out of range, a bitfield of the wrong size, garbage.
+    expect_error((1u32 << 30).to_be_bytes().to_vec());
+    let mut b = frame(&hello("evil-1"), &[]);
+    b.extend(frame(&json!({"type":"REQUEST","index": 999_999}), &[]));
+    expect_error(b);
+    let mut b = frame(&hello("evil-2"), &[]);
+    b.extend(frame(&json!({"type":"BITFIELD","len": 3}), &[1, 2, 3]));
+    expect_error(b);
+    let mut b = frame(&hello("evil-3"), &[]);
+    b.extend(frame(
+        &json!({"type":"PIECE","index":0,"len": 17 << 20}),
+        &[],
+    ));
+    expect_error(b);
+    expect_error(b"\x00\x00\x00\x05hello".to_vec());
+    // The daemon is alive and serves a real leecher.
+    assert!(
+        seeder.proc.child.try_wait().unwrap().is_none(),
+        "the seeder died"
+    );
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    let out = get_wait(d, &leecher, &desc, "out");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
+    // A clean stop (SIGTERM) says `stopped` to the tracker.
+    assert_eq!(
+        seeder
+            .proc
+            .terminate(Duration::from_secs(20))
+            .map(|s| s.success()),
+        Some(true)
+    );
+    let swarm = tracker_call(t.addr, json!({"type":"SWARM"}));
+    let ids: Vec<&str> = swarm["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["peer_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        !ids.contains(&seeder.peer_id.as_str()),
+        "stopped peer still in the swarm: {ids:?}"
+    );
+}

@@ -207,3 +207,38 @@ fn it_should_answer_garbage_with_error_and_keep_serving() {
     let r = announce(t.addr, H, "good", 7001, "started", 0, 1);
     assert_eq!(r["type"], "PEERS", "{r}");
 }
+
+#[test]
+fn it_should_bound_open_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[tracker]\nmax_connections = 2\n",
+    )
+    .unwrap();
+    let t = start_tracker(dir.path(), "t", &["--config", "c.toml"]);
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(t.addr).unwrap())
+        .collect();
+    // Let the tracker accept both before the third arrives.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = TcpStream::connect(t.addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (h, _) = read_frame(&mut third).expect("an ERROR before the close");
+    assert_eq!(h["type"], "ERROR");
+    assert!(
+        h["reason"]
+            .as_str()
+            .unwrap()
+            .contains("too many connections"),
+        "{h}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        announce(t.addr, H, "after", 7001, "started", 0, 1)["type"],
+        "PEERS"
+    );
+}
