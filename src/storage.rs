@@ -202,6 +202,19 @@ impl Storage {
         };
     }
 
+    /// Read piece `index` exactly, without read-ahead around it (a spot check of a few pieces
+    /// must not pull megabytes of the file in).
+    pub fn prefetch_exact(&self, index: u32) {
+        let (start, end) = self.range(index);
+        // SAFETY: the range is inside our mapping; these are hints and a populate read.
+        unsafe {
+            let p = self.map.as_ptr().add(start);
+            advise(p, end - start, libc::MADV_RANDOM);
+            advise(p, end - start, libc::MADV_POPULATE_READ);
+            advise(p, end - start, libc::MADV_NORMAL);
+        }
+    }
+
     /// Map piece `index`'s pages in one call before reading them (one syscall instead of a
     /// page fault per few pages).
     pub fn prefetch(&self, index: u32) {

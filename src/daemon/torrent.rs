@@ -571,7 +571,7 @@ fn spot_check(storage: &Storage, meta: &Metainfo, bits: &Bitfield) -> Option<u32
     let mut bounce = crate::hashing::bounce_buffer();
     let picks = bits.ones().choose_multiple(&mut rand::thread_rng(), 2);
     picks.into_iter().find(|&i| {
-        storage.prefetch(i);
+        storage.prefetch_exact(i);
         let ok =
             crate::hashing::sha256_mapped(storage.piece(i), &mut bounce) == meta.pieces[i as usize];
         storage.release(i);
