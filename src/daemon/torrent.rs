@@ -366,7 +366,9 @@ impl Torrent {
                 _ = rate_tick.tick() => self.update_rates(),
                 _ = self.complete.notified(), if prefix.is_some() => {
                     let handle = prefix.take().expect("checked");
+                    let t0 = Instant::now();
                     let whole = handle.await.ok().flatten();
+                    info!(info_hash = %self.hex, wait_ms = t0.elapsed().as_millis() as u64, "every piece verified; whole-file hash done");
                     if let Err(e) = self.finish(&d, whole).await {
                         error!(info_hash = %self.hex, cause = %format!("{e:#}"), "cannot complete the download");
                     }
@@ -461,7 +463,9 @@ impl Torrent {
             error!(info_hash = %self.hex, "whole-file hash mismatch");
             return self.flush(d).await;
         }
+        let t0 = Instant::now();
         self.flush(d).await?;
+        info!(info_hash = %self.hex, flush_ms = t0.elapsed().as_millis() as u64, "final data flush done");
         let rec = self.record();
         let part = rec.working_path();
         let final_path = rec.data_path.clone();
