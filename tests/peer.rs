@@ -208,11 +208,29 @@ fn it_should_refuse_a_forged_descriptor_even_when_the_forger_is_the_only_source(
             .then_some(())
     });
     let st = status(d, &leecher.data_dir);
-    assert!(
-        st["torrents"].as_array().unwrap().is_empty(),
+    let torrents = st["torrents"].as_array().unwrap();
+    assert_eq!(torrents.len(), 1, "{st}");
+    assert_eq!(
+        torrents[0]["state"], "FETCHING METADATA",
         "nothing was started from the forgery: {st}"
     );
     assert!(!d.join("out/other.bin").exists() && !d.join("out/other.bin.part").exists());
+    // The pending download can be removed.
+    let out = shoal_ok(
+        d,
+        &[
+            "remove",
+            &hash,
+            "--data-dir",
+            leecher.data_dir.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert!(out.contains("removed"), "{out}");
+    assert!(status(d, &leecher.data_dir)["torrents"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]

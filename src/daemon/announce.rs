@@ -276,7 +276,12 @@ pub async fn dial_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
 
 /// For a download known only by its info hash: find peers through the trackers and fetch the
 /// descriptor, believing it only if its info hash matches; then start the download.
-pub async fn fetch_metadata_task(d: Arc<Daemon>, hash: Hash, mut rec: TorrentRecord) {
+pub async fn fetch_metadata_task(
+    d: Arc<Daemon>,
+    hash: Hash,
+    mut rec: TorrentRecord,
+    token: tokio_util::sync::CancellationToken,
+) {
     let trackers = trackers_for(&d, &[], &rec);
     let hex = hex::encode(hash);
     info!(info_hash = %hex, "fetching the descriptor from the swarm");
@@ -317,6 +322,14 @@ pub async fn fetch_metadata_task(d: Arc<Daemon>, hash: Hash, mut rec: TorrentRec
                         ));
                     }
                     info!(info_hash = %hex, name = %meta.name, from = %addr, "descriptor fetched and verified");
+                    if d.fetching
+                        .lock()
+                        .expect("fetching lock")
+                        .remove(&hash)
+                        .is_none()
+                    {
+                        return; // Removed meanwhile.
+                    }
                     let stored = d
                         .store
                         .put_torrent(&hash, &rec)
@@ -338,7 +351,7 @@ pub async fn fetch_metadata_task(d: Arc<Daemon>, hash: Hash, mut rec: TorrentRec
             }
         }
         tokio::select! {
-            _ = d.cancel.cancelled() => return,
+            _ = token.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }

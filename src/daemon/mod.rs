@@ -59,6 +59,9 @@ pub struct Daemon {
     pub sabotage: Sabotage,
     pub trackers: Mutex<HashMap<String, TrackerHealth>>,
     pub upload_limit: Option<RateLimiter>,
+    /// Downloads known only by info hash, whose descriptor is being fetched: their record
+    /// (for status) and a token to stop the fetch (remove).
+    pub fetching: Mutex<HashMap<Hash, (TorrentRecord, CancellationToken)>>,
 }
 
 /// A token bucket shared by every upload of the daemon.
@@ -172,6 +175,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         sabotage,
         trackers: Mutex::new(HashMap::new()),
         upload_limit: cfg_upload_rate.map(RateLimiter::new),
+        fetching: Mutex::new(HashMap::new()),
     });
     // Tests and scripts read this line for the bound port.
     println!(
@@ -351,6 +355,17 @@ impl Daemon {
             .values()
             .map(|t| t.status(with_pieces))
             .collect();
+        for (hash, (rec, _)) in self.fetching.lock().expect("fetching lock").iter() {
+            torrents.push(crate::control::TorrentStatus {
+                info_hash: hex::encode(hash),
+                name: "(descriptor not fetched yet)".into(),
+                state: rec.state.label().into(),
+                added_at: rec.added_at,
+                data_path: rec.data_path.display().to_string(),
+                note: rec.note.clone(),
+                ..Default::default()
+            });
+        }
         torrents.sort_by(|a, b| a.name.cmp(&b.name).then(a.info_hash.cmp(&b.info_hash)));
         let mut trackers: Vec<_> = self
             .trackers
@@ -435,6 +450,17 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
             info_hash,
             delete_data,
         } => {
+            let h = parse_hash(&info_hash)?;
+            let fetching = d.fetching.lock().expect("fetching lock").remove(&h);
+            if let Some((_, token)) = fetching {
+                token.cancel();
+                d.store.remove_torrent(&h)?;
+                return Ok(CtlResponse::Ok {
+                    message: format!(
+                        "removed {info_hash} (its descriptor was still being fetched)"
+                    ),
+                });
+            }
             let t = d.find(&info_hash)?;
             t.stop().await;
             let rec = t.record();
@@ -547,9 +573,14 @@ async fn add(
         }
         (None, None) => bail!("give a descriptor or an info hash"),
     };
-    if let Some(t) = d.torrent(&hash) {
+    if d.torrent(&hash).is_some()
+        || d.fetching
+            .lock()
+            .expect("fetching lock")
+            .contains_key(&hash)
+    {
         return Ok(CtlResponse::Added {
-            info_hash: t.hex.clone(),
+            info_hash: hex::encode(hash),
         });
     }
     if rec.state == TorrentState::Downloading && rec.data_path.exists() {
@@ -591,9 +622,14 @@ fn new_download_record(
 /// A damaged record.
 pub fn activate(d: &Arc<Daemon>, hash: Hash, rec: TorrentRecord) -> anyhow::Result<()> {
     if rec.state == TorrentState::FetchingMetadata {
+        let token = d.cancel.child_token();
+        d.fetching
+            .lock()
+            .expect("fetching lock")
+            .insert(hash, (rec.clone(), token.clone()));
         let d2 = d.clone();
         d.tasks
-            .spawn(async move { announce::fetch_metadata_task(d2, hash, rec).await });
+            .spawn(async move { announce::fetch_metadata_task(d2, hash, rec, token).await });
         return Ok(());
     }
     let t = Torrent::load(d, hash, rec)?;
