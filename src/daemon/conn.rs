@@ -456,14 +456,14 @@ async fn session(
     };
     if let End::Tell(reason) = &end {
         warn!(peer = %remote, %addr, %reason, "closing connection");
+        // Queued behind what is pending; the writer gets a second to send it (below). A full
+        // or closed queue only means the ERROR is not delivered.
         let _ = s
             .out
             .send(Out::Msg(PeerMsg::Error {
                 reason: reason.clone(),
             }))
             .await;
-        // Let the writer send the ERROR before the socket goes.
-        drop(s.out.clone());
     }
     // Cleanup: give back every outstanding request and this peer's availability.
     {
