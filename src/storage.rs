@@ -61,6 +61,8 @@ pub enum StorageError {
         found: u64,
         expected: u64,
     },
+    #[error("not enough disk space for {path}: it needs {needed} bytes")]
+    NoSpace { path: String, needed: u64 },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -96,9 +98,18 @@ impl Storage {
                     .map_err(io)?;
                 let len = f.metadata().map_err(io)?.len();
                 if len < length {
-                    // Sparse: no bytes are written until pieces arrive.
                     f.set_len(length).map_err(io)?;
                 }
+                reserve(&f, length).map_err(|source| {
+                    if source.raw_os_error() == Some(libc::ENOSPC) {
+                        StorageError::NoSpace {
+                            path: p.clone(),
+                            needed: length,
+                        }
+                    } else {
+                        io(source)
+                    }
+                })?;
                 f
             }
             OpenMode::ExistingReadOnly | OpenMode::ExistingWritable => {
@@ -239,6 +250,28 @@ impl Storage {
 
     pub fn length(&self) -> u64 {
         self.length
+    }
+}
+
+/// Reserve the file's blocks up front. Writing through a map into a sparse file on a full disk
+/// is a SIGBUS, not an error: reserving turns it into ENOSPC at the start, with nothing lost.
+/// Filesystems without fallocate keep the sparse file (and the risk), with a warning.
+fn reserve(f: &File, length: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len =
+        libc::off_t::try_from(length).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: fallocate on a descriptor we own; mode 0 only allocates, keeping the contents.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+            tracing::warn!(cause = %e, "cannot reserve disk space; a full disk would stop the download abruptly");
+            Ok(())
+        }
+        _ => Err(e),
     }
 }
 

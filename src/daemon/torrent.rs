@@ -140,6 +140,15 @@ impl Torrent {
                     rec.state = TorrentState::NeedsRecheck;
                     d.store.put_torrent(&hash, &rec)?;
                 }
+                Err(e @ StorageError::NoSpace { .. }) => {
+                    warn!(info_hash = %hex::encode(hash), cause = %e, "cannot start the download");
+                    rec.note = Some(format!(
+                        "{e}; free some space, then run `shoal recheck {}`",
+                        hex::encode(hash)
+                    ));
+                    rec.state = TorrentState::Failed;
+                    d.store.put_torrent(&hash, &rec)?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
