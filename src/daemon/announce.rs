@@ -153,6 +153,7 @@ fn announce_of(d: &Daemon, t: &Torrent, event: Event) -> Announce {
 }
 
 fn learn(t: &Torrent, d: &Daemon, peers: Vec<PeerEntry>) {
+    let any = !peers.is_empty();
     let mut s = t.lock();
     for p in peers {
         if p.peer_id == d.peer_id {
@@ -165,6 +166,11 @@ fn learn(t: &Torrent, d: &Daemon, peers: Vec<PeerEntry>) {
         if addr != d.listen {
             s.known.entry(addr).or_default();
         }
+    }
+    drop(s);
+    if any {
+        // Dial now rather than at the dialer's next tick: it is the start of every download.
+        t.peers_learned.notify_one();
     }
 }
 
@@ -215,6 +221,7 @@ pub async fn dial_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
         tokio::select! {
             _ = t.cancel.cancelled() => return,
             _ = tick.tick() => {}
+            _ = t.peers_learned.notified() => {}
             Some((addr, ok)) = done_rx.recv() => {
                 dialing.remove(&addr);
                 let mut s = t.lock();

@@ -99,6 +99,8 @@ pub struct Torrent {
     pub complete: Notify,
     /// Wakes the announcer (completion, new torrent).
     pub announce_now: Notify,
+    /// Wakes the dialer when a tracker gave us peers.
+    pub peers_learned: Notify,
     signal: Arc<VerifiedSignal>,
     next_conn_id: std::sync::atomic::AtomicU64,
 }
@@ -212,6 +214,7 @@ impl Torrent {
             tasks: TaskTracker::new(),
             complete: Notify::new(),
             announce_now: Notify::new(),
+            peers_learned: Notify::new(),
             next_conn_id: 0.into(),
         }))
     }
