@@ -149,12 +149,20 @@ fn main() {
         .to_string();
     let (mut base, mut base_sync, mut ours, mut hwm_leech) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Each measurement starts with no dirty pages left by the previous one, or the kernel's
+    // writeback throttling lands in whichever run comes next.
+    let settle = || {
+        let _ = Command::new("sync").status();
+    };
     for r in 0..runs {
         let dst = d.join(format!("baseline{r}.bin"));
+        settle();
         base.push(baseline(&file, &dst, false).as_secs_f64());
         let _ = std::fs::remove_file(&dst);
+        settle();
         base_sync.push(baseline(&file, &dst, true).as_secs_f64());
         let _ = std::fs::remove_file(&dst);
+        settle();
         let ldir = format!("leecher{r}");
         let leecher = spawn(
             d,
