@@ -422,6 +422,20 @@ mod tests {
     }
 
     #[test]
+    fn it_should_take_back_a_store_left_aside_by_an_interrupted_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = [9u8; 32];
+        {
+            let s = Store::open(dir.path(), true).unwrap();
+            s.commit_progress(&h, &Bitfield::full(5), &rec()).unwrap();
+        }
+        // Interrupted between "store -> store.old" and "copy -> store".
+        std::fs::rename(dir.path().join(STORE_DIR), dir.path().join("store.old")).unwrap();
+        let s = Store::open(dir.path(), false).unwrap();
+        assert!(s.bitfield(&h, 5).unwrap().unwrap().is_complete());
+    }
+
+    #[test]
     fn it_should_refuse_a_directory_that_is_not_a_store() {
         let dir = tempfile::tempdir().unwrap();
         let e = Store::open(dir.path(), false).err().unwrap().to_string();

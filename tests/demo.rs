@@ -68,3 +68,78 @@ fn it_should_play_the_seed_experiments_and_pass_every_check() {
         String::from_utf8_lossy(&ps.stdout)
     );
 }
+
+#[test]
+fn it_should_play_a_scenario_file_with_timed_and_progress_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("s.toml"),
+        r#"
+peers = 2
+size = "8MiB"
+piece_size = "256KiB"
+upload_rate = "2MiB"
+
+[[step]]
+at_secs = 0.5
+action = "kill-peer"
+peer = 2
+
+[[step]]
+at_secs = 1.5
+action = "restart-peer"
+peer = 2
+
+[[step]]
+at_progress = 0.3
+action = "kill-tracker"
+"#,
+    )
+    .unwrap();
+    let out = shoal(
+        d,
+        &[
+            "demo",
+            "--scenario",
+            "s.toml",
+            "--json",
+            "r.json",
+            "--timeout",
+            "100s",
+        ],
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("leecher2 killed") && stdout.contains("leecher2 restarted"),
+        "{stdout}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("r.json")).unwrap()).unwrap();
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["piece_size"], 256 * 1024);
+    assert!(
+        r["bans"].as_array().unwrap().is_empty(),
+        "no saboteur in this scenario"
+    );
+    assert!(r["tracker_failovers"].as_u64().unwrap() >= 1);
+    // A scenario that names a peer that does not exist is refused up front.
+    std::fs::write(
+        d.join("bad.toml"),
+        "peers = 1\nsize = \"1MiB\"\npiece_size = \"256KiB\"\n[[step]]\nat_secs = 1\naction = \"kill-peer\"\npeer = 3\n",
+    )
+    .unwrap();
+    let out = shoal(
+        d,
+        &["demo", "--scenario", "bad.toml"],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs `peer` from 1 to 1"));
+}
