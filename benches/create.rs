@@ -10,14 +10,8 @@ mod common;
 use std::process::Command;
 
 fn main() {
-    let mib: u64 = std::env::var("SHOAL_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let runs: usize = std::env::var("SHOAL_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let mib = common::env_or("SHOAL_BENCH_MIB", 1024);
+    let runs = common::env_or("SHOAL_BENCH_RUNS", 5) as usize;
     let dir = common::bench_dir();
     let file = dir.path().join("data.bin");
     common::random_file(&file, mib << 20);

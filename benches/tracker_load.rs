@@ -16,23 +16,16 @@ use std::time::{Duration, Instant};
 use shoal_tracker::client::TrackerClient;
 use shoal_tracker::proto::{Announce, Event, Request, Response};
 
-fn env_or(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
 fn main() {
-    let clients = env_or("SHOAL_BENCH_CLIENTS", 1000);
+    let clients = common::env_or("SHOAL_BENCH_CLIENTS", 1000);
     // Live peers; each client announces for peers/clients of them in turn.
-    let peers = env_or("SHOAL_BENCH_PEERS", 1000).max(clients);
-    let secs = env_or("SHOAL_BENCH_SECS", 10);
-    let files = env_or("SHOAL_BENCH_FILES", 50);
+    let peers = common::env_or("SHOAL_BENCH_PEERS", 1000).max(clients);
+    let secs = common::env_or("SHOAL_BENCH_SECS", 10);
+    let files = common::env_or("SHOAL_BENCH_FILES", 50);
     let numwant = std::env::var("SHOAL_BENCH_NUMWANT")
         .ok()
         .and_then(|v| v.parse::<u32>().ok());
-    let depth = env_or("SHOAL_BENCH_DEPTH", 1) as usize;
+    let depth = common::env_or("SHOAL_BENCH_DEPTH", 1) as usize;
     let dir = common::bench_dir();
     let db = dir.path().join("tracker.db");
     let mut child = Command::new(common::shoal_bin())

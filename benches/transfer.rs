@@ -14,13 +14,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn env_or(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
 /// Baseline: stream `src` over one loopback TCP connection into `dst`.
 fn baseline(src: &Path, dst: &Path, sync: bool) -> Duration {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -116,8 +109,8 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    let mib = env_or("SHOAL_BENCH_MIB", 1024);
-    let runs = env_or("SHOAL_BENCH_RUNS", 3);
+    let mib = common::env_or("SHOAL_BENCH_MIB", 1024);
+    let runs = common::env_or("SHOAL_BENCH_RUNS", 3);
     let dir = common::bench_dir();
     let d = dir.path();
     let file = d.join("file.bin");

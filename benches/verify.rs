@@ -10,14 +10,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 fn main() {
-    let mib: u64 = std::env::var("SHOAL_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let runs: usize = std::env::var("SHOAL_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let mib = common::env_or("SHOAL_BENCH_MIB", 1024);
+    let runs = common::env_or("SHOAL_BENCH_RUNS", 5) as usize;
     let tools = std::path::Path::new(common::shoal_bin()).with_file_name("shoal-tools");
     assert!(
         tools.exists(),

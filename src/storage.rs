@@ -247,10 +247,6 @@ impl Storage {
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
-
-    pub fn length(&self) -> u64 {
-        self.length
-    }
 }
 
 /// Reserve the file's blocks up front. Writing through a map into a sparse file on a full disk

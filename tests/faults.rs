@@ -262,30 +262,7 @@ fn it_should_ban_a_saboteur_among_three_seeders_after_the_threshold() {
     publish(d, &s2, "file.bin");
     publish(d, &bad, "file.bin");
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    let out = shoal(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            leecher.data_dir.to_str().unwrap(),
-            "--output",
-            "out",
-            "--wait",
-            "--timeout",
-            "100s",
-        ],
-        T,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        sha256sum(&d.join("out/file.bin")),
-        sha256sum(&d.join("file.bin"))
-    );
+    fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
     let tor = torrent(d, &leecher);
     let saboteur = tor["peers"]
         .as_array()
@@ -321,21 +298,7 @@ fn it_should_take_most_pieces_from_the_fast_seeder() {
     let (_, desc) = publish(d, &fast, "file.bin");
     publish(d, &slow, "file.bin");
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    let out = shoal(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            leecher.data_dir.to_str().unwrap(),
-            "--output",
-            "out",
-            "--wait",
-            "--timeout",
-            "100s",
-        ],
-        T,
-    );
+    let out = get_wait(d, &leecher, &desc, "out");
     assert!(
         out.status.success(),
         "{}",

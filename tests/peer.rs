@@ -143,16 +143,7 @@ fn it_should_fetch_the_descriptor_by_info_hash_and_not_believe_a_forger() {
     let announce_forger = || announce(t.addr, &hash, "forger", faddr.port(), "started", 8, 8);
     announce_forger();
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    let out = get_wait(d, &leecher, &hash, "out");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        sha256sum(&d.join("out/file.bin")),
-        sha256sum(&d.join("file.bin"))
-    );
+    fetch_and_verify(d, &leecher, &hash, "out", "file.bin");
     println!(
         "forger was asked {} times",
         asked.load(std::sync::atomic::Ordering::SeqCst)
@@ -274,12 +265,7 @@ fn it_should_finish_when_the_first_tracker_dies_and_let_late_peers_find_the_swar
     );
     // A peer that joins now knows both trackers, the first one dead.
     let late = start_peer(d, "late", &[t1.addr, t2.addr], &[]);
-    let out = get_wait(d, &late, &hash, "out2");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fetch_and_verify(d, &late, &hash, "out2", "file.bin");
     let out = shoal_ok(
         d,
         &[
@@ -296,9 +282,10 @@ fn it_should_finish_when_the_first_tracker_dies_and_let_late_peers_find_the_swar
         T,
     );
     assert!(out.contains("complete and verified"));
-    let want = sha256sum(&d.join("file.bin"));
-    assert_eq!(sha256sum(&d.join("out1/file.bin")), want);
-    assert_eq!(sha256sum(&d.join("out2/file.bin")), want);
+    assert_eq!(
+        sha256sum(&d.join("out1/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
     let st = status(d, &late.data_dir);
     let trackers = st["trackers"].as_array().unwrap();
     let dead = trackers
@@ -324,16 +311,7 @@ fn it_should_refetch_a_corrupt_piece_from_another_peer() {
     let (_, desc) = publish(d, &good, "file.bin");
     publish(d, &bad, "file.bin");
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    let out = get_wait(d, &leecher, &desc, "out");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        sha256sum(&d.join("out/file.bin")),
-        sha256sum(&d.join("file.bin"))
-    );
+    fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
     let tor = torrent(d, &leecher);
     let rejected = tor["rejected_pieces"].as_u64().unwrap();
     let from_bad = tor["peers"]
@@ -402,16 +380,7 @@ fn it_should_drop_a_misbehaving_peer_and_go_on_serving() {
         "the seeder died"
     );
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    let out = get_wait(d, &leecher, &desc, "out");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        sha256sum(&d.join("out/file.bin")),
-        sha256sum(&d.join("file.bin"))
-    );
+    fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
     // A clean stop (SIGTERM) says `stopped` to the tracker.
     assert_eq!(
         seeder

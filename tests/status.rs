@@ -30,26 +30,7 @@ fn it_should_answer_sql_consistent_with_status_and_refuse_writes() {
     random_file(&d.join("file.bin"), 32 << 20);
     let t = start_tracker(d, "t", &["--interval", "1s"]);
     let seeder = start_peer(d, "seeder", &[t.addr], &["--sabotage", "delay=50ms"]);
-    let out = shoal_ok(
-        d,
-        &[
-            "publish",
-            "file.bin",
-            "--data-dir",
-            seeder.data_dir.to_str().unwrap(),
-        ],
-        T,
-    );
-    let hash = out
-        .lines()
-        .find_map(|l| l.strip_prefix("info hash: "))
-        .unwrap()
-        .to_string();
-    let desc = out
-        .lines()
-        .find_map(|l| l.strip_prefix("descriptor: "))
-        .unwrap()
-        .to_string();
+    let (hash, desc) = publish(d, &seeder, "file.bin");
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let dd = leecher.data_dir.clone();
     shoal_ok(

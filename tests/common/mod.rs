@@ -401,3 +401,18 @@ pub fn get_wait(dir: &Path, peer: &PeerProc, what: &str, out_dir: &str) -> Outpu
 pub fn torrent(dir: &Path, peer: &PeerProc) -> serde_json::Value {
     status(dir, &peer.data_dir)["torrents"][0].clone()
 }
+
+/// `shoal get WHAT --wait` into `out_dir`, then check the result is byte-identical to
+/// `original` (a file in `dir` with the same name the download gets).
+pub fn fetch_and_verify(dir: &Path, peer: &PeerProc, what: &str, out_dir: &str, original: &str) {
+    let out = get_wait(dir, peer, what, out_dir);
+    assert!(
+        out.status.success(),
+        "get {what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256sum(&dir.join(out_dir).join(original)),
+        sha256sum(&dir.join(original))
+    );
+}

@@ -43,21 +43,7 @@ fn it_should_find_bad_and_missing_pieces_repair_the_store_and_refetch_only_those
     let (_, desc) = publish(d, &seeder, "file.bin");
     let mut leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let dd = leecher.data_dir.clone();
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            dd.to_str().unwrap(),
-            "--output",
-            "out",
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-        T,
-    );
+    fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
     // The tools refuse while the daemon runs.
     for cmd in ["inspect", "verify"] {
         let (ok, _, err) = tools(&[cmd, dd.to_str().unwrap()]);
@@ -102,22 +88,7 @@ fn it_should_find_bad_and_missing_pieces_repair_the_store_and_refetch_only_those
     // Restarted, the daemon fetches exactly the three pieces again.
     let before = uploaded(d, &seeder);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            dd.to_str().unwrap(),
-            "--output",
-            "out",
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-        T,
-    );
-    assert_eq!(sha256sum(&f), sha256sum(&d.join("file.bin")));
+    fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
     let refetched = uploaded(d, &seeder) - before;
     assert_eq!(
         refetched,

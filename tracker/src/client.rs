@@ -97,10 +97,6 @@ impl TrackerClient {
         })
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// Send one request and read its reply. An `ERROR` reply becomes [`ClientError::Refused`].
     ///
     /// # Errors

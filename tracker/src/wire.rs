@@ -417,10 +417,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.feed(header, payload).await?;
         self.flush().await
     }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        self.inner.get_mut()
-    }
 }
 
 #[cfg(test)]
