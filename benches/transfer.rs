@@ -50,6 +50,40 @@ fn baseline(src: &Path, dst: &Path, sync: bool) -> Duration {
     t.elapsed()
 }
 
+/// CPU seconds this process has used (all threads).
+fn self_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(ru.ru_utime) + s(ru.ru_stime)
+}
+
+/// CPU seconds a child process has used so far.
+fn proc_cpu(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU seconds of one SHA-256 pass over `bytes` from a cache-hot buffer: the least any
+/// verifier pays per pass (shoal makes two: per piece, and whole file).
+fn sha_pass_cpu(bytes: u64) -> f64 {
+    use sha2::{Digest, Sha256};
+    let buf = vec![0x5au8; 1 << 20];
+    let c = self_cpu();
+    let mut h = Sha256::new();
+    for _ in 0..bytes / buf.len() as u64 {
+        h.update(&buf);
+    }
+    std::hint::black_box(h.finalize());
+    self_cpu() - c
+}
+
 struct Daemon {
     child: Child,
     line: String,
@@ -142,6 +176,7 @@ fn main() {
         .to_string();
     let (mut base, mut base_sync, mut ours, mut hwm_leech) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut base_cpu, mut leech_cpu, mut seed_cpu) = (Vec::new(), Vec::new(), Vec::new());
     // Each measurement starts with no dirty pages left by the previous one, or the kernel's
     // writeback throttling lands in whichever run comes next.
     let settle = || {
@@ -150,7 +185,9 @@ fn main() {
     for r in 0..runs {
         let dst = d.join(format!("baseline{r}.bin"));
         settle();
+        let c = self_cpu();
         base.push(baseline(&file, &dst, false).as_secs_f64());
+        base_cpu.push(self_cpu() - c);
         let _ = std::fs::remove_file(&dst);
         settle();
         base_sync.push(baseline(&file, &dst, true).as_secs_f64());
@@ -170,6 +207,7 @@ fn main() {
                 &taddr,
             ],
         );
+        let seed_c = proc_cpu(seeder.child.id());
         let t = Instant::now();
         shoal(
             d,
@@ -201,6 +239,9 @@ fn main() {
             std::thread::sleep(Duration::from_millis(20));
         };
         ours.push((done - added) as f64 / 1000.0);
+        // Status polls cost both daemons a little; small against a transfer.
+        leech_cpu.push(proc_cpu(leecher.child.id()));
+        seed_cpu.push(proc_cpu(seeder.child.id()) - seed_c);
         hwm_leech.push(vm_hwm_kib(leecher.child.id()));
         let _ = std::fs::remove_dir_all(d.join(format!("out{r}")));
     }
@@ -220,6 +261,20 @@ fn main() {
         "  ratio shoal/baseline: {:.2}  shoal/baseline+fdatasync: {:.2}  (target <= 1.5)",
         o / b,
         o / bs
+    );
+    let sha = sha_pass_cpu(mib << 20);
+    let (bc, lc, sc) = (
+        common::median(base_cpu),
+        common::median(leech_cpu),
+        common::median(seed_cpu),
+    );
+    println!(
+        "  CPU seconds (medians): baseline {bc:.2} (sender + receiver)  shoal leecher {lc:.2} + seeder {sc:.2}  one SHA-256 pass, hot: {sha:.2}"
+    );
+    println!(
+        "  CPU lower bound for shoal on {} cores: (baseline + 2 SHA passes) / cores = {:.2} s",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        (bc + 2.0 * sha) / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
     );
     println!("  peak RSS (VmHWM): seeder {} MiB (after serving all runs), leecher {:?} MiB  (target < 128 MiB)",
         hwm_seed / 1024, hwm_leech.iter().map(|k| k / 1024).collect::<Vec<_>>());

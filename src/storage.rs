@@ -3,7 +3,8 @@
 //! A data file is mapped once, whole (address space is cheap on 64-bit), and pieces are
 //! copied in and out of the map. Resident memory stays bounded whatever the file size: after a
 //! piece is written or served, its range is dropped from this process with
-//! `madvise(MADV_DONTNEED)`. On a shared file mapping that only unmaps the pages: dirty data
+//! `madvise(MADV_DONTNEED)` (a written piece that the in-order whole-file hash reaches within
+//! `HOLD_BYTES` is dropped by that reader instead, once it has read it). On a shared file mapping that only unmaps the pages: dirty data
 //! stays in the page cache (the kernel carries the dirty bit over) and reaches the disk with
 //! the next [`Storage::sync`] or writeback. libtorrent 2.0 users saw a whole file counted as
 //! resident; this is the remedy.
@@ -18,6 +19,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
@@ -34,9 +36,15 @@ pub fn map_read_only(file: &File) -> io::Result<Mmap> {
     Ok(map)
 }
 
+/// How far ahead of the in-order reader written pieces stay mapped.
+const HOLD_BYTES: u64 = 32 << 20;
+
 pub struct Storage {
     file: File,
     map: MmapRaw,
+    /// The next piece an in-order reader (the whole-file hash) will read, or `u32::MAX` when
+    /// there is none. See [`Storage::write_piece`].
+    reader_at: AtomicU32,
     length: u64,
     piece_length: u32,
 }
@@ -143,16 +151,10 @@ impl Storage {
             opts.map_raw(&file)
         }
         .map_err(io)?;
-        if mode != OpenMode::ExistingReadOnly {
-            // Writes fault pages in; with the default read-ahead each fault on a sparse file
-            // zero-fills a large window around it, over and over (perf showed 39% of a download's
-            // CPU in that memset). Pieces are written whole, so read-ahead only costs here.
-            // SAFETY: advice on our own mapping.
-            unsafe { advise(map.as_ptr(), length as usize, libc::MADV_RANDOM) };
-        }
         Ok(Storage {
             file,
             map,
+            reader_at: AtomicU32::new(u32::MAX),
             length,
             piece_length,
         })
@@ -191,16 +193,30 @@ impl Storage {
         // pieces to write: the daemon only writes torrents it is downloading), and per the
         // module doc nobody reads a piece while it is being written.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.map.as_mut_ptr().add(start),
-                data.len(),
-            );
+            let dst = self.map.as_mut_ptr().add(start);
+            // Fault the whole range in with one call instead of one trap per page: measured
+            // 0.65 s -> 0.49 s of CPU per GiB written (with default read-ahead, which zero-fills
+            // the page cache in larger batches than MADV_RANDOM's page at a time).
+            advise(dst, data.len(), libc::MADV_POPULATE_WRITE);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
         }
-        self.release(index);
+        // A piece the in-order reader will reach soon stays mapped for it, which saves faulting
+        // it back in; it releases the pages itself. Anything further ahead is released now, so
+        // the resident set stays bounded by HOLD_BYTES.
+        let next = self.reader_at.load(Ordering::Acquire);
+        let hold = (HOLD_BYTES / u64::from(self.piece_length)).max(1);
+        if u64::from(index) < u64::from(next) || u64::from(index) >= u64::from(next) + hold {
+            self.release(index);
+        }
     }
 
-    /// Drop piece `index`'s pages from this process's resident set; the page cache keeps them.
+    /// Tell [`Storage::write_piece`] which piece an in-order reader reads next (`None`: no
+    /// reader). The reader must [`Storage::release`] every piece it reads.
+    pub fn set_reader_at(&self, next: Option<u32>) {
+        self.reader_at
+            .store(next.unwrap_or(u32::MAX), Ordering::Release);
+    }
+
     pub fn release(&self, index: u32) {
         let (start, end) = self.range(index);
         // SAFETY: the range is inside our shared file mapping (checked by `range`).

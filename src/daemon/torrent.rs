@@ -600,7 +600,16 @@ fn spot_check(storage: &Storage, meta: &Metainfo, bits: &Bitfield) -> Option<u32
 fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> Option<Hash> {
     let mut h = Sha256::new();
     let mut bounce = crate::hashing::bounce_buffer();
+    // Pieces written shortly ahead of us stay mapped until we have read them.
+    struct Reader<'a>(&'a Storage);
+    impl Drop for Reader<'_> {
+        fn drop(&mut self) {
+            self.0.set_reader_at(None);
+        }
+    }
+    let reader = Reader(storage);
     for i in 0..meta.piece_count() {
+        reader.0.set_reader_at(Some(i));
         let mut bits = signal.bits.lock().expect("signal lock");
         while !bits.get(i) {
             if signal.stop.load(Ordering::Relaxed) {

@@ -278,7 +278,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Read the next frame. `Ok(None)` is a clean close between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        self.read_frame_with(|len| Ok(vec![0u8; len])).await
+        self.read_frame_with(|len| Ok(Vec::with_capacity(len)))
+            .await
     }
 
     /// Read the next frame, taking the payload buffer from `alloc` (called with a length already
@@ -311,8 +312,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Bytes::new()
             } else {
                 let mut buf = alloc(payload_len)?;
-                buf.resize(payload_len, 0);
-                read_exact(inner, &mut buf, "payload").await?;
+                buf.clear();
+                buf.reserve_exact(payload_len);
+                read_payload(inner, &mut buf, payload_len).await?;
                 Bytes::from(buf)
             };
             Ok(Some(Frame {
@@ -323,6 +325,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         })
         .await
     }
+}
+
+/// Read exactly `len` bytes onto the end of `buf` (whose capacity is reserved), straight into
+/// its spare capacity: zero-filling a payload buffer first cost a memset per byte received.
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> Result<(), FrameError> {
+    use bytes::BufMut;
+    while buf.len() < len {
+        let want = len - buf.len();
+        if r.read_buf(&mut (&mut *buf).limit(want)).await? == 0 {
+            return Err(FrameError::UnexpectedEof { context: "payload" });
+        }
+    }
+    Ok(())
 }
 
 async fn read_exact<R: AsyncRead + Unpin>(
