@@ -3,8 +3,7 @@
 //! A data file is mapped once, whole (address space is cheap on 64-bit), and pieces are
 //! copied in and out of the map. Resident memory stays bounded whatever the file size: after a
 //! piece is written or served, its range is dropped from this process with
-//! `madvise(MADV_DONTNEED)` (a written piece that the in-order whole-file hash reaches within
-//! `HOLD_BYTES` is dropped by that reader instead, once it has read it). On a shared file mapping that only unmaps the pages: dirty data
+//! `madvise(MADV_DONTNEED)`. On a shared file mapping that only unmaps the pages: dirty data
 //! stays in the page cache (the kernel carries the dirty bit over) and reaches the disk with
 //! the next [`Storage::sync`] or writeback. libtorrent 2.0 users saw a whole file counted as
 //! resident; this is the remedy.
@@ -19,7 +18,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
@@ -36,15 +34,9 @@ pub fn map_read_only(file: &File) -> io::Result<Mmap> {
     Ok(map)
 }
 
-/// How far ahead of the in-order reader written pieces stay mapped.
-const HOLD_BYTES: u64 = 32 << 20;
-
 pub struct Storage {
     file: File,
     map: MmapRaw,
-    /// The next piece an in-order reader (the whole-file hash) will read, or `u32::MAX` when
-    /// there is none. See [`Storage::write_piece`].
-    reader_at: AtomicU32,
     length: u64,
     piece_length: u32,
 }
@@ -154,7 +146,6 @@ impl Storage {
         Ok(Storage {
             file,
             map,
-            reader_at: AtomicU32::new(u32::MAX),
             length,
             piece_length,
         })
@@ -200,21 +191,7 @@ impl Storage {
             advise(dst, data.len(), libc::MADV_POPULATE_WRITE);
             std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
         }
-        // A piece the in-order reader will reach soon stays mapped for it, which saves faulting
-        // it back in; it releases the pages itself. Anything further ahead is released now, so
-        // the resident set stays bounded by HOLD_BYTES.
-        let next = self.reader_at.load(Ordering::Acquire);
-        let hold = (HOLD_BYTES / u64::from(self.piece_length)).max(1);
-        if u64::from(index) < u64::from(next) || u64::from(index) >= u64::from(next) + hold {
-            self.release(index);
-        }
-    }
-
-    /// Tell [`Storage::write_piece`] which piece an in-order reader reads next (`None`: no
-    /// reader). The reader must [`Storage::release`] every piece it reads.
-    pub fn set_reader_at(&self, next: Option<u32>) {
-        self.reader_at
-            .store(next.unwrap_or(u32::MAX), Ordering::Release);
+        self.release(index);
     }
 
     pub fn release(&self, index: u32) {
@@ -262,6 +239,27 @@ impl Storage {
     /// The kernel reports a write-back failure (disk full, I/O error).
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// Start writing pieces `[from, to)` back to the disk without waiting for it, so that the
+    /// next [`Storage::sync`] has less to do. Purely a hint: a failure only costs speed, and
+    /// [`Storage::sync`] is still what makes data durable.
+    pub fn start_writeback(&self, from: u32, to: u32) {
+        use std::os::fd::AsRawFd;
+        if from >= to {
+            return;
+        }
+        let start = u64::from(from) * u64::from(self.piece_length);
+        let end = (u64::from(to) * u64::from(self.piece_length)).min(self.length);
+        // SAFETY: a plain syscall on our own descriptor.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                start as libc::off64_t,
+                (end - start) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
     }
 }
 
