@@ -143,6 +143,11 @@ impl Storage {
             opts.map_raw(&file)
         }
         .map_err(io)?;
+        // Writable maps keep the default read-ahead: a write fault then zero-fills a batch of
+        // neighbouring pages at once, which the picker's order (random within a window of
+        // equally rare pieces) soon overwrites. Measured on 1 GiB downloads, leecher CPU 2.42 s
+        // against 2.58 s with MADV_RANDOM. In strictly sequential order read-ahead would grow
+        // into large folios and cost 2-3x more, but the picker never writes that way.
         Ok(Storage {
             file,
             map,
@@ -185,9 +190,7 @@ impl Storage {
         // module doc nobody reads a piece while it is being written.
         unsafe {
             let dst = self.map.as_mut_ptr().add(start);
-            // Fault the whole range in with one call instead of one trap per page: measured
-            // 0.65 s -> 0.49 s of CPU per GiB written (with default read-ahead, which zero-fills
-            // the page cache in larger batches than MADV_RANDOM's page at a time).
+            // Fault the whole range in with one call instead of one trap per page.
             advise(dst, data.len(), libc::MADV_POPULATE_WRITE);
             std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
         }
@@ -246,11 +249,11 @@ impl Storage {
     /// [`Storage::sync`] is still what makes data durable.
     pub fn start_writeback(&self, from: u32, to: u32) {
         use std::os::fd::AsRawFd;
-        if from >= to {
+        let start = (u64::from(from) * u64::from(self.piece_length)).min(self.length);
+        let end = (u64::from(to) * u64::from(self.piece_length)).min(self.length);
+        if start >= end {
             return;
         }
-        let start = u64::from(from) * u64::from(self.piece_length);
-        let end = (u64::from(to) * u64::from(self.piece_length)).min(self.length);
         // SAFETY: a plain syscall on our own descriptor.
         unsafe {
             libc::sync_file_range(
@@ -346,5 +349,25 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, StorageError::TooShort { .. }));
+    }
+
+    #[test]
+    fn it_should_keep_every_byte_when_writeback_starts_early_over_a_short_last_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.part");
+        let (len, pl) = (5 * 65536 + 1234, 65536u32);
+        let s = Storage::open(&path, len, pl, OpenMode::CreateOrReuse).unwrap();
+        let expected: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        for (i, chunk) in expected.chunks(pl as usize).enumerate().rev() {
+            s.write_piece(i as u32, chunk);
+            // Ranges past the end and empty ranges are clamped, not errors.
+            s.start_writeback(i as u32, 6);
+        }
+        s.start_writeback(3, 3);
+        s.start_writeback(7, 9);
+        s.start_writeback(4, 2);
+        s.sync().unwrap();
+        drop(s);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
     }
 }
