@@ -641,7 +641,7 @@ impl Session {
         let remote = self.remote.clone();
         let threshold = self.d.cfg.ban_threshold;
         let ban = self.d.cfg.ban_duration;
-        let job = tokio::task::spawn_blocking(move || {
+        let job = self.d.verifiers.run(move || {
             // Hash before writing: a bad piece never touches the file.
             let ok = <Hash>::from(Sha256::digest(&payload)) == t.meta.pieces[index as usize];
             let mut banned = false;

@@ -14,6 +14,7 @@
 pub mod announce;
 pub mod conn;
 pub mod torrent;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -54,6 +55,8 @@ pub struct Daemon {
     pub torrents: Mutex<HashMap<Hash, Arc<Torrent>>>,
     pub conn_limit: Arc<Semaphore>,
     pub verify_limit: Arc<Semaphore>,
+    /// Where pieces are hashed and written.
+    pub verifiers: workers::Workers,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
     pub sabotage: Sabotage,
@@ -163,6 +166,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     let d = Arc::new(Daemon {
         conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
         verify_limit: Arc::new(Semaphore::new(cfg.max_pieces_verifying)),
+        verifiers: workers::Workers::per_core("shoal-verify"),
         cfg,
         data_dir: data_dir.clone(),
         store,
