@@ -36,11 +36,12 @@ impl Workers {
         Workers { shared }
     }
 
-    /// One thread per core the process may use.
+    /// One thread per core the process may use (at most 16: past that, a download is
+    /// network-bound long before it is hash-bound).
     pub fn per_core(name: &str) -> Workers {
         Workers::new(
             name,
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
+            std::thread::available_parallelism().map_or(2, |n| n.get().min(16)),
         )
     }
 
