@@ -242,3 +242,27 @@ fn it_should_bound_open_connections() {
         "PEERS"
     );
 }
+
+#[test]
+fn it_should_use_the_source_address_unless_told_to_trust_the_announced_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ask = |t: std::net::SocketAddr| {
+        tracker_call(
+            t,
+            json!({"type":"ANNOUNCE","info_hash":H,"peer_id":"claims","port":7001,"event":"started",
+                "have":0,"total":10,"name":"file.bin","length":10240,"addr":"127.0.0.9"}),
+        );
+        let peers = announce(t, H, "asker", 7002, "started", 0, 10)["peers"].clone();
+        let p = &peers.as_array().unwrap()[0];
+        assert_eq!(p["peer_id"], "claims");
+        p["addr"].as_str().unwrap().to_string()
+    };
+    // By default a peer cannot point the swarm at another address: the socket's source wins.
+    let t = start_tracker(dir.path(), "default", &[]);
+    assert_eq!(ask(t.addr), "127.0.0.1");
+    // On an overlay network the operator can believe what peers announce.
+    let cfg = dir.path().join("trust.toml");
+    std::fs::write(&cfg, "[tracker]\ntrust_announced_addr = true\n").unwrap();
+    let t = start_tracker(dir.path(), "trusting", &["--config", cfg.to_str().unwrap()]);
+    assert_eq!(ask(t.addr), "127.0.0.9");
+}
