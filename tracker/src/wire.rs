@@ -549,14 +549,16 @@ mod tests {
 
     #[tokio::test]
     async fn it_should_write_what_it_reads() {
-        let (client, server) = tokio::io::duplex(1 << 16);
+        // A small pipe: the payload arrives in many odd-sized reads.
+        let (client, server) = tokio::io::duplex(997);
         let mut w = FrameWriter::new(client, Duration::from_secs(1));
         let t = Timeouts {
             idle: Duration::from_secs(1),
             read: Duration::from_secs(1),
         };
         let mut r = FrameReader::new(server, Limits::default(), t);
-        let payload = vec![7u8; 100_000];
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = payload.clone();
         let writer = tokio::spawn(async move {
             w.send(
                 &json!({"type":"PIECE","index":1,"len":payload.len()}),
@@ -568,9 +570,17 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let f = r.read_frame().await.unwrap().unwrap();
-        assert_eq!(f.payload.len(), 100_000);
-        assert!(f.payload.iter().all(|&b| b == 7));
+        // A recycled buffer with stale bytes in it: the payload replaces them exactly.
+        let f = r
+            .read_frame_with(|len| {
+                let mut v = Vec::with_capacity(len);
+                v.extend_from_slice(&[0xee; 10]);
+                Ok(v)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&f.payload[..], &expected[..]);
         let f = r.read_frame().await.unwrap().unwrap();
         assert_eq!(f.kind(), "HAVE");
         writer.await.unwrap();
