@@ -388,8 +388,14 @@ async fn session(
     let (in_tx, mut in_rx) = mpsc::channel(2);
     let (verify_tx, mut verify_rx) = mpsc::channel(64);
     let reader_task = tokio::spawn(async move {
+        let mut h = Sha256::new();
         loop {
-            let r = reader.read_frame().await;
+            // Every payload is hashed as it arrives, while hot in this core's cache; only a
+            // PIECE's digest is used, and the other payloads are small.
+            let r = reader
+                .read_frame_observing(|len| Ok(Vec::with_capacity(len)), |b| h.update(b))
+                .await
+                .map(|f| f.map(|f| (f, Hash::from(h.finalize_reset()))));
             let end = !matches!(r, Ok(Some(_)));
             if in_tx.send(r).await.is_err() || end {
                 break;
@@ -441,7 +447,7 @@ async fn session(
                     debug!(cause = %e, "read failed");
                     break if e.is_protocol_violation() { End::Tell(e.to_string()) } else { End::Quiet };
                 }
-                Some(Ok(Some(frame))) => s.on_frame(frame, n).await,
+                Some(Ok(Some((frame, digest)))) => s.on_frame(frame, digest, n).await,
             },
             ev = events.recv() => s.on_event(ev).await,
             Some(v) = verify_rx.recv() => s.on_verified(v),
@@ -504,7 +510,8 @@ impl Session {
         Ok(())
     }
 
-    async fn on_frame(&mut self, frame: Frame, n: u32) -> Result<(), End> {
+    /// `digest` is the SHA-256 of `frame`'s payload.
+    async fn on_frame(&mut self, frame: Frame, digest: Hash, n: u32) -> Result<(), End> {
         let msg = match frame.parse::<PeerMsg>() {
             Ok(m) => m,
             Err(e) => return Err(End::Tell(format!("bad {} message: {e}", frame.kind()))),
@@ -580,7 +587,7 @@ impl Session {
                         frame.payload.len()
                     )));
                 }
-                self.on_piece(index, frame.payload).await?;
+                self.on_piece(index, frame.payload, digest).await?;
             }
             PeerMsg::Reject { index, reason } => {
                 self.check_index(index, n)?;
@@ -610,7 +617,7 @@ impl Session {
         Ok(())
     }
 
-    async fn on_piece(&mut self, index: u32, payload: Bytes) -> Result<(), End> {
+    async fn on_piece(&mut self, index: u32, payload: Bytes, digest: Hash) -> Result<(), End> {
         let Some(sent_at) = self.requested.remove(&index) else {
             // Not (or no longer) requested: a reply racing our CANCEL. Harmless.
             return Ok(());
@@ -642,8 +649,8 @@ impl Session {
         let threshold = self.d.cfg.ban_threshold;
         let ban = self.d.cfg.ban_duration;
         let job = self.d.verifiers.run(move || {
-            // Hash before writing: a bad piece never touches the file.
-            let ok = <Hash>::from(Sha256::digest(&payload)) == t.meta.pieces[index as usize];
+            // Checked before writing: a bad piece never touches the file.
+            let ok = digest == t.meta.pieces[index as usize];
             let mut banned = false;
             if ok {
                 t.storage
