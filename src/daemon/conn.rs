@@ -281,13 +281,6 @@ struct Shared {
     cancelled: Mutex<HashSet<u32>>,
 }
 
-/// Result of hashing a received piece.
-struct Verified {
-    index: u32,
-    ok: bool,
-    banned: bool,
-}
-
 fn register(
     d: &Daemon,
     t: &Torrent,
@@ -329,7 +322,6 @@ struct Session {
     remote: String,
     out: mpsc::Sender<Out>,
     shared: Arc<Shared>,
-    verify_tx: mpsc::Sender<Verified>,
     peer_bits: Option<Bitfield>,
     /// What the peer knows we have.
     told: Bitfield,
@@ -386,7 +378,6 @@ async fn session(
     let shared = Arc::new(Shared::default());
     let (out_tx, out_rx) = mpsc::channel(d.cfg.max_uploads_per_peer + 256);
     let (in_tx, mut in_rx) = mpsc::channel(2);
-    let (verify_tx, mut verify_rx) = mpsc::channel(64);
     let reader_task = tokio::spawn(async move {
         let mut h = Sha256::new();
         loop {
@@ -417,7 +408,6 @@ async fn session(
         remote: remote.clone(),
         out: out_tx,
         shared,
-        verify_tx,
         peer_bits: None,
         told: ours.clone(),
         requested: HashMap::new(),
@@ -450,7 +440,6 @@ async fn session(
                 Some(Ok(Some((frame, digest)))) => s.on_frame(frame, digest, n).await,
             },
             ev = events.recv() => s.on_event(ev).await,
-            Some(v) = verify_rx.recv() => s.on_verified(v),
             _ = tick.tick() => s.on_tick(),
         };
         if let Err(end) = step {
@@ -623,75 +612,44 @@ impl Session {
             return Ok(());
         };
         self.consecutive_timeouts = 0;
-        let now = Instant::now();
-        let latency_ms = now.duration_since(sent_at).as_secs_f64() * 1000.0;
+        let latency_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
         self.bytes_since_tick += payload.len() as u64;
-        // A peer earns trust: until it has delivered a good piece, and after any bad one, its
-        // pieces are hashed one at a time before the next frame is read, so a saboteur is
-        // banned after exactly `ban_threshold` corrupt pieces, never more.
-        let on_probation = {
-            let mut st = self.t.lock();
-            if !st.picker.arrive_for_write(index) {
-                return Ok(()); // Endgame: another copy won.
+        if !self.t.lock().picker.arrive_for_write(index) {
+            return Ok(()); // Endgame: another copy won.
+        }
+        // The digest was taken as the bytes arrived, so the verdict is known before the next
+        // frame is handled: a bad piece never touches the file, and a saboteur is banned after
+        // exactly `ban_threshold` corrupt pieces, never more.
+        if digest != self.t.meta.pieces[index as usize] {
+            let cfg = &self.d.cfg;
+            let banned =
+                self.t
+                    .on_hash_failed(index, &self.remote, cfg.ban_threshold, cfg.ban_duration);
+            // Don't take the same piece from the same peer again right away.
+            self.avoid.insert(index);
+            if banned {
+                return Err(End::Tell(format!(
+                    "banned: piece {index} failed its hash and you reached the limit of corrupt pieces"
+                )));
             }
-            st.peers
-                .get(&self.remote)
-                .is_none_or(|p| p.pieces_from == 0 || p.failures > 0)
-        };
-        // Bound the pieces in memory: wait for a hashing slot (the reader keeps at most one
-        // more frame meanwhile).
+            return Ok(());
+        }
+        // Bound the pieces in memory: wait for a write slot (the reader keeps at most one more
+        // frame meanwhile).
         let Ok(permit) = self.d.verify_limit.clone().acquire_owned().await else {
             return Ok(());
         };
         let t = self.t.clone();
-        let tx = self.verify_tx.clone();
         let remote = self.remote.clone();
-        let threshold = self.d.cfg.ban_threshold;
-        let ban = self.d.cfg.ban_duration;
-        let job = self.d.verifiers.run(move || {
-            // Checked before writing: a bad piece never touches the file.
-            let ok = digest == t.meta.pieces[index as usize];
-            let mut banned = false;
-            if ok {
-                t.storage
-                    .as_ref()
-                    .expect("active torrent has storage")
-                    .write_piece(index, &payload);
-                drop(permit);
-                t.on_verified(index, &remote, latency_ms);
-            } else {
-                drop(permit);
-                banned = t.on_hash_failed(index, &remote, threshold, ban);
-            }
-            Verified { index, ok, banned }
+        // Nobody waits for the outcome: the torrent records it and tells every connection.
+        self.d.verifiers.spawn(move || {
+            t.storage
+                .as_ref()
+                .expect("active torrent has storage")
+                .write_piece(index, &payload);
+            drop(permit);
+            t.on_verified(index, &remote, latency_ms);
         });
-        if on_probation {
-            match job.await {
-                Ok(v) => self.on_verified(v),
-                Err(_) => Err(End::Quiet),
-            }
-        } else {
-            tokio::spawn(async move {
-                // The session may be gone; the outcome is already recorded in the torrent.
-                if let Ok(v) = job.await {
-                    let _ = tx.send(v).await;
-                }
-            });
-            Ok(())
-        }
-    }
-
-    fn on_verified(&mut self, v: Verified) -> Result<(), End> {
-        if v.banned {
-            return Err(End::Tell(format!(
-                "banned: piece {} failed its hash and you reached the limit of corrupt pieces",
-                v.index
-            )));
-        }
-        if !v.ok {
-            // Don't take the same piece from the same peer again right away.
-            self.avoid.insert(v.index);
-        }
         Ok(())
     }
 

@@ -55,7 +55,7 @@ pub struct Daemon {
     pub torrents: Mutex<HashMap<Hash, Arc<Torrent>>>,
     pub conn_limit: Arc<Semaphore>,
     pub verify_limit: Arc<Semaphore>,
-    /// Where pieces are hashed and written.
+    /// Where verified pieces are written.
     pub verifiers: workers::Workers,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,

@@ -606,8 +606,7 @@ fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> O
     let mut h = Sha256::new();
     let mut bounce = crate::hashing::bounce_buffer();
     let batch = (WRITEBACK_BATCH_BYTES / meta.piece_length).max(1);
-    let n = meta.piece_count();
-    for i in 0..n {
+    for i in 0..meta.piece_count() {
         let mut bits = signal.bits.lock().expect("signal lock");
         while !bits.get(i) {
             if signal.stop.load(Ordering::Relaxed) {

@@ -1,14 +1,13 @@
-//! A fixed pool of threads for piece verification (hash, then write through the map).
+//! A fixed pool of threads that write verified pieces through the map.
 //!
 //! `tokio::task::spawn_blocking` per piece spawned new threads under load (20 during one 1 GiB
 //! download: each a stack mmap and an arena, taking the process's mmap lock and stalling every
 //! page fault behind it) and its shared queue lock spun in `sched_yield` (1,249 calls in that
-//! download). Piece hashing is CPU-bound, so one thread per core is all it can use.
+//! download). The work is CPU-bound (page faults and copies), so one thread per core is all
+//! it can use.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
-
-use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -37,7 +36,7 @@ impl Workers {
     }
 
     /// One thread per core the process may use (at most 16: past that, a download is
-    /// network-bound long before it is hash-bound).
+    /// network-bound long before writing pieces limits it).
     pub fn per_core(name: &str) -> Workers {
         Workers::new(
             name,
@@ -45,19 +44,14 @@ impl Workers {
         )
     }
 
-    /// Run `f` on a worker. The receiver fails only if `f` panicked.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> oneshot::Receiver<T> {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = tx.send(f()); // The asker may have gone; the work is done either way.
-        });
+    /// Run `f` on a worker thread.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) {
         let (lock, cond) = &*self.shared;
-        lock.lock().expect("worker queue lock").jobs.push_back(job);
+        lock.lock()
+            .expect("worker queue lock")
+            .jobs
+            .push_back(Box::new(f));
         cond.notify_one();
-        rx
     }
 }
 
@@ -84,7 +78,8 @@ fn worker(shared: &(Mutex<Queue>, Condvar)) {
                 q = cond.wait(q).expect("worker queue lock");
             }
         };
-        // A panicking job drops its sender (the asker sees an error); the thread goes on.
+        // A panicking job is lost (its piece is fetched again after a restart); the thread
+        // goes on serving the others.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
     }
 }
@@ -92,26 +87,37 @@ fn worker(shared: &(Mutex<Queue>, Condvar)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
 
-    #[tokio::test]
-    async fn it_should_run_jobs_on_its_threads_and_survive_a_panic() {
+    #[test]
+    fn it_should_run_jobs_on_its_threads_and_survive_a_panic() {
         let w = Workers::new("test-worker", 2);
-        let name = w
-            .run(|| std::thread::current().name().map(str::to_string))
-            .await
-            .unwrap();
-        assert!(name.unwrap().starts_with("test-worker-"));
-        assert!(w.run(|| panic!("boom")).await.is_err());
-        let results: Vec<u64> = futures_join(&w).await;
-        assert_eq!(results, (0..100u64).map(|i| i * i).collect::<Vec<_>>());
-    }
-
-    async fn futures_join(w: &Workers) -> Vec<u64> {
-        let rxs: Vec<_> = (0..100u64).map(|i| w.run(move || i * i)).collect();
-        let mut out = Vec::new();
-        for rx in rxs {
-            out.push(rx.await.unwrap());
+        let (tx, rx) = mpsc::channel();
+        let t = tx.clone();
+        w.spawn(move || {
+            t.send(std::thread::current().name().map(str::to_string))
+                .unwrap()
+        });
+        let name = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(name.starts_with("test-worker-"), "{name}");
+        // A panicking job takes neither thread down: 100 more jobs still run.
+        w.spawn(|| panic!("boom"));
+        w.spawn(|| panic!("boom"));
+        for i in 0..100u64 {
+            let t = tx.clone();
+            w.spawn(move || t.send(Some(i.to_string())).unwrap());
         }
-        out
+        let mut got: Vec<u64> = (0..100)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .unwrap()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
     }
 }
