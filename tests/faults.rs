@@ -130,10 +130,7 @@ fn it_should_resume_after_repeated_sigkill_without_refetching_more_than_a_flush_
 fn it_should_never_claim_a_piece_when_crashing_between_the_data_sync_and_the_store_commit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    random_file(&d.join("file.bin"), 64 << 20);
-    let t = start_tracker(d, "t", &["--interval", "1s"]);
-    let seeder = start_peer(d, "seeder", &[t.addr], &["--sabotage", "delay=20ms"]);
-    let (hash, desc) = publish(d, &seeder, "file.bin");
+    let (t, [_seeder], hash, desc) = seeded(d, 64, [("seeder", &["--sabotage", "delay=20ms"])]);
     // First crash at the very first flush: data synced, bits not yet committed.
     let mut leecher = start_peer_env(
         d,
@@ -253,14 +250,15 @@ fn it_should_restart_a_seeder_without_reading_its_file() {
 fn it_should_ban_a_saboteur_among_three_seeders_after_the_threshold() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    random_file(&d.join("file.bin"), 32 << 20);
-    let t = start_tracker(d, "t", &["--interval", "1s"]);
-    let s1 = start_peer(d, "s1", &[t.addr], &[]);
-    let s2 = start_peer(d, "s2", &[t.addr], &[]);
-    let bad = start_peer(d, "bad", &[t.addr], &["--sabotage", "corrupt=1.0"]);
-    let (_, desc) = publish(d, &s1, "file.bin");
-    publish(d, &s2, "file.bin");
-    publish(d, &bad, "file.bin");
+    let (t, [_s1, _s2, bad], _, desc) = seeded(
+        d,
+        32,
+        [
+            ("s1", &[]),
+            ("s2", &[]),
+            ("bad", &["--sabotage", "corrupt=1.0"]),
+        ],
+    );
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
     let tor = torrent(d, &leecher);
@@ -291,12 +289,11 @@ fn it_should_ban_a_saboteur_among_three_seeders_after_the_threshold() {
 fn it_should_take_most_pieces_from_the_fast_seeder() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    random_file(&d.join("file.bin"), 64 << 20);
-    let t = start_tracker(d, "t", &["--interval", "1s"]);
-    let fast = start_peer(d, "fast", &[t.addr], &[]);
-    let slow = start_peer(d, "slow", &[t.addr], &["--sabotage", "delay=300ms"]);
-    let (_, desc) = publish(d, &fast, "file.bin");
-    publish(d, &slow, "file.bin");
+    let (t, [fast, slow], _, desc) = seeded(
+        d,
+        64,
+        [("fast", &[]), ("slow", &["--sabotage", "delay=300ms"])],
+    );
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let out = get_wait(d, &leecher, &desc, "out");
     assert!(
@@ -403,10 +400,7 @@ fn it_should_refuse_a_download_that_does_not_fit_on_the_disk_without_crashing() 
         return;
     }
     let _disk = SmallDisk(small.clone());
-    random_file(&d.join("file.bin"), 16 << 20);
-    let t = start_tracker(d, "t", &["--interval", "1s"]);
-    let seeder = start_peer(d, "seeder", &[t.addr], &[]);
-    let (_, desc) = publish(d, &seeder, "file.bin");
+    let (t, [_seeder], _, desc) = seeded(d, 16, [("seeder", &[])]);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     shoal_ok(
         d,

@@ -304,12 +304,11 @@ fn it_should_finish_when_the_first_tracker_dies_and_let_late_peers_find_the_swar
 fn it_should_refetch_a_corrupt_piece_from_another_peer() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    random_file(&d.join("file.bin"), 16 << 20);
-    let t = start_tracker(d, "t", &["--interval", "1s"]);
-    let good = start_peer(d, "good", &[t.addr], &[]);
-    let bad = start_peer(d, "bad", &[t.addr], &["--sabotage", "corrupt=1.0"]);
-    let (_, desc) = publish(d, &good, "file.bin");
-    publish(d, &bad, "file.bin");
+    let (t, [_good, bad], _, desc) = seeded(
+        d,
+        16,
+        [("good", &[]), ("bad", &["--sabotage", "corrupt=1.0"])],
+    );
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
     let tor = torrent(d, &leecher);
@@ -341,10 +340,7 @@ fn it_should_refetch_a_corrupt_piece_from_another_peer() {
 fn it_should_drop_a_misbehaving_peer_and_go_on_serving() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    random_file(&d.join("file.bin"), 4 << 20);
-    let t = start_tracker(d, "t", &["--interval", "1s"]);
-    let mut seeder = start_peer(d, "seeder", &[t.addr], &[]);
-    let (hash, desc) = publish(d, &seeder, "file.bin");
+    let (t, [mut seeder], hash, desc) = seeded(d, 4, [("seeder", &[])]);
     let hello = |id: &str| json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id,"port":1});
     let expect_error = |bytes: Vec<u8>| {
         let mut s = std::net::TcpStream::connect(seeder.addr).unwrap();

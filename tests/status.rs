@@ -27,10 +27,7 @@ fn query_ok(d: &Path, dd: &Path, sql: &str) -> Vec<serde_json::Value> {
 fn it_should_answer_sql_consistent_with_status_and_refuse_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    random_file(&d.join("file.bin"), 32 << 20);
-    let t = start_tracker(d, "t", &["--interval", "1s"]);
-    let seeder = start_peer(d, "seeder", &[t.addr], &["--sabotage", "delay=50ms"]);
-    let (hash, desc) = publish(d, &seeder, "file.bin");
+    let (t, [_seeder], hash, desc) = seeded(d, 32, [("seeder", &["--sabotage", "delay=50ms"])]);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let dd = leecher.data_dir.clone();
     shoal_ok(

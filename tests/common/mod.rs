@@ -378,6 +378,27 @@ pub fn publish(dir: &Path, peer: &PeerProc, file: &str) -> (String, String) {
     (hash, desc)
 }
 
+/// The usual start of a transfer test: a random `file.bin` of `mib` MiB, a tracker with a 1 s
+/// heartbeat, and one seeder per `(name, extra args)`, each publishing the file. Returns the
+/// tracker, the seeders, and the info hash and descriptor path (from the first seeder).
+pub fn seeded<const N: usize>(
+    d: &Path,
+    mib: usize,
+    seeders: [(&str, &[&str]); N],
+) -> (TrackerProc, [PeerProc; N], String, String) {
+    random_file(&d.join("file.bin"), mib << 20);
+    let t = start_tracker(d, "t", &["--interval", "1s"]);
+    let peers: Vec<PeerProc> = seeders
+        .iter()
+        .map(|(name, extra)| start_peer(d, name, &[t.addr], extra))
+        .collect();
+    let published: Vec<(String, String)> =
+        peers.iter().map(|p| publish(d, p, "file.bin")).collect();
+    let (hash, desc) = published[0].clone();
+    let peers = peers.try_into().unwrap_or_else(|_| unreachable!("N peers"));
+    (t, peers, hash, desc)
+}
+
 /// `shoal get WHAT --wait` into `out_dir` on a running peer, bounded.
 pub fn get_wait(dir: &Path, peer: &PeerProc, what: &str, out_dir: &str) -> Output {
     shoal(
