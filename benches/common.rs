@@ -1,9 +1,9 @@
 //! Shared helpers of the benchmark programs (not a bench itself).
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn shoal_bin() -> &'static str {
@@ -69,4 +69,54 @@ pub fn bench_dir() -> tempfile::TempDir {
     let base = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-tmp");
     std::fs::create_dir_all(base).unwrap();
     tempfile::tempdir_in(base).unwrap()
+}
+
+/// A `shoal` process started by a bench, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    /// Its first line of output (the one that names its address).
+    pub line: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `shoal ARGS` in `dir` and wait for its first line.
+pub fn spawn(dir: &Path, args: &[&str]) -> Daemon {
+    let mut child = Command::new(shoal_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Daemon { child, line }
+}
+
+/// The socket address in a daemon's first line.
+pub fn addr_of(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.parse::<std::net::SocketAddr>().is_ok())
+        .unwrap()
+        .to_string()
+}
+
+/// CPU seconds a child process has used so far.
+pub fn proc_cpu(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }

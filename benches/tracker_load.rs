@@ -9,8 +9,6 @@
 #[path = "common.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal_tracker::client::TrackerClient;
@@ -28,18 +26,18 @@ fn main() {
     let depth = common::env_or("SHOAL_BENCH_DEPTH", 1) as usize;
     let dir = common::bench_dir();
     let db = dir.path().join("tracker.db");
-    let mut child = Command::new(common::shoal_bin())
-        .args(["tracker", "run", "--listen", "127.0.0.1:0", "--db"])
-        .arg(&db)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: String = line.split_whitespace().last().unwrap().to_string();
+    let tracker = common::spawn(
+        dir.path(),
+        &[
+            "tracker",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+    );
+    let addr = common::addr_of(&tracker.line);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -127,15 +125,7 @@ fn main() {
     );
     // The tracker's own CPU time: the client shares these two cores, so this is the figure
     // that says what the tracker would do with the machine to itself.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    let cpu_s = ticks / 100.0;
+    let cpu_s = common::proc_cpu(tracker.child.id());
     println!(
         "  tracker CPU: {cpu_s:.1} s for {count} announces = {:.1} us each -> {:.0} announces per CPU-second",
         cpu_s * 1e6 / count as f64,
@@ -143,8 +133,7 @@ fn main() {
     );
     // Durability: let one batch interval pass, then kill -9 and read the database.
     std::thread::sleep(Duration::from_millis(200));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(tracker);
     let c = rusqlite::Connection::open(&db).unwrap();
     let (rows, oldest): (i64, i64) = c
         .query_row("SELECT count(*), min(last_seen) FROM peers", [], |r| {

@@ -8,10 +8,10 @@
 #[path = "common.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Baseline: stream `src` over one loopback TCP connection into `dst`.
@@ -57,17 +57,6 @@ fn self_cpu() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     s(ru.ru_utime) + s(ru.ru_stime)
-}
-
-/// CPU seconds a child process has used so far.
-fn proc_cpu(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// CPU seconds of one SHA-256 pass over `bytes` from a cache-hot buffer: the least any
@@ -130,41 +119,6 @@ fn write_cpu(dir: &Path, bytes: u64, mmap: bool) -> f64 {
     cpu
 }
 
-struct Daemon {
-    child: Child,
-    line: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(dir: &Path, args: &[&str]) -> Daemon {
-    let mut child = Command::new(common::shoal_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    Daemon { child, line }
-}
-
-fn addr_of(line: &str) -> String {
-    line.split_whitespace()
-        .find(|w| w.parse::<std::net::SocketAddr>().is_ok())
-        .unwrap()
-        .to_string()
-}
-
 fn shoal(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(common::shoal_bin())
         .args(args)
@@ -196,12 +150,12 @@ fn main() {
     let file = d.join("file.bin");
     common::random_file(&file, mib << 20);
     common::warm(&file);
-    let tracker = spawn(
+    let tracker = common::spawn(
         d,
         &["tracker", "run", "--listen", "127.0.0.1:0", "--db", "t.db"],
     );
-    let taddr = addr_of(&tracker.line);
-    let seeder = spawn(
+    let taddr = common::addr_of(&tracker.line);
+    let seeder = common::spawn(
         d,
         &[
             "peer",
@@ -241,7 +195,7 @@ fn main() {
         let _ = std::fs::remove_file(&dst);
         settle();
         let ldir = format!("leecher{r}");
-        let leecher = spawn(
+        let leecher = common::spawn(
             d,
             &[
                 "peer",
@@ -254,7 +208,7 @@ fn main() {
                 &taddr,
             ],
         );
-        let seed_c = proc_cpu(seeder.child.id());
+        let seed_c = common::proc_cpu(seeder.child.id());
         let t = Instant::now();
         shoal(
             d,
@@ -287,8 +241,8 @@ fn main() {
         };
         ours.push((done - added) as f64 / 1000.0);
         // Status polls cost both daemons a little; small against a transfer.
-        leech_cpu.push(proc_cpu(leecher.child.id()));
-        seed_cpu.push(proc_cpu(seeder.child.id()) - seed_c);
+        leech_cpu.push(common::proc_cpu(leecher.child.id()));
+        seed_cpu.push(common::proc_cpu(seeder.child.id()) - seed_c);
         hwm_leech.push(vm_hwm_kib(leecher.child.id()));
         let _ = std::fs::remove_dir_all(d.join(format!("out{r}")));
     }

@@ -197,6 +197,7 @@ impl Storage {
         self.release(index);
     }
 
+    /// Drop piece `index`'s pages from this process's resident set; the page cache keeps them.
     pub fn release(&self, index: u32) {
         let (start, end) = self.range(index);
         // SAFETY: the range is inside our shared file mapping (checked by `range`).

@@ -384,7 +384,7 @@ async fn session(
             // Every payload is hashed as it arrives, while hot in this core's cache; only a
             // PIECE's digest is used, and the other payloads are small.
             let r = reader
-                .read_frame_observing(|len| Ok(Vec::with_capacity(len)), |b| h.update(b))
+                .read_frame_observing(|b| h.update(b))
                 .await
                 .map(|f| f.map(|f| (f, Hash::from(h.finalize_reset()))));
             let end = !matches!(r, Ok(Some(_)));

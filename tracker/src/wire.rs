@@ -278,25 +278,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Read the next frame. `Ok(None)` is a clean close between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        self.read_frame_with(|len| Ok(Vec::with_capacity(len)))
-            .await
+        self.read_frame_observing(|_| {}).await
     }
 
-    /// Read the next frame, taking the payload buffer from `alloc` (called with a length already
-    /// checked against the limits), so a caller can recycle buffers.
-    pub async fn read_frame_with(
-        &mut self,
-        alloc: impl FnOnce(usize) -> Result<Vec<u8>, FrameError>,
-    ) -> Result<Option<Frame>, FrameError> {
-        self.read_frame_observing(alloc, |_| {}).await
-    }
-
-    /// Like [`FrameReader::read_frame_with`], and hand each run of payload bytes to `observe`
-    /// as soon as it is read, while it is still in this core's cache (a peer hashes pieces
-    /// this way: hashing them later, on another thread, measured 30% slower).
+    /// Like [`FrameReader::read_frame`], and hand each run of payload bytes to `observe` as
+    /// soon as it is read, while it is still in this core's cache (a peer hashes pieces this
+    /// way: hashing them later, on another thread, measured 30% slower).
     pub async fn read_frame_observing(
         &mut self,
-        alloc: impl FnOnce(usize) -> Result<Vec<u8>, FrameError>,
         mut observe: impl FnMut(&[u8]),
     ) -> Result<Option<Frame>, FrameError> {
         let mut prefix = [0u8; LEN_PREFIX_BYTES];
@@ -322,9 +311,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let payload = if payload_len == 0 {
                 Bytes::new()
             } else {
-                let mut buf = alloc(payload_len)?;
-                buf.clear();
-                buf.reserve_exact(payload_len);
+                // The length is checked against the limits above: only now is it allocated.
+                let mut buf = Vec::with_capacity(payload_len);
                 read_payload(inner, &mut buf, payload_len, &mut observe).await?;
                 Bytes::from(buf)
             };
@@ -338,7 +326,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Read exactly `len` bytes onto the end of `buf` (whose capacity is reserved), straight into
+/// Read exactly `len` bytes into the empty `buf` (whose capacity is reserved), straight into
 /// its spare capacity: zero-filling a payload buffer first cost a memset per byte received.
 async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -585,18 +573,10 @@ mod tests {
                 .await
                 .unwrap();
         });
-        // A recycled buffer with stale bytes in it: the payload replaces them exactly, and the
-        // observer sees every payload byte once, in order.
+        // The observer sees every payload byte once, in order.
         let mut seen = Vec::new();
         let f = r
-            .read_frame_observing(
-                |len| {
-                    let mut v = Vec::with_capacity(len);
-                    v.extend_from_slice(&[0xee; 10]);
-                    Ok(v)
-                },
-                |b| seen.extend_from_slice(b),
-            )
+            .read_frame_observing(|b| seen.extend_from_slice(b))
             .await
             .unwrap()
             .unwrap();
