@@ -59,18 +59,7 @@ fn it_should_resume_after_repeated_sigkill_without_refetching_more_than_a_flush_
     );
     let (_, desc) = publish(d, &seeder, "file.bin");
     let mut leecher = start_peer(d, "leecher", &[t.addr], &["--config", &cfg]);
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            leecher.data_dir.to_str().unwrap(),
-            "--output",
-            "out",
-        ],
-        T,
-    );
+    peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
     let part = d.join("out/file.bin.part");
     let mut rng = rand::thread_rng();
     let mut kills = 0;
@@ -139,18 +128,7 @@ fn it_should_never_claim_a_piece_when_crashing_between_the_data_sync_and_the_sto
         &[],
         &[("SHOAL_TEST_CRASH_AT", "between-sync-and-commit")],
     );
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            leecher.data_dir.to_str().unwrap(),
-            "--output",
-            "out",
-        ],
-        T,
-    );
+    peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
     wait_for(Duration::from_secs(30), "the crash point", || {
         leecher.proc.child.try_wait().ok().flatten()
     });
@@ -350,16 +328,7 @@ fn it_should_catch_a_seeded_file_changed_behind_its_back_and_recheck_it() {
     // as a download of the rest.
     changed[..2 << 20].copy_from_slice(&original[..2 << 20]);
     std::fs::write(d.join("file.bin"), &changed).unwrap();
-    let out = shoal_ok(
-        d,
-        &[
-            "recheck",
-            &hash,
-            "--data-dir",
-            seeder.data_dir.to_str().unwrap(),
-        ],
-        T,
-    );
+    let out = peer_ok(d, &seeder.data_dir, &["recheck", &hash], T);
     assert!(out.contains("2 of 4 pieces good"), "{out}");
     let t = torrent(d, &seeder);
     assert_eq!(t["state"], "DOWNLOADING");
@@ -402,16 +371,10 @@ fn it_should_refuse_a_download_that_does_not_fit_on_the_disk_without_crashing() 
     let _disk = SmallDisk(small.clone());
     let (t, [_seeder], _, desc) = seeded(d, 16, [("seeder", &[])]);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    shoal_ok(
+    peer_ok(
         d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            leecher.data_dir.to_str().unwrap(),
-            "--output",
-            small.to_str().unwrap(),
-        ],
+        &leecher.data_dir,
+        &["get", &desc, "--output", small.to_str().unwrap()],
         T,
     );
     let tor = wait_for(Duration::from_secs(20), "the torrent to show", || {

@@ -176,18 +176,7 @@ fn it_should_refuse_a_forged_descriptor_even_when_the_forger_is_the_only_source(
     let (faddr, asked) = forger(hash.clone(), forged);
     announce(t.addr, &hash, "forger", faddr.port(), "started", 1, 1);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &hash,
-            "--data-dir",
-            leecher.data_dir.to_str().unwrap(),
-            "--output",
-            "out",
-        ],
-        T,
-    );
+    peer_ok(d, &leecher.data_dir, &["get", &hash, "--output", "out"], T);
     wait_for(Duration::from_secs(20), "the forger to be asked", || {
         (asked.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
     });
@@ -207,16 +196,7 @@ fn it_should_refuse_a_forged_descriptor_even_when_the_forger_is_the_only_source(
     );
     assert!(!d.join("out/other.bin").exists() && !d.join("out/other.bin.part").exists());
     // The pending download can be removed.
-    let out = shoal_ok(
-        d,
-        &[
-            "remove",
-            &hash,
-            "--data-dir",
-            leecher.data_dir.to_str().unwrap(),
-        ],
-        T,
-    );
+    let out = peer_ok(d, &leecher.data_dir, &["remove", &hash], T);
     assert!(out.contains("removed"), "{out}");
     assert!(status(d, &leecher.data_dir)["torrents"]
         .as_array()
@@ -241,18 +221,7 @@ fn it_should_finish_when_the_first_tracker_dies_and_let_late_peers_find_the_swar
     );
     let (hash, desc) = publish(d, &seeder, "file.bin");
     let l1 = start_peer(d, "l1", &[t1.addr, t2.addr], &[]);
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            l1.data_dir.to_str().unwrap(),
-            "--output",
-            "out1",
-        ],
-        T,
-    );
+    peer_ok(d, &l1.data_dir, &["get", &desc, "--output", "out1"], T);
     wait_for(Duration::from_secs(30), "some progress", || {
         let tor = torrent(d, &l1);
         (tor["have"].as_u64().unwrap_or(0) >= 2).then_some(())
@@ -266,13 +235,12 @@ fn it_should_finish_when_the_first_tracker_dies_and_let_late_peers_find_the_swar
     // A peer that joins now knows both trackers, the first one dead.
     let late = start_peer(d, "late", &[t1.addr, t2.addr], &[]);
     fetch_and_verify(d, &late, &hash, "out2", "file.bin");
-    let out = shoal_ok(
+    let out = peer_ok(
         d,
+        &l1.data_dir,
         &[
             "get",
             &desc,
-            "--data-dir",
-            l1.data_dir.to_str().unwrap(),
             "--output",
             "out1",
             "--wait",

@@ -30,18 +30,7 @@ fn it_should_answer_sql_consistent_with_status_and_refuse_writes() {
     let (t, [_seeder], hash, desc) = seeded(d, 32, [("seeder", &["--sabotage", "delay=50ms"])]);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     let dd = leecher.data_dir.clone();
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            dd.to_str().unwrap(),
-            "--output",
-            "out",
-        ],
-        T,
-    );
+    peer_ok(d, &dd, &["get", &desc, "--output", "out"], T);
     wait_for(Duration::from_secs(30), "some progress", || {
         (status(d, &dd)["torrents"][0]["have"].as_u64().unwrap_or(0) >= 3).then_some(())
     });
@@ -58,7 +47,7 @@ fn it_should_answer_sql_consistent_with_status_and_refuse_writes() {
     assert_eq!(rows[0]["state"], "DOWNLOADING");
     assert!(rows[0]["npeers"].as_u64().unwrap() >= 1);
     // Pause, so status and query see the same state.
-    let paused = shoal_ok(d, &["pause", &hash, "--data-dir", dd.to_str().unwrap()], T);
+    let paused = peer_ok(d, &dd, &["pause", &hash], T);
     assert!(paused.contains("paused"), "{paused}");
     let st = status(d, &dd)["torrents"][0].clone();
     assert_eq!(st["state"], "PAUSED");
@@ -97,14 +86,13 @@ fn it_should_answer_sql_consistent_with_status_and_refuse_writes() {
         have
     );
     // Resume and finish.
-    shoal_ok(d, &["resume", &hash, "--data-dir", dd.to_str().unwrap()], T);
-    let out = shoal_ok(
+    peer_ok(d, &dd, &["resume", &hash], T);
+    let out = peer_ok(
         d,
+        &dd,
         &[
             "get",
             &desc,
-            "--data-dir",
-            dd.to_str().unwrap(),
             "--output",
             "out",
             "--wait",
@@ -115,7 +103,7 @@ fn it_should_answer_sql_consistent_with_status_and_refuse_writes() {
     );
     assert!(out.contains("complete and verified"));
     // Remove keeps the data unless asked.
-    let out = shoal_ok(d, &["remove", &hash, "--data-dir", dd.to_str().unwrap()], T);
+    let out = peer_ok(d, &dd, &["remove", &hash], T);
     assert!(out.contains("data kept"), "{out}");
     assert!(d.join("out/file.bin").exists());
     assert_eq!(status(d, &dd)["torrents"].as_array().unwrap().len(), 0);

@@ -295,11 +295,19 @@ pub fn sha256sum(path: &Path) -> String {
         .to_string()
 }
 
+/// `shoal ARGS --data-dir DATA_DIR` (a command to a running peer), bounded; its stdout.
+pub fn peer_ok(dir: &Path, data_dir: &Path, args: &[&str], timeout: Duration) -> String {
+    let mut all = args.to_vec();
+    all.extend(["--data-dir", data_dir.to_str().unwrap()]);
+    shoal_ok(dir, &all, timeout)
+}
+
 /// `shoal status --json` of a peer.
 pub fn status(dir: &Path, data_dir: &Path) -> serde_json::Value {
-    let out = shoal_ok(
+    let out = peer_ok(
         dir,
-        &["status", "--json", "--data-dir", data_dir.to_str().unwrap()],
+        data_dir,
+        &["status", "--json"],
         Duration::from_secs(20),
     );
     serde_json::from_str(&out).unwrap()
@@ -355,14 +363,10 @@ pub fn announce(
 
 /// `shoal publish FILE` on a running peer; returns (info hash, descriptor path).
 pub fn publish(dir: &Path, peer: &PeerProc, file: &str) -> (String, String) {
-    let out = shoal_ok(
+    let out = peer_ok(
         dir,
-        &[
-            "publish",
-            file,
-            "--data-dir",
-            peer.data_dir.to_str().unwrap(),
-        ],
+        &peer.data_dir,
+        &["publish", file],
         Duration::from_secs(120),
     );
     let hash = out

@@ -119,18 +119,7 @@ fn it_should_rescue_correct_unclaimed_pieces() {
         &["--config", cfg.to_str().unwrap()],
     );
     let dd = leecher.data_dir.clone();
-    shoal_ok(
-        d,
-        &[
-            "get",
-            &desc,
-            "--data-dir",
-            dd.to_str().unwrap(),
-            "--output",
-            "out",
-        ],
-        T,
-    );
+    peer_ok(d, &dd, &["get", &desc, "--output", "out"], T);
     wait_for(Duration::from_secs(30), "some durable progress", || {
         let st = status(d, &dd);
         (st["torrents"][0]["have"].as_u64().unwrap_or(0) >= 3).then_some(())
