@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 
 use crate::bitfield::Bitfield;
 use crate::metainfo::{Hash, Metainfo};
-use crate::storage::Storage;
 
 /// Fits in L2 with room to spare.
 pub const BOUNCE_BYTES: usize = 256 * 1024;
@@ -37,32 +36,40 @@ pub fn bounce_buffer() -> Vec<u8> {
     vec![0u8; BOUNCE_BYTES]
 }
 
-/// Hash every piece of `storage`, on both cores; returns the good pieces.
-pub fn hash_pieces(storage: &Storage, meta: &Metainfo, progress: &AtomicU64) -> Bitfield {
+/// Hash every piece of `data` (a mapped file, which may be shorter than the descriptor says:
+/// pieces past its end count as bad) on every core, up to 8; returns the good pieces.
+/// `progress` is told the bytes hashed so far after each piece.
+pub fn hash_pieces(data: &[u8], meta: &Metainfo, progress: &(dyn Fn(u64) + Sync)) -> Bitfield {
     let n = meta.piece_count();
     let workers = std::thread::available_parallelism()
         .map_or(2, |p| p.get())
-        .clamp(1, 8) as u32;
+        .clamp(1, 8);
     let next = AtomicU32::new(0);
+    let done = AtomicU64::new(0);
     let good = Mutex::new(Bitfield::new(n));
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                let mut bounce = crate::hashing::bounce_buffer();
+                let mut bounce = bounce_buffer();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         break;
                     }
-                    storage.prefetch(i);
-                    let data = storage.piece(i);
-                    let ok =
-                        crate::hashing::sha256_mapped(data, &mut bounce) == meta.pieces[i as usize];
-                    progress.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    storage.release(i);
+                    let start = u64::from(i) * u64::from(meta.piece_length);
+                    let end = start + u64::from(meta.piece_size(i));
+                    if end > data.len() as u64 {
+                        continue;
+                    }
+                    let piece = &data[start as usize..end as usize];
+                    crate::storage::prefetch_mapped(piece);
+                    let ok = sha256_mapped(piece, &mut bounce) == meta.pieces[i as usize];
+                    crate::storage::release_mapped(piece);
                     if ok {
                         good.lock().expect("good lock").set(i);
                     }
+                    let len = piece.len() as u64;
+                    progress(done.fetch_add(len, Ordering::Relaxed) + len);
                 }
             });
         }
@@ -73,6 +80,30 @@ pub fn hash_pieces(storage: &Storage, meta: &Metainfo, progress: &AtomicU64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn it_should_find_good_bad_and_cut_off_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        let pl = crate::metainfo::MIN_PIECE_LENGTH as usize;
+        let data: Vec<u8> = (0..5 * pl + 100).map(|i| (i * 31 % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let meta =
+            crate::metainfo::create(&path, pl as u32, Vec::new(), &Default::default()).unwrap();
+        let mut damaged = data.clone();
+        damaged[pl + 7] ^= 1; // Piece 1 bad.
+        let short = &damaged[..4 * pl + 5]; // Piece 4 cut short, piece 5 gone.
+        let last = std::sync::atomic::AtomicU64::new(0);
+        let good = hash_pieces(short, &meta, &|d| {
+            last.fetch_max(d, Ordering::Relaxed);
+        });
+        assert_eq!(good.ones().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(
+            last.into_inner(),
+            4 * pl as u64,
+            "progress counts the hashed pieces"
+        );
+    }
 
     #[test]
     fn it_should_hash_like_a_plain_digest() {

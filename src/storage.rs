@@ -163,6 +163,13 @@ impl Storage {
         (start as usize, end as usize)
     }
 
+    /// The whole mapped file.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: the map is `length` bytes and lives as long as `self`; per the module doc no
+        // write to a piece happens while it is read.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.length as usize) }
+    }
+
     /// The bytes of piece `index`, in the map.
     ///
     /// # Panics

@@ -652,10 +652,8 @@ pub async fn recheck(d: &Arc<Daemon>, t: &Torrent) -> anyhow::Result<(u32, u32)>
     ) {
         Ok(s) => {
             let m = meta.clone();
-            tokio::task::spawn_blocking(move || {
-                crate::hashing::hash_pieces(&s, &m, &Default::default())
-            })
-            .await?
+            tokio::task::spawn_blocking(move || crate::hashing::hash_pieces(s.data(), &m, &|_| {}))
+                .await?
         }
         Err(e) => {
             warn!(info_hash = %t.hex, cause = %e, "recheck: data unreadable; every piece is missing");

@@ -7,8 +7,6 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -278,8 +276,7 @@ fn verify_one(meta: &Metainfo, claimed: &Bitfield, path: &Path) -> anyhow::Resul
     let len = std::fs::metadata(path).map_or(0, |m| m.len());
     let present =
         |i: u32| u64::from(i) * u64::from(meta.piece_length) + u64::from(meta.piece_size(i)) <= len;
-    let ok = Mutex::new(vec![false; n as usize]);
-    if len > 0 {
+    let good = if len > 0 {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let map = shoal::storage::map_read_only(&file)
@@ -294,44 +291,19 @@ fn verify_one(meta: &Metainfo, claimed: &Bitfield, path: &Path) -> anyhow::Resul
             );
             b
         });
-        let done = AtomicU64::new(0);
-        let next = AtomicU32::new(0);
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |p| p.get())
-            .clamp(1, 8);
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| {
-                    let mut bounce = shoal::hashing::bounce_buffer();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            break;
-                        }
-                        if !present(i) {
-                            continue;
-                        }
-                        let start = u64::from(i) as usize * meta.piece_length as usize;
-                        let piece = &map[start..start + meta.piece_size(i) as usize];
-                        shoal::storage::prefetch_mapped(piece);
-                        let good = shoal::hashing::sha256_mapped(piece, &mut bounce)
-                            == meta.pieces[i as usize];
-                        shoal::storage::release_mapped(piece);
-                        ok.lock().expect("ok lock")[i as usize] = good;
-                        let d = done.fetch_add(piece.len() as u64, Ordering::Relaxed)
-                            + piece.len() as u64;
-                        if let Some(b) = &bar {
-                            b.set_position(d);
-                        }
-                    }
-                });
+        let good = shoal::hashing::hash_pieces(&map, meta, &|done| {
+            if let Some(b) = &bar {
+                b.set_position(done);
             }
         });
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-    }
-    let ok_bits = ok.into_inner().expect("ok lock");
+        good
+    } else {
+        Bitfield::new(n)
+    };
+    let ok_bits: Vec<bool> = (0..n).map(|i| good.get(i)).collect();
     let mut v = Verdict {
         info_hash: meta.info_hash_hex(),
         name: meta.name.clone(),
