@@ -106,7 +106,7 @@ fn write_cpu(dir: &Path, bytes: u64, mmap: bool) -> f64 {
         for i in order {
             s.write_piece(i, &buf);
         }
-        s.sync().unwrap();
+        s.sync_raw().unwrap();
     } else {
         let f = std::fs::File::create(&path).unwrap();
         for i in 0..bytes / u64::from(piece) {

@@ -33,6 +33,9 @@ pub struct PeerScore {
     pub addr: String,
     #[serde(default)]
     pub port: u16,
+    /// Unix ms of the last connection or piece, for evicting the least useful when full.
+    #[serde(default)]
+    pub last_seen_ms: i64,
 }
 
 impl PeerScore {
@@ -70,6 +73,16 @@ impl PeerScore {
 
     pub fn is_banned(&self, now_ms: i64) -> bool {
         self.banned_until > now_ms
+    }
+
+    /// Ordering key for eviction: peers that gave or took nothing and were seen longest ago
+    /// go first; a live ban is kept over anything else.
+    pub fn keep_key(&self, now_ms: i64) -> (bool, u64, i64) {
+        (
+            self.is_banned(now_ms),
+            self.bytes_from + self.bytes_to,
+            self.last_seen_ms,
+        )
     }
 }
 

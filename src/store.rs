@@ -104,18 +104,37 @@ pub struct TorrentRecord {
     /// Why the torrent needs attention, for `status`.
     #[serde(default)]
     pub note: Option<String>,
+    /// The working file this download created: only that file is trusted.
+    #[serde(default)]
+    pub working_file: Option<FileId>,
+}
+
+/// The identity of a file the daemon created (see `storage::files`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+    /// The inode's generation number where the file system has one (0 otherwise): inode
+    /// numbers are reused at once after a delete, generations are not.
+    #[serde(default)]
+    pub gen: u64,
 }
 
 impl TorrentRecord {
-    /// The file pieces are written to right now.
-    pub fn working_path(&self) -> PathBuf {
-        match self.state {
-            TorrentState::Seeding => self.data_path.clone(),
-            TorrentState::Paused if self.paused_from == Some(TorrentState::Seeding) => {
-                self.data_path.clone()
-            }
-            _ => part_path(&self.data_path),
+    /// The file pieces are written to (or served from) right now.
+    pub fn working_path_for(&self, hash: &Hash) -> PathBuf {
+        if self.is_complete() {
+            return self.data_path.clone();
         }
+        crate::storage::files::working_path(self.data_path.parent().unwrap_or(Path::new(".")), hash)
+    }
+
+    /// Whether the data is the finished file (seeding, or paused while seeding).
+    pub fn is_complete(&self) -> bool {
+        self.state == TorrentState::Seeding
+            || (self.state == TorrentState::Paused
+                && self.paused_from == Some(TorrentState::Seeding))
     }
 }
 
@@ -344,6 +363,35 @@ impl Store {
         Ok(())
     }
 
+    /// Write the scores that changed and drop the evicted ones, in one batch (not flushed:
+    /// the next commit flushes).
+    ///
+    /// # Errors
+    /// sled failing.
+    pub fn put_scores(
+        &self,
+        hash: &Hash,
+        changed: &[(String, PeerScore)],
+        removed: &[String],
+    ) -> Result<(), StoreError> {
+        if changed.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        let key = |id: &str| {
+            let mut k = hash.to_vec();
+            k.extend_from_slice(id.as_bytes());
+            k
+        };
+        let mut b = sled::Batch::default();
+        for (id, s) in changed {
+            b.insert(key(id), serde_json::to_vec(s).expect("score serializes"));
+        }
+        for id in removed {
+            b.remove(key(id));
+        }
+        self.scores.apply_batch(b).map_err(|e| self.err(e))
+    }
+
     /// Scores of remote peers for a torrent. A damaged score is skipped with a warning: it
     /// is advice, not data.
     ///
@@ -387,6 +435,7 @@ mod tests {
             uploaded: 0,
             trackers: vec![],
             note: None,
+            working_file: None,
         }
     }
 

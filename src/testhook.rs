@@ -13,3 +13,22 @@ pub fn crash_point(name: &str) {
         std::process::abort();
     }
 }
+
+/// Fault points for the fault tests: with `SHOAL_TEST_FAULT=NAME` (or `NAME:ERRNO`) in its
+/// environment, every call of the point called NAME fails with that OS error (EIO by
+/// default), as a failing disk would. Used only where a failure must be shown to be handled.
+///
+/// # Errors
+/// The injected error, when this point is the one named.
+pub fn fault_point(name: &str) -> std::io::Result<()> {
+    static AT: OnceLock<Option<(String, i32)>> = OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let v = std::env::var("SHOAL_TEST_FAULT").ok()?;
+        let (n, e) = v.split_once(':').unwrap_or((&v, "5"));
+        Some((n.to_string(), e.parse().unwrap_or(libc::EIO)))
+    });
+    match at {
+        Some((n, errno)) if n == name => Err(std::io::Error::from_raw_os_error(*errno)),
+        _ => Ok(()),
+    }
+}

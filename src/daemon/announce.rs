@@ -17,11 +17,14 @@ use shoal_tracker::proto::{Announce, Event, PeerEntry, Request, Response};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use super::net::Net;
 use super::torrent::Torrent;
-use super::Daemon;
 use crate::control::TrackerStatus;
 use crate::metainfo::Hash;
 use crate::store::{TorrentRecord, TorrentState};
+
+/// Peers taken from one tracker reply.
+const MAX_PEERS_PER_REPLY: usize = 200;
 
 /// Announce interval until a tracker tells us its own.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
@@ -47,7 +50,7 @@ impl TrackerHealth {
 }
 
 /// The trackers of a torrent: the descriptor's, then the record's, then the config's.
-pub fn trackers_for(d: &Daemon, descriptor: &[String], rec: &TorrentRecord) -> Vec<String> {
+pub fn trackers_for(d: &Net, descriptor: &[String], rec: &TorrentRecord) -> Vec<String> {
     let mut seen = HashSet::new();
     descriptor
         .iter()
@@ -60,7 +63,7 @@ pub fn trackers_for(d: &Daemon, descriptor: &[String], rec: &TorrentRecord) -> V
 
 /// Announce to one tracker, honouring and updating its health. `None`: skipped or failed.
 async fn announce_one(
-    d: &Daemon,
+    d: &Net,
     addr: &str,
     req: &Announce,
     force: bool,
@@ -113,7 +116,7 @@ async fn announce_one(
 /// Announce to all `trackers` at once; returns every peer any of them gave and the shortest
 /// interval they asked for.
 async fn announce_all(
-    d: &Arc<Daemon>,
+    d: &Arc<Net>,
     trackers: &[String],
     req: &Announce,
     force: bool,
@@ -136,7 +139,7 @@ async fn announce_all(
     (peers, interval)
 }
 
-fn announce_of(d: &Daemon, t: &Torrent, event: Event) -> Announce {
+fn announce_of(d: &Net, t: &Torrent, event: Event) -> Announce {
     let have = t.lock().picker.have().count();
     Announce {
         info_hash: t.hex.clone(),
@@ -152,10 +155,11 @@ fn announce_of(d: &Daemon, t: &Torrent, event: Event) -> Announce {
     }
 }
 
-fn learn(t: &Torrent, d: &Daemon, peers: Vec<PeerEntry>) {
+fn learn(t: &Torrent, d: &Net, peers: Vec<PeerEntry>) {
     let any = !peers.is_empty();
     let mut s = t.lock();
-    for p in peers {
+    // A tracker's list is a claim: bounded here, and by the torrent's cap on known addresses.
+    for p in peers.into_iter().take(MAX_PEERS_PER_REPLY) {
         if p.peer_id == d.peer_id {
             continue;
         }
@@ -164,7 +168,7 @@ fn learn(t: &Torrent, d: &Daemon, peers: Vec<PeerEntry>) {
         };
         let addr = SocketAddr::new(ip, p.port);
         if addr != d.listen {
-            s.known.entry(addr).or_default();
+            s.learn_addr(addr);
         }
     }
     drop(s);
@@ -175,7 +179,7 @@ fn learn(t: &Torrent, d: &Daemon, peers: Vec<PeerEntry>) {
 }
 
 /// Announce `started`, heartbeats every interval, `completed` when done, `stopped` at the end.
-pub async fn announce_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
+pub async fn announce_loop(d: Arc<Net>, t: Arc<Torrent>) {
     let trackers = trackers_for(&d, &t.meta.trackers, &t.record());
     if trackers.is_empty() {
         warn!(info_hash = %t.hex, "no trackers known for this torrent: only incoming peers will find it");
@@ -213,7 +217,7 @@ pub async fn announce_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
 
 /// While downloading, keep up to `max_peers_per_torrent` connections to the peers trackers
 /// gave us, retrying failed ones with a backoff.
-pub async fn dial_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
+pub async fn dial_loop(d: Arc<Net>, t: Arc<Torrent>) {
     let mut dialing: HashSet<SocketAddr> = HashSet::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(SocketAddr, bool)>();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -282,23 +286,25 @@ pub async fn dial_loop(d: Arc<Daemon>, t: Arc<Torrent>) {
 }
 
 /// For a download known only by its info hash: find peers through the trackers and fetch the
-/// descriptor, believing it only if its info hash matches; then start the download.
+/// descriptor, believing it only if its info hash matches; hand it to the torrent's owner.
 pub async fn fetch_metadata_task(
-    d: Arc<Daemon>,
+    d: Arc<Net>,
     hash: Hash,
-    mut rec: TorrentRecord,
+    rec: TorrentRecord,
     token: tokio_util::sync::CancellationToken,
+    found: tokio::sync::mpsc::Sender<crate::metainfo::Metainfo>,
 ) {
     let trackers = trackers_for(&d, &[], &rec);
     let hex = hex::encode(hash);
     info!(info_hash = %hex, "fetching the descriptor from the swarm");
     let mut refused: HashSet<SocketAddr> = HashSet::new();
+    let mut event = Event::Started;
     loop {
         let req = Announce {
             info_hash: hex.clone(),
             peer_id: d.peer_id.clone(),
             port: d.listen.port(),
-            event: Event::Started,
+            event,
             have: 0,
             total: 0,
             name: String::new(),
@@ -306,8 +312,12 @@ pub async fn fetch_metadata_task(
             numwant: None,
             addr: None,
         };
-        let (peers, _) = announce_all(&d, &trackers, &req, false).await;
-        for p in peers {
+        let (peers, iv) = announce_all(&d, &trackers, &req, false).await;
+        if iv.is_some() {
+            // Once a tracker has us, later announces are heartbeats, not new starts.
+            event = Event::Progress;
+        }
+        for p in peers.into_iter().take(MAX_PEERS_PER_REPLY) {
             let Ok(ip) = p.addr.parse::<std::net::IpAddr>() else {
                 continue;
             };
@@ -315,38 +325,14 @@ pub async fn fetch_metadata_task(
             if p.peer_id == d.peer_id || refused.contains(&addr) {
                 continue;
             }
-            match super::conn::fetch_metadata(&d, addr, &hash).await {
+            let fetched = tokio::select! {
+                _ = token.cancelled() => return,
+                r = super::conn::fetch_metadata(&d, addr, &hash) => r,
+            };
+            match fetched {
                 Ok(meta) => {
-                    rec.data_path = rec.data_path.join(&meta.name);
-                    rec.descriptor =
-                        Some(String::from_utf8(meta.to_json()).expect("JSON is UTF-8"));
-                    rec.state = TorrentState::Downloading;
-                    if rec.data_path.exists() {
-                        rec.state = TorrentState::Failed;
-                        rec.note = Some(format!(
-                            "{} already exists; shoal will not overwrite it",
-                            rec.data_path.display()
-                        ));
-                    }
-                    info!(info_hash = %hex, name = %meta.name, from = %addr, "descriptor fetched and verified");
-                    if d.fetching
-                        .lock()
-                        .expect("fetching lock")
-                        .remove(&hash)
-                        .is_none()
-                    {
-                        return; // Removed meanwhile.
-                    }
-                    let stored = d
-                        .store
-                        .put_torrent(&hash, &rec)
-                        .and_then(|_| d.store.flush());
-                    if let Err(e) = stored
-                        .map_err(anyhow::Error::from)
-                        .and_then(|_| super::activate(&d, hash, rec.clone()))
-                    {
-                        warn!(info_hash = %hex, cause = %format!("{e:#}"), "cannot start the download");
-                    }
+                    info!(info_hash = %hex, name = %meta.name, from = %addr, "descriptor fetched");
+                    let _ = found.send(meta).await; // The owner may have been removed.
                     return;
                 }
                 Err(e) => {

@@ -26,8 +26,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::net::Net;
 use super::torrent::{ConnEntry, Torrent, TorrentEvent};
-use super::Daemon;
 use crate::bitfield::Bitfield;
 use crate::metainfo::Hash;
 use crate::peer_proto::{PeerMsg, VERSION};
@@ -60,7 +60,7 @@ pub struct Hello {
     pub port: u16,
 }
 
-fn hello_of(d: &Daemon, hash: &Hash) -> PeerMsg {
+fn hello_of(d: &Net, hash: &Hash) -> PeerMsg {
     PeerMsg::Hello {
         v: VERSION,
         info_hash: hex::encode(hash),
@@ -109,10 +109,7 @@ async fn read_hello(reader: &mut FrameReader<OwnedReadHalf>) -> Result<Hello, Co
     }
 }
 
-fn split(
-    d: &Daemon,
-    stream: TcpStream,
-) -> (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
+fn split(d: &Net, stream: TcpStream) -> (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
     let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
     let (r, w) = stream.into_split();
     let t = Timeouts {
@@ -126,7 +123,7 @@ fn split(
 }
 
 /// Connect to `addr` from our listening address.
-pub async fn connect(d: &Daemon, addr: SocketAddr) -> Result<TcpStream, ConnError> {
+pub async fn connect(d: &Net, addr: SocketAddr) -> Result<TcpStream, ConnError> {
     let fut = async {
         let sock = if addr.is_ipv4() {
             TcpSocket::new_v4()
@@ -145,8 +142,11 @@ pub async fn connect(d: &Daemon, addr: SocketAddr) -> Result<TcpStream, ConnErro
         .map_err(|_| ConnError::ConnectTimeout)?
 }
 
+/// Finds the active session of a torrent by info hash (the registry, seen through a keyhole).
+pub type Lookup = Arc<dyn Fn(&Hash) -> Option<Arc<Torrent>> + Send + Sync>;
+
 /// Accept a connection: the remote names the torrent in its HELLO.
-pub async fn run_incoming(d: Arc<Daemon>, stream: TcpStream, addr: SocketAddr) {
+pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: SocketAddr) {
     let (mut reader, mut writer) = split(&d, stream);
     let hello = match read_hello(&mut reader).await {
         Ok(h) => h,
@@ -164,7 +164,7 @@ pub async fn run_incoming(d: Arc<Daemon>, stream: TcpStream, addr: SocketAddr) {
         }
     };
     let refuse = |reason: String| PeerMsg::Error { reason };
-    let Some(t) = d.torrent(&hello.info_hash) else {
+    let Some(t) = lookup(&hello.info_hash) else {
         let _ = writer
             .send(
                 &refuse(format!(
@@ -176,12 +176,6 @@ pub async fn run_incoming(d: Arc<Daemon>, stream: TcpStream, addr: SocketAddr) {
             .await;
         return;
     };
-    if t.storage.is_none() {
-        let _ = writer
-            .send(&refuse("torrent is not active here".into()), &[])
-            .await;
-        return;
-    }
     if hello.peer_id == d.peer_id {
         return; // Ourselves, through a tracker's list.
     }
@@ -201,11 +195,7 @@ pub async fn run_incoming(d: Arc<Daemon>, stream: TcpStream, addr: SocketAddr) {
 ///
 /// # Errors
 /// Connection and handshake failures; a session that ran returns Ok whatever ended it.
-pub async fn run_outgoing(
-    d: Arc<Daemon>,
-    t: Arc<Torrent>,
-    addr: SocketAddr,
-) -> Result<(), ConnError> {
+pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Result<(), ConnError> {
     let stream = connect(&d, addr).await?;
     let (mut reader, mut writer) = split(&d, stream);
     writer.send(&hello_of(&d, &t.hash), &[]).await?;
@@ -229,7 +219,7 @@ pub async fn run_outgoing(
 /// # Errors
 /// Transport failures, a refusal, or a forged descriptor.
 pub async fn fetch_metadata(
-    d: &Daemon,
+    d: &Net,
     addr: SocketAddr,
     hash: &Hash,
 ) -> Result<crate::metainfo::Metainfo, ConnError> {
@@ -282,7 +272,7 @@ struct Shared {
 }
 
 fn register(
-    d: &Daemon,
+    d: &Net,
     t: &Torrent,
     remote: &str,
     addr: SocketAddr,
@@ -310,14 +300,14 @@ fn register(
             token: token.clone(),
         },
     );
-    let score = s.peers.entry(remote.to_string()).or_default();
+    let score = s.score(remote);
     score.addr = addr.ip().to_string();
     score.port = addr.port();
     Some((id, token))
 }
 
 struct Session {
-    d: Arc<Daemon>,
+    d: Arc<Net>,
     t: Arc<Torrent>,
     remote: String,
     out: mpsc::Sender<Out>,
@@ -345,7 +335,7 @@ enum End {
 
 #[allow(clippy::too_many_arguments)]
 async fn session(
-    d: Arc<Daemon>,
+    d: Arc<Net>,
     t: Arc<Torrent>,
     mut reader: FrameReader<OwnedReadHalf>,
     mut writer: FrameWriter<OwnedWriteHalf>,
@@ -641,14 +631,15 @@ impl Session {
         };
         let t = self.t.clone();
         let remote = self.remote.clone();
-        // Nobody waits for the outcome: the torrent records it and tells every connection.
-        self.d.verifiers.spawn(move || {
-            t.storage
-                .as_ref()
-                .expect("active torrent has storage")
-                .write_piece(index, &payload);
+        // Counted among the session's tasks: stopping the torrent waits for this write.
+        let in_flight = self.t.tasks.token();
+        // The session does not wait for the outcome: the torrent records it (with the
+        // write's receipt, for the next flush) and tells every connection.
+        self.d.writers.spawn(move || {
+            let written = t.storage.write_piece(index, &payload);
             drop(permit);
-            t.on_verified(index, &remote, latency_ms);
+            t.on_verified(written, &remote, latency_ms);
+            drop(in_flight);
         });
         Ok(())
     }
@@ -692,12 +683,7 @@ impl Session {
         self.last_tick = Instant::now();
         if dt > 0.0 && (self.bytes_since_tick > 0 || !self.requested.is_empty()) {
             let sample = self.bytes_since_tick as f64 / dt;
-            self.t
-                .lock()
-                .peers
-                .entry(self.remote.clone())
-                .or_default()
-                .record_throughput(sample);
+            self.t.lock().score(&self.remote).record_throughput(sample);
         }
         self.bytes_since_tick = 0;
         let timeout = self.d.cfg.request_timeout;
@@ -714,7 +700,7 @@ impl Session {
                 st.picker.release(*i);
                 self.avoid.insert(*i);
             }
-            st.peers.entry(self.remote.clone()).or_default().timeouts += expired.len() as u32;
+            st.score(&self.remote).timeouts += expired.len() as u32;
             self.consecutive_timeouts += expired.len() as u32;
             warn!(peer = %self.remote, pieces = ?expired, "requests timed out");
         }
@@ -779,7 +765,7 @@ impl Session {
 }
 
 async fn write_loop(
-    d: Arc<Daemon>,
+    d: Arc<Net>,
     t: Arc<Torrent>,
     mut w: FrameWriter<OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Out>,
@@ -787,7 +773,7 @@ async fn write_loop(
     remote: String,
     keepalive: Duration,
 ) {
-    let storage = t.storage.clone().expect("active torrent has storage");
+    let storage = t.storage.clone();
     let mut rng = rand::rngs::StdRng::from_entropy();
     loop {
         let item = match tokio::time::timeout(keepalive, rx.recv()).await {

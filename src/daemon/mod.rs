@@ -1,23 +1,26 @@
 //! The peer daemon: `shoal peer run`.
 //!
-//! Layout:
-//! - this module: start-up (data-dir lock, store, listener, control socket), the torrents map,
-//!   activation and shutdown, and the control commands;
-//! - [`torrent`]: one torrent's shared state, the flush that keeps resume crash-safe, the
-//!   whole-file check and completion, rates and status;
+//! Layout (dependencies point down the list):
+//! - this module: start-up (data-dir lock, store, listener, control socket), the control
+//!   commands (each routed to one torrent's owner), and shutdown;
+//! - [`owner`]: the task that owns one torrent and does every lifecycle step in order;
+//! - [`registry`]: info hash -> owner handle, claimed atomically (never two owners);
+//! - [`announce`]: announcing to every tracker with backoff, and dialing the peers they return;
 //! - [`conn`]: one peer connection: handshake, pipelined requests, serving, verification;
-//! - [`announce`]: announcing to every tracker with backoff, and dialing the peers they return.
+//! - [`torrent`]: one active session's shared state, its flush and whole-file hash;
+//! - [`net`], [`workers`]: what connections may use of the daemon; the write pool.
 //!
-//! Tasks hang off one root [`CancellationToken`]; each torrent has a child token and its own
-//! [`TaskTracker`], so pausing or removing a torrent waits for exactly its tasks.
+//! No module below this one sees the daemon: connections get [`net::Net`] and a lookup.
 
 pub mod announce;
 pub mod conn;
+pub mod net;
+pub mod owner;
+pub mod registry;
 pub mod torrent;
 pub mod workers;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,7 +31,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::bitfield::Bitfield;
 use crate::config::PeerConfig;
@@ -36,65 +39,24 @@ use crate::control::{CtlRequest, CtlResponse, StatusReport};
 use crate::metainfo::{Hash, Metainfo};
 use crate::sabotage::Sabotage;
 use crate::store::{Store, TorrentRecord, TorrentState};
+use registry::{Cmd, Registry};
 use shoal_tracker::wire::{FrameReader, FrameWriter, Limits, Timeouts};
 
 pub use announce::TrackerHealth;
+pub use net::RateLimiter;
 pub use torrent::Torrent;
 
 /// Name of the lock file that keeps two daemons off one data dir.
 pub const LOCK_NAME: &str = "daemon.lock";
 
-pub struct Daemon {
-    pub cfg: PeerConfig,
-    pub data_dir: PathBuf,
-    pub store: Store,
-    pub peer_id: String,
-    pub listen: SocketAddr,
-    /// Outgoing sockets bind here, so trackers and peers see the address we listen on.
-    pub bind_ip: Option<IpAddr>,
-    pub torrents: Mutex<HashMap<Hash, Arc<Torrent>>>,
-    pub conn_limit: Arc<Semaphore>,
-    pub verify_limit: Arc<Semaphore>,
-    /// Where verified pieces are written.
-    pub verifiers: workers::Workers,
-    pub cancel: CancellationToken,
-    pub tasks: TaskTracker,
-    pub sabotage: Sabotage,
-    pub trackers: Mutex<HashMap<String, TrackerHealth>>,
-    pub upload_limit: Option<RateLimiter>,
-    /// Downloads known only by info hash, whose descriptor is being fetched: their record
-    /// (for status) and a token to stop the fetch (remove).
-    pub fetching: Mutex<HashMap<Hash, (TorrentRecord, CancellationToken)>>,
-}
+/// How long shutdown waits for each torrent to stop and persist.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(15);
 
-/// A token bucket shared by every upload of the daemon.
-pub struct RateLimiter {
-    bytes_per_sec: f64,
-    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
-}
-
-impl RateLimiter {
-    pub fn new(bytes_per_sec: u64) -> RateLimiter {
-        RateLimiter {
-            bytes_per_sec: bytes_per_sec as f64,
-            state: tokio::sync::Mutex::new((0.0, tokio::time::Instant::now())),
-        }
-    }
-
-    /// Wait until `bytes` may be sent. Up to one second of burst is allowed.
-    pub async fn acquire(&self, bytes: u64) {
-        let mut st = self.state.lock().await;
-        let now = tokio::time::Instant::now();
-        let refill = now.duration_since(st.1).as_secs_f64() * self.bytes_per_sec;
-        st.0 = (st.0 + refill).min(self.bytes_per_sec);
-        st.1 = now;
-        st.0 -= bytes as f64;
-        if st.0 < 0.0 {
-            // Holding the lock while sleeping queues the other uploads behind this one: fair.
-            let wait = Duration::from_secs_f64(-st.0 / self.bytes_per_sec);
-            tokio::time::sleep(wait).await;
-        }
-    }
+struct Daemon {
+    data_dir: PathBuf,
+    ctx: Arc<owner::Ctx>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// Hold the data dir's lock for the daemon's lifetime (released by the kernel on exit, even
@@ -143,8 +105,10 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict data dir {}", data_dir.display()))?;
     let _lock = lock_data_dir(&data_dir)?;
-    let store = Store::open(&data_dir, true)?;
-    let peer_id = store.peer_id()?;
+    let dd = data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dd, true)).await??;
+    let s2 = store.clone();
+    let peer_id = tokio::task::spawn_blocking(move || s2.peer_id()).await??;
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -162,24 +126,31 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
             "SABOTAGE MODE: this peer corrupts, drops or delays what it serves"
         );
     }
-    let cfg_upload_rate = cfg.upload_rate();
-    let d = Arc::new(Daemon {
+    let net = Arc::new(net::Net {
         conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
         verify_limit: Arc::new(Semaphore::new(cfg.max_pieces_verifying)),
-        verifiers: workers::Workers::per_core("shoal-verify"),
+        writers: workers::Workers::per_core("shoal-write"),
+        upload_limit: cfg.upload_rate().map(RateLimiter::new),
         cfg,
-        data_dir: data_dir.clone(),
-        store,
         peer_id: peer_id.clone(),
         listen,
         bind_ip,
-        torrents: Mutex::new(HashMap::new()),
-        cancel: CancellationToken::new(),
-        tasks: TaskTracker::new(),
         sabotage,
         trackers: Mutex::new(HashMap::new()),
-        upload_limit: cfg_upload_rate.map(RateLimiter::new),
-        fetching: Mutex::new(HashMap::new()),
+    });
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let d = Arc::new(Daemon {
+        data_dir: data_dir.clone(),
+        ctx: Arc::new(owner::Ctx {
+            net,
+            store: store.clone(),
+            registry: Arc::new(Registry::default()),
+            root: cancel.clone(),
+            tasks: tasks.clone(),
+        }),
+        cancel,
+        tasks,
     });
     // Tests and scripts read this line for the bound port.
     println!(
@@ -188,10 +159,9 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     );
     info!(%listen, %peer_id, "peer started");
 
-    for (hash, rec) in d.store.torrents()? {
-        if let Err(e) = activate(&d, hash, rec) {
-            error!(info_hash = %hex::encode(hash), cause = %format!("{e:#}"), "cannot start torrent");
-        }
+    let s2 = store.clone();
+    for (hash, rec) in tokio::task::spawn_blocking(move || s2.torrents()).await?? {
+        let _ = owner::spawn(&d.ctx, hash, rec, owner::Start::Load); // Keys are unique.
     }
     {
         let d2 = d.clone();
@@ -204,16 +174,18 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     wait_for_signal(&d.cancel).await;
     info!("shutting down");
     d.cancel.cancel();
-    let torrents: Vec<Arc<Torrent>> = d
-        .torrents
-        .lock()
-        .expect("torrents lock")
-        .values()
-        .cloned()
-        .collect();
-    for t in torrents {
-        t.stop().await;
+    let mut stops = tokio::task::JoinSet::new();
+    for h in d.ctx.registry.all() {
+        stops.spawn(async move {
+            if tokio::time::timeout(SHUTDOWN_WAIT, h.call(Cmd::Shutdown))
+                .await
+                .is_err()
+            {
+                warn!(info_hash = %hex::encode(h.hash), "torrent did not stop in time");
+            }
+        });
     }
+    while stops.join_next().await.is_some() {}
     d.tasks.close();
     if tokio::time::timeout(Duration::from_secs(10), d.tasks.wait())
         .await
@@ -221,7 +193,15 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     {
         warn!("some tasks did not stop within 10s");
     }
-    d.store.flush()?;
+    let s2 = store.clone();
+    let flushed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || s2.flush()),
+    )
+    .await;
+    if !matches!(flushed, Ok(Ok(Ok(())))) {
+        warn!("the store's last flush did not complete (disk full?)");
+    }
     let _ = std::fs::remove_file(&sock_path);
     info!("peer stopped");
     Ok(())
@@ -261,13 +241,15 @@ async fn accept_loop(d: Arc<Daemon>, listener: TcpListener) {
         match accepted {
             Ok((stream, addr)) => {
                 backoff = Duration::from_millis(10);
-                let Ok(permit) = d.conn_limit.clone().try_acquire_owned() else {
+                let Ok(permit) = d.ctx.net.conn_limit.clone().try_acquire_owned() else {
                     warn!(%addr, "connection limit reached; refusing");
                     continue;
                 };
-                let d2 = d.clone();
+                let net = d.ctx.net.clone();
+                let reg = d.ctx.registry.clone();
+                let lookup: conn::Lookup = Arc::new(move |h: &Hash| reg.get(h)?.live());
                 d.tasks.spawn(async move {
-                    conn::run_incoming(d2, stream, addr).await;
+                    conn::run_incoming(net, lookup, stream, addr).await;
                     drop(permit);
                 });
             }
@@ -337,58 +319,30 @@ fn parse_hash(s: &str) -> anyhow::Result<Hash> {
 }
 
 impl Daemon {
-    pub fn torrent(&self, hash: &Hash) -> Option<Arc<Torrent>> {
-        self.torrents
-            .lock()
-            .expect("torrents lock")
-            .get(hash)
-            .cloned()
-    }
-
-    fn find(&self, s: &str) -> anyhow::Result<Arc<Torrent>> {
-        let h = parse_hash(s)?;
-        self.torrent(&h)
-            .with_context(|| format!("no torrent {s} in this peer"))
-    }
-
-    pub fn status(&self, with_pieces: bool) -> StatusReport {
+    fn status(&self, with_pieces: bool) -> StatusReport {
         let mut torrents: Vec<_> = self
-            .torrents
-            .lock()
-            .expect("torrents lock")
-            .values()
-            .map(|t| t.status(with_pieces))
-            .collect();
-        for (hash, (rec, _)) in self.fetching.lock().expect("fetching lock").iter() {
-            torrents.push(crate::control::TorrentStatus {
-                info_hash: hex::encode(hash),
-                name: "(descriptor not fetched yet)".into(),
-                state: rec.state.label().into(),
-                added_at: rec.added_at,
-                data_path: rec.data_path.display().to_string(),
-                note: rec.note.clone(),
-                ..Default::default()
-            });
-        }
-        torrents.sort_by(|a, b| a.name.cmp(&b.name).then(a.info_hash.cmp(&b.info_hash)));
-        let mut trackers: Vec<_> = self
-            .trackers
-            .lock()
-            .expect("trackers lock")
+            .ctx
+            .registry
+            .all()
             .iter()
-            .map(|(a, h)| h.status(a))
+            .map(|h| h.status(with_pieces))
             .collect();
-        trackers.sort_by(|a, b| a.addr.cmp(&b.addr));
+        torrents.sort_by(|a, b| a.name.cmp(&b.name).then(a.info_hash.cmp(&b.info_hash)));
         StatusReport {
-            peer_id: self.peer_id.clone(),
-            listen: self.listen.to_string(),
+            peer_id: self.ctx.net.peer_id.clone(),
+            listen: self.ctx.net.listen.to_string(),
             torrents,
-            trackers,
+            trackers: self.ctx.net.tracker_status(),
         }
+    }
+
+    fn descriptor_dir(&self) -> PathBuf {
+        self.data_dir.join("descriptors")
     }
 }
 
 async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlResponse> {
+    let ok = |message: String| Ok(CtlResponse::Ok { message });
     match req {
         CtlRequest::Status => Ok(CtlResponse::Status(d.status(false))),
         CtlRequest::Query { sql } => {
@@ -405,142 +359,100 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
             trackers,
         } => add(d, descriptor, info_hash, output, trackers).await,
         CtlRequest::Pause { info_hash } => {
-            let t = d.find(&info_hash)?;
-            let mut rec = t.record();
-            if rec.state == TorrentState::Paused {
-                return Ok(CtlResponse::Ok {
-                    message: format!("{} is already paused", t.name()),
-                });
-            }
-            t.stop().await;
-            rec = t.record();
-            rec.paused_from = Some(rec.state);
-            rec.state = TorrentState::Paused;
-            d.store.put_torrent(&t.hash, &rec)?;
-            d.store.flush()?;
-            restart(d, t.hash).await?;
-            Ok(CtlResponse::Ok {
-                message: format!("paused {}", t.name()),
-            })
+            ok(d.ctx.registry.resolve(&info_hash)?.call(Cmd::Pause).await?)
         }
-        CtlRequest::Resume { info_hash } => {
-            let t = d.find(&info_hash)?;
-            let mut rec = t.record();
-            if rec.state != TorrentState::Paused {
-                return Ok(CtlResponse::Ok {
-                    message: format!("{} is not paused", t.name()),
-                });
-            }
-            t.stop().await;
-            rec.state = rec.paused_from.take().unwrap_or(TorrentState::Downloading);
-            d.store.put_torrent(&t.hash, &rec)?;
-            d.store.flush()?;
-            restart(d, t.hash).await?;
-            Ok(CtlResponse::Ok {
-                message: format!("resumed {}", t.name()),
-            })
-        }
-        CtlRequest::Recheck { info_hash } => {
-            let t = d.find(&info_hash)?;
-            t.stop().await;
-            let hash = t.hash;
-            let (have, total) = torrent::recheck(d, &t).await?;
-            restart(d, hash).await?;
-            Ok(CtlResponse::Ok {
-                message: format!("recheck of {}: {have} of {total} pieces good", t.name()),
-            })
-        }
+        CtlRequest::Resume { info_hash } => ok(d
+            .ctx
+            .registry
+            .resolve(&info_hash)?
+            .call(Cmd::Resume)
+            .await?),
+        CtlRequest::Recheck { info_hash } => ok(d
+            .ctx
+            .registry
+            .resolve(&info_hash)?
+            .call(Cmd::Recheck)
+            .await?),
         CtlRequest::Remove {
             info_hash,
             delete_data,
-        } => {
-            let h = parse_hash(&info_hash)?;
-            let fetching = d.fetching.lock().expect("fetching lock").remove(&h);
-            if let Some((_, token)) = fetching {
-                token.cancel();
-                d.store.remove_torrent(&h)?;
-                return Ok(CtlResponse::Ok {
-                    message: format!(
-                        "removed {info_hash} (its descriptor was still being fetched)"
-                    ),
-                });
-            }
-            let t = d.find(&info_hash)?;
-            t.stop().await;
-            let rec = t.record();
-            d.torrents.lock().expect("torrents lock").remove(&t.hash);
-            d.store.remove_torrent(&t.hash)?;
-            let mut msg = format!("removed {}", t.name());
-            if delete_data {
-                for p in [
-                    rec.data_path.clone(),
-                    crate::store::part_path(&rec.data_path),
-                ] {
-                    if p.is_file() {
-                        std::fs::remove_file(&p)
-                            .with_context(|| format!("cannot delete {}", p.display()))?;
-                        msg.push_str(&format!("; deleted {}", p.display()));
-                    }
-                }
-            } else {
-                msg.push_str(&format!("; data kept at {}", rec.working_path().display()));
-            }
-            Ok(CtlResponse::Ok { message: msg })
-        }
+        } => ok(d
+            .ctx
+            .registry
+            .resolve(&info_hash)?
+            .call(Cmd::Remove { delete_data })
+            .await?),
         CtlRequest::Shutdown => {
             d.cancel.cancel();
-            Ok(CtlResponse::Ok {
-                message: "shutting down".into(),
-            })
+            ok("shutting down".into())
         }
     }
 }
 
-/// Stop and start a torrent again from its stored record.
-async fn restart(d: &Arc<Daemon>, hash: Hash) -> anyhow::Result<()> {
-    d.torrents.lock().expect("torrents lock").remove(&hash);
-    let rec = d
-        .store
-        .get_torrent(&hash)?
-        .context("torrent vanished from the store")?;
-    activate(d, hash, rec)
-}
-
-fn descriptor_dir(d: &Daemon) -> PathBuf {
-    d.data_dir.join("descriptors")
+/// Start an owner for a new torrent and wait until its record is durable.
+async fn add_owner(
+    d: &Arc<Daemon>,
+    hash: Hash,
+    rec: TorrentRecord,
+    bits: Bitfield,
+) -> anyhow::Result<bool> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    match owner::spawn(&d.ctx, hash, rec, owner::Start::New { bits, reply }) {
+        Ok(_) => {
+            rx.await
+                .map_err(|_| anyhow::anyhow!("the torrent's owner ended before recording it"))??;
+            Ok(true)
+        }
+        Err(existing) if existing.is_closing() => {
+            bail!("{} is being removed; try again", hex::encode(hash))
+        }
+        Err(_) => Ok(false),
+    }
 }
 
 async fn publish(d: &Arc<Daemon>, path: &Path) -> anyhow::Result<CtlResponse> {
     let path = std::fs::canonicalize(path)
         .with_context(|| format!("cannot publish {}", path.display()))?;
-    let trackers = d.cfg.trackers.clone();
-    let pl = d.cfg.piece_length();
+    let trackers = d.ctx.net.cfg.trackers.clone();
+    let pl = d.ctx.net.cfg.piece_length();
     let p2 = path.clone();
-    let meta = tokio::task::spawn_blocking(move || {
-        crate::metainfo::create(&p2, pl, trackers, &crate::metainfo::HashProgress::default())
+    let meta = tokio::task::spawn_blocking(move || -> anyhow::Result<Metainfo> {
+        let meta =
+            crate::metainfo::create(&p2, pl, trackers, &crate::metainfo::HashProgress::default())?;
+        // The bits about to be committed vouch for these bytes: make them durable first.
+        crate::storage::files::open_complete(&p2, meta.length)?
+            .sync_all()
+            .with_context(|| format!("cannot sync {}", p2.display()))?;
+        Ok(meta)
     })
     .await??;
     let hex = meta.info_hash_hex();
-    std::fs::create_dir_all(descriptor_dir(d))?;
-    let desc_path = descriptor_dir(d).join(format!("{hex}.json"));
-    meta.save(&desc_path)?;
-    if d.torrent(&meta.info_hash).is_none() {
-        let rec = TorrentRecord {
-            descriptor: Some(String::from_utf8(meta.to_json()).expect("JSON is UTF-8")),
-            data_path: path.clone(),
-            state: TorrentState::Seeding,
-            paused_from: None,
-            added_at: crate::fsutil::unix_ms(),
-            completed_at: Some(crate::fsutil::unix_ms()),
-            downloaded: 0,
-            uploaded: 0,
-            trackers: Vec::new(),
-            note: None,
-        };
-        // Every piece was just hashed from this very file.
-        d.store
-            .commit_progress(&meta.info_hash, &Bitfield::full(meta.piece_count()), &rec)?;
-        activate(d, meta.info_hash, rec)?;
+    let desc_dir = d.descriptor_dir();
+    let desc_path = desc_dir.join(format!("{hex}.json"));
+    let m2 = meta.clone();
+    let dp = desc_path.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&desc_dir)?;
+        m2.save(&dp)?;
+        Ok(())
+    })
+    .await??;
+    let now = crate::fsutil::unix_ms();
+    let rec = TorrentRecord {
+        descriptor: Some(String::from_utf8(meta.to_json()).expect("JSON is UTF-8")),
+        data_path: path.clone(),
+        state: TorrentState::Seeding,
+        paused_from: None,
+        added_at: now,
+        completed_at: Some(now),
+        downloaded: 0,
+        uploaded: 0,
+        trackers: Vec::new(),
+        note: None,
+        working_file: None,
+    };
+    // Every piece was just hashed from this very file.
+    if add_owner(d, meta.info_hash, rec, Bitfield::full(meta.piece_count())).await? {
         info!(info_hash = %hex, path = %path.display(), "published");
     }
     Ok(CtlResponse::Published {
@@ -557,48 +469,80 @@ async fn add(
     trackers: Vec<String>,
 ) -> anyhow::Result<CtlResponse> {
     let out_dir = output.unwrap_or_else(|| d.data_dir.join("downloads"));
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("cannot create output dir {}", out_dir.display()))?;
-    let out_dir = std::fs::canonicalize(&out_dir)?;
-    let (hash, rec) = match (descriptor, info_hash) {
+    let od = out_dir.clone();
+    let out_dir = tokio::task::spawn_blocking(move || -> anyhow::Result<PathBuf> {
+        create_out_dir(&od)?;
+        Ok(std::fs::canonicalize(&od)?)
+    })
+    .await??;
+    let (hash, rec, bits) = match (descriptor, info_hash) {
         (Some(json), _) => {
             let meta = Metainfo::from_json(json.as_bytes())?;
             let data_path = out_dir.join(&meta.name);
+            if std::fs::symlink_metadata(&data_path).is_ok()
+                && d.ctx.registry.get(&meta.info_hash).is_none()
+            {
+                bail!(
+                    "{} already exists; shoal will not overwrite it (choose another --output or move it away)",
+                    data_path.display()
+                );
+            }
             (
                 meta.info_hash,
                 new_download_record(Some(json), data_path, trackers),
+                Bitfield::new(meta.piece_count()),
             )
         }
         (None, Some(h)) => {
             let hash = parse_hash(&h)?;
             let mut rec = new_download_record(None, out_dir, trackers);
             rec.state = TorrentState::FetchingMetadata;
-            (hash, rec)
+            (hash, rec, Bitfield::new(0))
         }
         (None, None) => bail!("give a descriptor or an info hash"),
     };
-    if d.torrent(&hash).is_some()
-        || d.fetching
-            .lock()
-            .expect("fetching lock")
-            .contains_key(&hash)
-    {
-        return Ok(CtlResponse::Added {
-            info_hash: hex::encode(hash),
-        });
-    }
-    if rec.state == TorrentState::Downloading && rec.data_path.exists() {
-        bail!(
-            "{} already exists; shoal will not overwrite it (choose another --output or move it away)",
-            rec.data_path.display()
-        );
-    }
-    d.store.put_torrent(&hash, &rec)?;
-    d.store.flush()?;
-    activate(d, hash, rec)?;
+    add_owner(d, hash, rec, bits).await?;
     Ok(CtlResponse::Added {
         info_hash: hex::encode(hash),
     })
+}
+
+/// Create the output dir; a component we create is a real directory, never a symlink, and
+/// the new entries are durable.
+fn create_out_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while std::fs::symlink_metadata(p).is_err() {
+        missing.push(p.to_path_buf());
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+            _ => break,
+        }
+    }
+    for m in missing.iter().rev() {
+        match std::fs::create_dir(m) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create output dir {}", m.display()))
+            }
+        }
+        let meta = std::fs::symlink_metadata(m)?;
+        if !meta.file_type().is_dir() {
+            bail!(
+                "output dir {} is not a directory (a symlink?); shoal does not follow it",
+                m.display()
+            );
+        }
+        if let Some(parent) = m.parent() {
+            crate::fsutil::sync_dir(parent)
+                .with_context(|| format!("cannot sync {}", parent.display()))?;
+        }
+    }
+    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+        bail!("output dir {} is not a directory", dir.display());
+    }
+    Ok(())
 }
 
 fn new_download_record(
@@ -617,30 +561,6 @@ fn new_download_record(
         uploaded: 0,
         trackers,
         note: None,
+        working_file: None,
     }
-}
-
-/// Bring a stored torrent to life: open its data, start its tasks, put it in the map.
-///
-/// # Errors
-/// A damaged record.
-pub fn activate(d: &Arc<Daemon>, hash: Hash, rec: TorrentRecord) -> anyhow::Result<()> {
-    if rec.state == TorrentState::FetchingMetadata {
-        let token = d.cancel.child_token();
-        d.fetching
-            .lock()
-            .expect("fetching lock")
-            .insert(hash, (rec.clone(), token.clone()));
-        let d2 = d.clone();
-        d.tasks
-            .spawn(async move { announce::fetch_metadata_task(d2, hash, rec, token).await });
-        return Ok(());
-    }
-    let t = Torrent::load(d, hash, rec)?;
-    d.torrents
-        .lock()
-        .expect("torrents lock")
-        .insert(hash, t.clone());
-    t.start(d);
-    Ok(())
 }

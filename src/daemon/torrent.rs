@@ -1,46 +1,76 @@
-//! One torrent inside the daemon: its shared state, the flush that makes resume crash-safe,
-//! the whole-file check, completion, and its status.
+//! One active torrent session: what its connections share (picker, scores, peer table,
+//! rates), the flush that keeps resume crash-safe, and the whole-file hash.
+//!
+//! A [`Torrent`] exists only while its owner ([`super::owner`]) has it downloading or seeding;
+//! the owner creates it, stops it (waiting for every task and every in-flight write), and
+//! does everything that changes its lifecycle. Connections hold an `Arc<Torrent>`: the
+//! narrow handle. The session reports to its owner through [`OwnerEvent`]s.
 //!
 //! # The crash-safety invariant
 //! A piece's bit is set in sled only after its bytes are durable, and sled is flushed after:
 //!
-//! 1. a piece arrives and is hashed (`conn`), then copied into the map: its bytes are now in
-//!    the page cache, and the piece is *verified* (in memory: served, counted);
-//! 2. every `flush_interval`, [`Torrent::flush`] takes the verified-but-not-durable pieces,
-//!    fdatasyncs the data file: their bytes are now on disk;
-//! 3. only then it sets their bits in the durable bitfield and commits it to sled with a flush.
+//! 1. a piece arrives and is hashed (`conn`), then written through the piece store, which
+//!    returns a receipt: its bytes are in the page cache, and the piece is *verified* (in
+//!    memory: served, counted);
+//! 2. every `flush_interval`, [`Torrent::flush`] syncs the data file, which returns a token
+//!    covering every receipt so far ([`crate::storage::durable`]);
+//! 3. only with both it sets the bits, and commits them to sled with a durable flush.
 //!
-//! A crash between any two steps leaves sled with bits for durable pieces only, so every set
-//! bit names a good piece; at most one flush interval of pieces is fetched again.
+//! A crash between any two steps leaves sled with bits for durable pieces only. A failed sync
+//! poisons the file and the owner takes the torrent to NEEDS RECHECK; a working file deleted
+//! or replaced under us is caught before its bits are committed.
+//!
+//! Lock order: `flush_lock` (async) before `state`; `durable` is taken alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use super::Daemon;
 use crate::bitfield::Bitfield;
 use crate::control::{PeerStatus, TorrentStatus};
 use crate::metainfo::{Hash, Metainfo};
 use crate::picker::Picker;
 use crate::scorer::PeerScore;
-use crate::storage::{OpenMode, Storage, StorageError};
-use crate::store::{TorrentRecord, TorrentState};
+use crate::storage::durable::{flush_step, Durable, PieceStore, SyncFailed, Written};
+use crate::store::{FileId, Store, TorrentRecord, TorrentState};
+
+/// Remote peers whose scores a torrent keeps (memory and store); past it the least useful
+/// is evicted. Bounds what fresh peer ids can make us hold.
+pub const MAX_SCORES: usize = 512;
+/// Peer addresses a torrent remembers from trackers.
+pub const MAX_KNOWN: usize = 1024;
+/// How long a store commit may take before the torrent is failed rather than left hanging
+/// (sled can block for good on a full disk).
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Broadcast to the torrent's connections.
 #[derive(Debug, Clone, Copy)]
 pub enum TorrentEvent {
     /// We verified this piece: tell peers, cancel duplicate requests.
     Have(u32),
+}
+
+/// What a session tells its owner.
+#[derive(Debug)]
+pub enum OwnerEvent {
+    /// Every piece is verified; the whole-file hash (None when stopped first).
+    AllVerified(Option<Hash>),
+    /// The data can no longer be trusted or written: go to `state` with `note`.
+    Fault {
+        state: TorrentState,
+        note: String,
+        /// The data file is gone: no bit can stand.
+        clear_bits: bool,
+    },
 }
 
 /// One open connection, by remote peer id.
@@ -61,11 +91,10 @@ pub struct Known {
 pub struct TState {
     pub record: TorrentRecord,
     pub picker: Picker,
-    /// Bits whose data is durable (what sled has or is about to have).
-    pub durable: Bitfield,
-    /// Verified pieces waiting for the next flush.
-    pub pending: Vec<u32>,
     pub peers: HashMap<String, PeerScore>,
+    /// Scores changed or dropped since the last commit.
+    scores_changed: HashSet<String>,
+    scores_removed: HashSet<String>,
     pub conns: HashMap<String, ConnEntry>,
     pub known: HashMap<SocketAddr, Known>,
     /// Bytes of verified pieces received / served this session, and at the last rate tick.
@@ -75,8 +104,59 @@ pub struct TState {
     pub down_rate: f64,
     pub up_rate: f64,
     pub rejected_pieces: u64,
-    /// Counters changed since the last commit.
+    /// Record fields changed since the last commit.
     dirty: bool,
+}
+
+impl TState {
+    /// The score of `peer`, made (evicting the least useful when full) if new.
+    pub fn score(&mut self, peer: &str) -> &mut PeerScore {
+        let now = crate::fsutil::unix_ms();
+        if !self.peers.contains_key(peer) && self.peers.len() >= MAX_SCORES {
+            let victim = self
+                .peers
+                .iter()
+                .filter(|(id, _)| !self.conns.contains_key(*id))
+                .min_by_key(|(_, s)| s.keep_key(now))
+                .or_else(|| self.peers.iter().min_by_key(|(_, s)| s.keep_key(now)))
+                .map(|(id, _)| id.clone());
+            if let Some(v) = victim {
+                self.peers.remove(&v);
+                self.scores_changed.remove(&v);
+                self.scores_removed.insert(v);
+            }
+        }
+        self.scores_removed.remove(peer);
+        self.scores_changed.insert(peer.to_string());
+        let s = self.peers.entry(peer.to_string()).or_default();
+        s.last_seen_ms = now;
+        s
+    }
+
+    /// Remember a tracker-given address, within [`MAX_KNOWN`] (the most failing goes first).
+    pub fn learn_addr(&mut self, addr: SocketAddr) {
+        if self.known.contains_key(&addr) {
+            return;
+        }
+        if self.known.len() >= MAX_KNOWN {
+            let worst = self
+                .known
+                .iter()
+                .max_by_key(|(_, k)| k.failures)
+                .map(|(a, _)| *a);
+            match worst {
+                Some(w) if self.known[&w].failures > 0 => {
+                    self.known.remove(&w);
+                }
+                _ => return,
+            }
+        }
+        self.known.insert(addr, Known::default());
+    }
+
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
 }
 
 /// What the prefix hasher waits on: which pieces are verified.
@@ -86,123 +166,93 @@ pub struct VerifiedSignal {
     stop: AtomicBool,
 }
 
-/// Pieces hashed in order between two writeback kicks (see [`Storage::start_writeback`]).
+/// Pieces hashed in order between two writeback kicks (see [`PieceStore::start_writeback`]).
 /// Measured on 1 GiB: starting writeback every 32 MiB brought the final flush from 155 ms to
 /// under 10 ms, since the disk works while the download goes on.
 const WRITEBACK_BATCH_BYTES: u32 = 32 << 20;
+
+/// Why a flush did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error(transparent)]
+    Sync(#[from] SyncFailed),
+    #[error("the working file {0} was deleted or replaced during the download")]
+    WorkingGone(String),
+    #[error("the store could not record progress: {0}")]
+    Store(String),
+}
+
+/// Where a download's working file is, to check it is still ours at each flush.
+pub struct WorkingCheck {
+    pub out_dir: PathBuf,
+    pub id: FileId,
+}
 
 pub struct Torrent {
     pub hash: Hash,
     pub hex: String,
     pub meta: Arc<Metainfo>,
-    pub storage: Option<Arc<Storage>>,
-    pub state: Mutex<TState>,
+    pub storage: Arc<dyn PieceStore>,
+    state: Mutex<TState>,
+    durable: Arc<Mutex<Durable>>,
+    flush_lock: tokio::sync::Mutex<()>,
+    store: Store,
+    working: Option<WorkingCheck>,
     pub events: broadcast::Sender<TorrentEvent>,
     pub cancel: CancellationToken,
+    /// Every task of the session, and every in-flight write (a token per write job).
     pub tasks: TaskTracker,
-    /// Wakes the maintenance task when the last piece is verified.
-    pub complete: Notify,
+    owner: mpsc::UnboundedSender<OwnerEvent>,
     /// Wakes the announcer (completion, new torrent).
     pub announce_now: Notify,
     /// Wakes the dialer when a tracker gave us peers.
     pub peers_learned: Notify,
+    complete: Notify,
     signal: Arc<VerifiedSignal>,
     next_conn_id: std::sync::atomic::AtomicU64,
 }
 
+/// Everything a session is built from.
+pub struct SessionParts {
+    pub hash: Hash,
+    pub meta: Arc<Metainfo>,
+    pub record: TorrentRecord,
+    pub bits: Bitfield,
+    pub storage: Arc<dyn PieceStore>,
+    pub working: Option<WorkingCheck>,
+    pub scores: Vec<(String, PeerScore)>,
+    pub store: Store,
+    pub picker: Picker,
+    pub owner: mpsc::UnboundedSender<OwnerEvent>,
+    pub cancel: CancellationToken,
+}
+
 impl Torrent {
-    /// Build a torrent from its stored record, opening its data file. A data file that is
-    /// missing or short marks it NEEDS RECHECK (with a note) instead of failing.
-    ///
-    /// # Errors
-    /// A record without a readable descriptor.
-    pub fn load(
-        d: &Arc<Daemon>,
-        hash: Hash,
-        mut rec: TorrentRecord,
-    ) -> anyhow::Result<Arc<Torrent>> {
-        let json = rec
-            .descriptor
-            .as_deref()
-            .context("record has no descriptor")?;
-        let meta = Arc::new(Metainfo::from_json(json.as_bytes()).context("stored descriptor")?);
-        let n = meta.piece_count();
-        let mut bits = d
-            .store
-            .bitfield(&hash, n)?
-            .unwrap_or_else(|| Bitfield::new(n));
-        let mut storage = None;
-        let active = matches!(rec.state, TorrentState::Downloading | TorrentState::Seeding);
-        if active {
-            let (path, mode) = match rec.state {
-                TorrentState::Seeding => (rec.data_path.clone(), OpenMode::ExistingReadOnly),
-                _ if bits.count() > 0 => (rec.working_path(), OpenMode::ExistingWritable),
-                _ => (rec.working_path(), OpenMode::CreateOrReuse),
-            };
-            match Storage::open(&path, meta.length, meta.piece_length, mode) {
-                Ok(s) => storage = Some(Arc::new(s)),
-                Err(e @ (StorageError::Missing { .. } | StorageError::TooShort { .. })) => {
-                    warn!(info_hash = %hex::encode(hash), cause = %e, "data file damaged: needs a recheck");
-                    rec.note = Some(format!("{e}; run `shoal recheck {}`", hex::encode(hash)));
-                    rec.state = TorrentState::NeedsRecheck;
-                    d.store.put_torrent(&hash, &rec)?;
-                }
-                Err(e @ StorageError::NoSpace { .. }) => {
-                    warn!(info_hash = %hex::encode(hash), cause = %e, "cannot start the download");
-                    rec.note = Some(format!(
-                        "{e}; free some space, then run `shoal recheck {}`",
-                        hex::encode(hash)
-                    ));
-                    rec.state = TorrentState::Failed;
-                    d.store.put_torrent(&hash, &rec)?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if let Some(st) = &storage {
-            // Trust, but check: hash a couple of claimed pieces (rqbit's fast-resume check). A
-            // file edited or replaced behind our back is caught here, for 2 pieces of reading.
-            if let Some(bad) = spot_check(st, &meta, &bits) {
-                warn!(info_hash = %hex::encode(hash), piece = bad, "spot check failed: the data changed since it was verified");
-                rec.note = Some(format!(
-                    "piece {bad} no longer matches its hash: the data file changed; run `shoal recheck {}`",
-                    hex::encode(hash)
-                ));
-                rec.state = TorrentState::NeedsRecheck;
-                d.store.put_torrent(&hash, &rec)?;
-                storage = None;
-            }
-        }
-        if rec.state == TorrentState::Seeding && !bits.is_complete() {
-            // A seeding record always had every piece: a short bitfield means a damaged store.
-            warn!(info_hash = %hex::encode(hash), "seeding torrent with an incomplete bitfield: needs a recheck");
-            rec.state = TorrentState::NeedsRecheck;
-            rec.note = Some("the stored bitfield is incomplete".into());
-            storage = None;
-            bits = Bitfield::new(n);
-        }
-        let peers = d.store.scores(&hash)?.into_iter().collect();
-        let picker = Picker::new(
-            bits.clone(),
-            d.cfg.piece_selection,
-            d.cfg.random_first_pieces,
-        );
+    pub fn new(p: SessionParts) -> Arc<Torrent> {
         let (events, _) = broadcast::channel(4096);
-        Ok(Arc::new(Torrent {
-            hash,
-            hex: hex::encode(hash),
-            storage,
+        let mut peers: HashMap<String, PeerScore> = p.scores.into_iter().collect();
+        // A store from before the cap may hold more: keep the most useful.
+        if peers.len() > MAX_SCORES {
+            let now = crate::fsutil::unix_ms();
+            let mut v: Vec<_> = peers.into_iter().collect();
+            v.sort_by_key(|(_, s)| std::cmp::Reverse(s.keep_key(now)));
+            v.truncate(MAX_SCORES);
+            peers = v.into_iter().collect();
+        }
+        Arc::new(Torrent {
+            hash: p.hash,
+            hex: hex::encode(p.hash),
             signal: Arc::new(VerifiedSignal {
-                bits: Mutex::new(bits.clone()),
+                bits: Mutex::new(p.bits.clone()),
                 cond: Condvar::new(),
                 stop: AtomicBool::new(false),
             }),
             state: Mutex::new(TState {
-                record: rec,
-                picker,
-                durable: bits,
-                pending: Vec::new(),
+                record: p.record,
+                picker: p.picker,
                 peers,
+                scores_changed: HashSet::new(),
+                scores_removed: HashSet::new(),
                 conns: HashMap::new(),
                 known: HashMap::new(),
                 session_down: 0,
@@ -213,15 +263,21 @@ impl Torrent {
                 rejected_pieces: 0,
                 dirty: false,
             }),
-            meta,
+            durable: Arc::new(Mutex::new(Durable::new(p.bits))),
+            flush_lock: tokio::sync::Mutex::new(()),
+            store: p.store,
+            working: p.working,
+            storage: p.storage,
+            meta: p.meta,
             events,
-            cancel: d.cancel.child_token(),
+            cancel: p.cancel,
             tasks: TaskTracker::new(),
-            complete: Notify::new(),
+            owner: p.owner,
             announce_now: Notify::new(),
             peers_learned: Notify::new(),
+            complete: Notify::new(),
             next_conn_id: 0.into(),
-        }))
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -230,6 +286,13 @@ impl Torrent {
 
     pub fn record(&self) -> TorrentRecord {
         self.lock().record.clone()
+    }
+
+    /// Change the record (the owner's lifecycle steps); committed with the next flush.
+    pub fn update_record(&self, f: impl FnOnce(&mut TorrentRecord)) {
+        let mut s = self.lock();
+        f(&mut s.record);
+        s.dirty = true;
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, TState> {
@@ -248,32 +311,12 @@ impl Torrent {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Start the torrent's tasks according to its state.
-    pub fn start(self: &Arc<Self>, d: &Arc<Daemon>) {
-        let state = self.state();
-        if !matches!(state, TorrentState::Downloading | TorrentState::Seeding)
-            || self.storage.is_none()
-        {
-            return;
-        }
-        let t = self.clone();
-        let d2 = d.clone();
-        self.tasks.spawn(async move { t.maintain(d2).await });
-        let t = self.clone();
-        let d2 = d.clone();
-        self.tasks
-            .spawn(async move { super::announce::announce_loop(d2, t).await });
-        if state == TorrentState::Downloading {
-            let t = self.clone();
-            let d2 = d.clone();
-            self.tasks
-                .spawn(async move { super::announce::dial_loop(d2, t).await });
-        }
-        info!(info_hash = %self.hex, name = %self.meta.name, state = state.label(), "torrent started");
+    /// The durable bits as of now.
+    pub fn durable_bits(&self) -> Bitfield {
+        self.durable.lock().expect("durable lock").bits().clone()
     }
 
-    /// Stop every task of this torrent and wait for them (the maintenance task makes a last
-    /// flush and the announcer says `stopped`).
+    /// Stop every task of this session and wait for them and for every in-flight write.
     pub async fn stop(&self) {
         self.cancel.cancel();
         self.signal.stop.store(true, Ordering::Relaxed);
@@ -287,26 +330,24 @@ impl Torrent {
         }
     }
 
-    // === PIECE OUTCOMES (called by connections) ===
+    // === PIECE OUTCOMES (called by connections and write jobs) ===
 
-    /// A piece from `peer_id` was verified and written.
-    pub fn on_verified(&self, index: u32, peer_id: &str, latency_ms: f64) {
+    /// A piece from `peer_id` was verified and written (`w` is the write's receipt).
+    pub fn on_verified(&self, w: Written, peer_id: &str, latency_ms: f64) {
+        let index = w.index();
         let len = u64::from(self.meta.piece_size(index));
         let complete = {
             let mut s = self.lock();
             if !s.picker.mark_verified(index) {
                 return;
             }
-            s.pending.push(index);
             s.session_down += len;
             s.record.downloaded += len;
             s.dirty = true;
-            s.peers
-                .entry(peer_id.to_string())
-                .or_default()
-                .record_piece(len, latency_ms);
+            s.score(peer_id).record_piece(len, latency_ms);
             s.picker.is_complete()
         };
+        self.durable.lock().expect("durable lock").written(w);
         {
             let mut bits = self.signal.bits.lock().expect("signal lock");
             bits.set(index);
@@ -324,15 +365,17 @@ impl Torrent {
         let mut s = self.lock();
         s.picker.mark_failed(index);
         s.rejected_pieces += 1;
-        let score = s.peers.entry(peer_id.to_string()).or_default();
+        let hex = &self.hex;
+        let score = s.score(peer_id);
         score.failures += 1;
-        warn!(info_hash = %self.hex, peer = %peer_id, piece = index, failures = score.failures, "piece failed its hash; rejected");
-        if score.failures >= threshold && !score.is_banned(crate::fsutil::unix_ms()) {
-            score.banned_until = crate::fsutil::unix_ms() + ban.as_millis() as i64;
-            warn!(info_hash = %self.hex, peer = %peer_id, until_ms = score.banned_until, "peer banned for sending corrupt pieces");
+        warn!(info_hash = %hex, peer = %peer_id, piece = index, failures = score.failures, "piece failed its hash; rejected");
+        let now = crate::fsutil::unix_ms();
+        if score.failures >= threshold && !score.is_banned(now) {
+            score.banned_until = now + ban.as_millis() as i64;
+            warn!(info_hash = %hex, peer = %peer_id, until_ms = score.banned_until, "peer banned for sending corrupt pieces");
             return true;
         }
-        score.is_banned(crate::fsutil::unix_ms())
+        score.is_banned(now)
     }
 
     pub fn on_uploaded(&self, peer_id: &str, bytes: u64) {
@@ -340,7 +383,7 @@ impl Torrent {
         s.session_up += bytes;
         s.record.uploaded += bytes;
         s.dirty = true;
-        let score = s.peers.entry(peer_id.to_string()).or_default();
+        let score = s.score(peer_id);
         score.pieces_to += 1;
         score.bytes_to += bytes;
     }
@@ -354,19 +397,16 @@ impl Torrent {
 
     // === MAINTENANCE ===
 
-    async fn maintain(self: Arc<Self>, d: Arc<Daemon>) {
-        let prefix = if self.is_downloading() {
-            let storage = self.storage.clone().expect("started with storage");
+    /// The session's maintenance task: flush every interval, rates every second, and the
+    /// whole-file hash behind the download. Reports faults and completion to the owner.
+    pub async fn maintain(self: Arc<Self>, flush_interval: Duration) {
+        let mut prefix = self.is_downloading().then(|| {
+            let storage = self.storage.clone();
             let meta = self.meta.clone();
             let signal = self.signal.clone();
-            Some(tokio::task::spawn_blocking(move || {
-                prefix_hash(&storage, &meta, &signal)
-            }))
-        } else {
-            None
-        };
-        let mut prefix = prefix;
-        let mut flush_tick = tokio::time::interval(d.cfg.flush_interval);
+            tokio::task::spawn_blocking(move || prefix_hash(&*storage, &meta, &signal))
+        });
+        let mut flush_tick = tokio::time::interval(flush_interval);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rate_tick = tokio::time::interval(Duration::from_secs(1));
         if self.lock().picker.is_complete() && self.is_downloading() {
@@ -376,25 +416,42 @@ impl Torrent {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = flush_tick.tick() => {
-                    if let Err(e) = self.flush(&d).await {
-                        error!(info_hash = %self.hex, cause = %format!("{e:#}"), "flush failed; will retry");
+                    if let Err(e) = self.flush().await {
+                        self.report_fault(e);
+                        break;
                     }
                 }
                 _ = rate_tick.tick() => self.update_rates(),
                 _ = self.complete.notified(), if prefix.is_some() => {
                     let handle = prefix.take().expect("checked");
-                    let t0 = Instant::now();
                     let whole = handle.await.ok().flatten();
-                    info!(info_hash = %self.hex, wait_ms = t0.elapsed().as_millis() as u64, "every piece verified; whole-file hash done");
-                    if let Err(e) = self.finish(&d, whole).await {
-                        error!(info_hash = %self.hex, cause = %format!("{e:#}"), "cannot complete the download");
-                    }
+                    info!(info_hash = %self.hex, "every piece verified; whole-file hash done");
+                    // The owner may be gone if we are stopping: nothing to report then.
+                    let _ = self.owner.send(OwnerEvent::AllVerified(whole));
                 }
             }
         }
-        if let Err(e) = self.flush(&d).await {
-            error!(info_hash = %self.hex, cause = %format!("{e:#}"), "final flush failed");
-        }
+    }
+
+    /// Tell the owner what a failed flush means for the torrent.
+    pub fn report_fault(&self, e: FlushError) {
+        let (state, clear_bits) = match &e {
+            FlushError::Sync(s) if s.is_disk_full() => (TorrentState::Failed, false),
+            FlushError::Sync(_) => (TorrentState::NeedsRecheck, false),
+            FlushError::WorkingGone(_) => (TorrentState::NeedsRecheck, true),
+            FlushError::Store(_) => (TorrentState::Failed, false),
+        };
+        let hint = match state {
+            TorrentState::Failed => "free some space, then run `shoal recheck`",
+            _ => "run `shoal recheck` to find what is still good",
+        };
+        let note = format!("{e}; {hint}");
+        warn!(info_hash = %self.hex, %note, "torrent stopped");
+        let _ = self.owner.send(OwnerEvent::Fault {
+            state,
+            note,
+            clear_bits,
+        });
     }
 
     fn update_rates(&self) {
@@ -409,103 +466,89 @@ impl Torrent {
         s.rate_mark = (Instant::now(), s.session_down, s.session_up);
     }
 
-    /// Make verified pieces durable, then record them: data sync, then sled. See the module
-    /// doc for why in this order.
+    /// Make written pieces durable, then record them: data sync (token), bits, sled with a
+    /// durable flush. See the module doc for why in this order. Serialized per torrent.
     ///
     /// # Errors
-    /// The data sync or the store commit failed; the pieces stay pending for the next try.
-    pub async fn flush(&self, d: &Daemon) -> anyhow::Result<()> {
-        let pending = {
-            let mut s = self.lock();
-            if s.pending.is_empty() && !s.dirty {
-                return Ok(());
-            }
-            std::mem::take(&mut s.pending)
-        };
-        if !pending.is_empty() {
-            if let Some(storage) = self.storage.clone() {
-                // Step 2: the bytes of every pending piece reach the disk.
-                let synced = tokio::task::spawn_blocking(move || storage.sync()).await?;
-                if let Err(e) = synced {
-                    self.lock().pending.extend(pending);
-                    return Err(e).context("data file sync");
-                }
-            }
-            crate::testhook::crash_point("between-sync-and-commit");
-        }
-        // Step 3: only now the bits, then the sled flush.
-        let (bits, rec, scores) = {
-            let mut s = self.lock();
-            for &i in &pending {
-                s.durable.set(i);
-            }
-            s.dirty = false;
-            let scores: Vec<(String, PeerScore)> = s
-                .peers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            (s.durable.clone(), s.record.clone(), scores)
-        };
-        let store = d.store.clone();
-        let hash = self.hash;
-        tokio::task::spawn_blocking(move || {
-            for (id, sc) in &scores {
-                store.put_score(&hash, id, sc)?;
-            }
-            store.commit_progress(&hash, &bits, &rec)
-        })
-        .await??;
-        crate::testhook::crash_point("after-flush");
-        Ok(())
+    /// The sync failed (the file is poisoned), the working file is no longer ours, or the
+    /// store could not commit.
+    pub async fn flush(&self) -> Result<(), FlushError> {
+        let _serial = self.flush_lock.lock().await;
+        self.flush_locked().await
     }
 
-    /// Every piece is verified: check the whole-file hash, make it durable, rename `.part`
-    /// to the final name, and seed.
-    async fn finish(&self, d: &Arc<Daemon>, whole: Option<Hash>) -> anyhow::Result<()> {
-        let Some(whole) = whole else {
-            return Ok(()); // Stopped before the hash finished; the next start finishes.
+    /// Hold off every other flush (the owner's completion step renames between two).
+    pub async fn flush_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.flush_lock.lock().await
+    }
+
+    /// [`Torrent::flush`] for a caller that holds [`Torrent::flush_guard`].
+    ///
+    /// # Errors
+    /// As [`Torrent::flush`].
+    pub async fn flush_locked(&self) -> Result<(), FlushError> {
+        let pending = self.durable.lock().expect("durable lock").has_pending();
+        if !pending && !self.lock().dirty {
+            return Ok(());
+        }
+        let bits = if pending {
+            let storage = self.storage.clone();
+            let durable = self.durable.clone();
+            let check = self
+                .working
+                .as_ref()
+                .map(|w| (w.out_dir.clone(), w.id))
+                .filter(|_| self.is_downloading());
+            let hash = self.hash;
+            tokio::task::spawn_blocking(move || -> Result<Bitfield, FlushError> {
+                let bits = flush_step(&*storage, &durable)?;
+                // After the sync, before any bit: the bytes we synced must still be the
+                // file the download will become.
+                if let Some((dir, id)) = check {
+                    if !crate::storage::files::working_is(&dir, &hash, &id).unwrap_or(false) {
+                        return Err(FlushError::WorkingGone(
+                            crate::storage::files::working_path(&dir, &hash)
+                                .display()
+                                .to_string(),
+                        ));
+                    }
+                }
+                Ok(bits)
+            })
+            .await
+            .map_err(|e| FlushError::Store(e.to_string()))??
+        } else {
+            self.durable_bits()
         };
-        if whole != self.meta.file_sha256 {
-            {
-                let mut s = self.lock();
-                s.record.state = TorrentState::Failed;
-                s.record.note = Some(format!(
-                    "every piece verified but the whole-file SHA-256 is {} instead of {}",
-                    hex::encode(whole),
-                    hex::encode(self.meta.file_sha256)
-                ));
-                s.dirty = true;
-            }
-            error!(info_hash = %self.hex, "whole-file hash mismatch");
-            return self.flush(d).await;
-        }
-        let t0 = Instant::now();
-        self.flush(d).await?;
-        info!(info_hash = %self.hex, flush_ms = t0.elapsed().as_millis() as u64, "final data flush done");
-        let rec = self.record();
-        let part = rec.working_path();
-        let final_path = rec.data_path.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::rename(&part, &final_path)?;
-            crate::fsutil::sync_dir(final_path.parent().unwrap_or(Path::new(".")))
-        })
-        .await?
-        .with_context(|| {
-            format!(
-                "cannot rename the finished file to {}",
-                rec.data_path.display()
-            )
-        })?;
-        {
+        crate::testhook::crash_point("between-sync-and-commit");
+        let (rec, changed, removed) = {
             let mut s = self.lock();
-            s.record.state = TorrentState::Seeding;
-            s.record.completed_at = Some(crate::fsutil::unix_ms());
-            s.dirty = true;
+            s.dirty = false;
+            let changed: Vec<(String, PeerScore)> = std::mem::take(&mut s.scores_changed)
+                .into_iter()
+                .filter_map(|id| s.peers.get(&id).map(|p| (id, p.clone())))
+                .collect();
+            let removed: Vec<String> = std::mem::take(&mut s.scores_removed).into_iter().collect();
+            (s.record.clone(), changed, removed)
+        };
+        let store = self.store.clone();
+        let hash = self.hash;
+        let commit = tokio::task::spawn_blocking(move || {
+            store.put_scores(&hash, &changed, &removed)?;
+            store.commit_progress(&hash, &bits, &rec)
+        });
+        match tokio::time::timeout(STORE_TIMEOUT, commit).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(FlushError::Store(e.to_string())),
+            Ok(Err(e)) => return Err(FlushError::Store(e.to_string())),
+            Err(_) => {
+                return Err(FlushError::Store(format!(
+                    "no answer within {}s (disk full?)",
+                    STORE_TIMEOUT.as_secs()
+                )))
+            }
         }
-        self.flush(d).await?;
-        info!(info_hash = %self.hex, name = %self.meta.name, path = %rec.data_path.display(), "download complete and verified");
-        self.announce_now.notify_one();
+        crate::testhook::crash_point("after-flush");
         Ok(())
     }
 
@@ -544,6 +587,7 @@ impl Torrent {
             })
             .collect();
         peers.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.peer_id.cmp(&b.peer_id)));
+        let downloading = s.record.state == TorrentState::Downloading;
         TorrentStatus {
             info_hash: self.hex.clone(),
             name: self.meta.name.clone(),
@@ -559,13 +603,14 @@ impl Torrent {
             },
             downloaded: s.record.downloaded,
             uploaded: s.record.uploaded,
-            down_rate: s.down_rate,
+            // A finished download receives nothing: no fading rate after completion.
+            down_rate: if downloading { s.down_rate } else { 0.0 },
             up_rate: s.up_rate,
-            eta_secs: (s.record.state == TorrentState::Downloading && s.down_rate > 1.0)
+            eta_secs: (downloading && s.down_rate > 1.0)
                 .then(|| (left as f64 / s.down_rate) as u64),
             added_at: s.record.added_at,
             completed_at: s.record.completed_at,
-            data_path: s.record.working_path().display().to_string(),
+            data_path: s.record.working_path_for(&self.hash).display().to_string(),
             note: s.record.note.clone(),
             rejected_pieces: s.rejected_pieces,
             peers,
@@ -587,7 +632,7 @@ impl Torrent {
 }
 
 /// Hash up to two random claimed pieces; returns the first that does not match.
-fn spot_check(storage: &Storage, meta: &Metainfo, bits: &Bitfield) -> Option<u32> {
+pub fn spot_check(storage: &dyn PieceStore, meta: &Metainfo, bits: &Bitfield) -> Option<u32> {
     use rand::seq::IteratorRandom;
     let mut bounce = crate::hashing::bounce_buffer();
     let picks = bits.ones().choose_multiple(&mut rand::thread_rng(), 2);
@@ -602,7 +647,7 @@ fn spot_check(storage: &Storage, meta: &Metainfo, bits: &Bitfield) -> Option<u32
 
 /// Hash the file from the front as pieces become verified, so the whole-file check costs
 /// little extra time at the end. Returns `None` when stopped first.
-fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> Option<Hash> {
+fn prefix_hash(storage: &dyn PieceStore, meta: &Metainfo, signal: &VerifiedSignal) -> Option<Hash> {
     let mut h = Sha256::new();
     let mut bounce = crate::hashing::bounce_buffer();
     let batch = (WRITEBACK_BATCH_BYTES / meta.piece_length).max(1);
@@ -628,51 +673,4 @@ fn prefix_hash(storage: &Storage, meta: &Metainfo, signal: &VerifiedSignal) -> O
         }
     }
     Some(h.finalize().into())
-}
-
-/// Re-hash a stopped torrent's data and make the store agree both ways. Returns (good, total).
-///
-/// # Errors
-/// The store cannot be written.
-pub async fn recheck(d: &Arc<Daemon>, t: &Torrent) -> anyhow::Result<(u32, u32)> {
-    let mut rec = t.record();
-    let meta = t.meta.clone();
-    let n = meta.piece_count();
-    // Where the bytes are: the final file if it exists, else the .part.
-    let path = if rec.data_path.is_file() {
-        rec.data_path.clone()
-    } else {
-        crate::store::part_path(&rec.data_path)
-    };
-    let good = match Storage::open(
-        &path,
-        meta.length,
-        meta.piece_length,
-        OpenMode::ExistingReadOnly,
-    ) {
-        Ok(s) => {
-            let m = meta.clone();
-            tokio::task::spawn_blocking(move || crate::hashing::hash_pieces(s.data(), &m, &|_| {}))
-                .await?
-        }
-        Err(e) => {
-            warn!(info_hash = %t.hex, cause = %e, "recheck: data unreadable; every piece is missing");
-            Bitfield::new(n)
-        }
-    };
-    let count = good.count();
-    rec.note = None;
-    if good.is_complete() && path == rec.data_path {
-        rec.state = TorrentState::Seeding;
-    } else {
-        if path == rec.data_path {
-            // A damaged final file goes back to being a download under the .part name.
-            std::fs::rename(&rec.data_path, crate::store::part_path(&rec.data_path))?;
-        }
-        rec.state = TorrentState::Downloading;
-        rec.completed_at = None;
-    }
-    d.store.commit_progress(&t.hash, &good, &rec)?;
-    info!(info_hash = %t.hex, good = count, total = n, "recheck done");
-    Ok((count, n))
 }

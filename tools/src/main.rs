@@ -173,7 +173,7 @@ fn inspect(dir: &Path, json: bool) -> anyhow::Result<bool> {
             state: rec.state.label().into(),
             have,
             pieces,
-            data_path: rec.working_path().display().to_string(),
+            data_path: rec.working_path_for(&hash).display().to_string(),
             downloaded: rec.downloaded,
             uploaded: rec.uploaded,
             note: rec.note.clone(),

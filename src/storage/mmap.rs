@@ -21,6 +21,8 @@ use std::path::Path;
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
+use super::durable::{Ledger, PieceStore, SyncFailed, Synced, Written};
+
 /// Map a whole file read-only (for hashing).
 ///
 /// # Errors
@@ -39,6 +41,8 @@ pub struct Storage {
     map: MmapRaw,
     length: u64,
     piece_length: u32,
+    /// Numbers writes and mints sync tokens (see [`super::durable`]).
+    ledger: Ledger,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +65,14 @@ pub enum StorageError {
         found: u64,
         expected: u64,
     },
-    #[error("not enough disk space for {path}: it needs {needed} bytes")]
-    NoSpace { path: String, needed: u64 },
+    #[error("not enough disk space for {path}: it needs {needed} bytes, {free} are free")]
+    NoSpace {
+        path: String,
+        needed: u64,
+        free: u64,
+    },
+    #[error("{path} is unsafe to use: {reason}")]
+    Unsafe { path: String, reason: String },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -100,11 +110,13 @@ impl Storage {
                 if len < length {
                     f.set_len(length).map_err(io)?;
                 }
-                reserve(&f, length).map_err(|source| {
+                super::files::reserve(&f, length).map_err(|source| {
                     if source.raw_os_error() == Some(libc::ENOSPC) {
                         StorageError::NoSpace {
                             path: p.clone(),
                             needed: length,
+                            free: super::files::free_space(path.parent().unwrap_or(Path::new(".")))
+                                .unwrap_or(0),
                         }
                     } else {
                         io(source)
@@ -135,14 +147,33 @@ impl Storage {
                 f
             }
         };
+        Storage::from_file(
+            file,
+            length,
+            piece_length,
+            mode != OpenMode::ExistingReadOnly,
+        )
+        .map_err(io)
+    }
+
+    /// Map an already opened file of at least `length` bytes (see [`super::files`] for how
+    /// the daemon opens them).
+    ///
+    /// # Errors
+    /// The map cannot be made.
+    pub fn from_file(
+        file: File,
+        length: u64,
+        piece_length: u32,
+        writable: bool,
+    ) -> io::Result<Storage> {
         let mut opts = MmapOptions::new();
         opts.len(length as usize);
-        let map = if mode == OpenMode::ExistingReadOnly {
-            opts.map_raw_read_only(&file)
-        } else {
+        let map = if writable {
             opts.map_raw(&file)
-        }
-        .map_err(io)?;
+        } else {
+            opts.map_raw_read_only(&file)
+        }?;
         // Writable maps keep the default read-ahead: a write fault then zero-fills a batch of
         // neighbouring pages at once, which the picker's order (random within a window of
         // equally rare pieces) soon overwrites. Measured on 1 GiB downloads, leecher CPU 2.42 s
@@ -153,6 +184,7 @@ impl Storage {
             map,
             length,
             piece_length,
+            ledger: Ledger::default(),
         })
     }
 
@@ -181,7 +213,8 @@ impl Storage {
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(start), end - start) }
     }
 
-    /// Copy a verified piece into the map, then drop its pages from this process.
+    /// Copy a verified piece into the map, then drop its pages from this process. The daemon
+    /// writes through [`PieceStore::write_piece`], which also hands out the receipt.
     ///
     /// # Panics
     /// Wrong length or index (a bug: both are checked before hashing).
@@ -244,11 +277,12 @@ impl Storage {
         };
     }
 
-    /// Make every piece written so far durable (fdatasync).
+    /// Make every piece written so far durable (fdatasync). Prefer [`PieceStore::sync`],
+    /// whose token is what lets bits be set; this one is for files nobody keeps bits of.
     ///
     /// # Errors
     /// The kernel reports a write-back failure (disk full, I/O error).
-    pub fn sync(&self) -> io::Result<()> {
+    pub fn sync_raw(&self) -> io::Result<()> {
         self.file.sync_data()
     }
 
@@ -274,25 +308,42 @@ impl Storage {
     }
 }
 
-/// Reserve the file's blocks up front. Writing through a map into a sparse file on a full disk
-/// is a SIGBUS, not an error: reserving turns it into ENOSPC at the start, with nothing lost.
-/// Filesystems without fallocate keep the sparse file (and the risk), with a warning.
-fn reserve(f: &File, length: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let len =
-        libc::off_t::try_from(length).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: fallocate on a descriptor we own; mode 0 only allocates, keeping the contents.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
-    if rc == 0 {
-        return Ok(());
+impl PieceStore for Storage {
+    fn write_piece(&self, index: u32, data: &[u8]) -> Written {
+        Storage::write_piece(self, index, data);
+        // Numbered after the copy: a token minted later covers these bytes.
+        self.ledger.receipt(index)
     }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-            tracing::warn!(cause = %e, "cannot reserve disk space; a full disk would stop the download abruptly");
-            Ok(())
-        }
-        _ => Err(e),
+
+    fn sync(&self) -> Result<Synced, SyncFailed> {
+        self.ledger.sync_with(|| {
+            crate::testhook::fault_point("data-sync")?;
+            self.file.sync_data()
+        })
+    }
+
+    fn piece(&self, index: u32) -> &[u8] {
+        Storage::piece(self, index)
+    }
+
+    fn data(&self) -> &[u8] {
+        Storage::data(self)
+    }
+
+    fn prefetch(&self, index: u32) {
+        Storage::prefetch(self, index);
+    }
+
+    fn prefetch_exact(&self, index: u32) {
+        Storage::prefetch_exact(self, index);
+    }
+
+    fn release(&self, index: u32) {
+        Storage::release(self, index);
+    }
+
+    fn start_writeback(&self, from: u32, to: u32) {
+        Storage::start_writeback(self, from, to);
     }
 }
 
@@ -347,7 +398,7 @@ mod tests {
         let last = vec![9u8; 100_000 - 6 * 16384];
         s.write_piece(6, &last);
         s.write_piece(0, &[1u8; 16384]);
-        s.sync().unwrap();
+        s.sync_raw().unwrap();
         assert_eq!(s.piece(6), &last[..]);
         assert!(s.piece(0).iter().all(|&b| b == 1));
         drop(s);
@@ -374,7 +425,7 @@ mod tests {
         s.start_writeback(3, 3);
         s.start_writeback(7, 9);
         s.start_writeback(4, 2);
-        s.sync().unwrap();
+        s.sync_raw().unwrap();
         drop(s);
         assert_eq!(std::fs::read(&path).unwrap(), expected);
     }

@@ -1,0 +1,76 @@
+//! What connections and announcers may use of the daemon: our identity and addresses, the
+//! limits, the write pool, the upload cap, sabotage, and the trackers' health. They never see
+//! the daemon, the registry or the store.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::announce::TrackerHealth;
+use super::workers::Workers;
+use crate::config::PeerConfig;
+use crate::control::TrackerStatus;
+use crate::sabotage::Sabotage;
+
+pub struct Net {
+    pub cfg: PeerConfig,
+    pub peer_id: String,
+    pub listen: SocketAddr,
+    /// Outgoing sockets bind here, so trackers and peers see the address we listen on.
+    pub bind_ip: Option<IpAddr>,
+    pub conn_limit: Arc<Semaphore>,
+    /// Pieces held in memory between arrival and write.
+    pub verify_limit: Arc<Semaphore>,
+    /// Where verified pieces are written.
+    pub writers: Workers,
+    pub sabotage: Sabotage,
+    pub upload_limit: Option<RateLimiter>,
+    pub trackers: Mutex<HashMap<String, TrackerHealth>>,
+}
+
+impl Net {
+    pub fn tracker_status(&self) -> Vec<TrackerStatus> {
+        let mut v: Vec<_> = self
+            .trackers
+            .lock()
+            .expect("trackers lock")
+            .iter()
+            .map(|(a, h)| h.status(a))
+            .collect();
+        v.sort_by(|a, b| a.addr.cmp(&b.addr));
+        v
+    }
+}
+
+/// A token bucket shared by every upload of the daemon.
+pub struct RateLimiter {
+    bytes_per_sec: f64,
+    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: u64) -> RateLimiter {
+        RateLimiter {
+            bytes_per_sec: bytes_per_sec as f64,
+            state: tokio::sync::Mutex::new((0.0, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Wait until `bytes` may be sent. Up to one second of burst is allowed.
+    pub async fn acquire(&self, bytes: u64) {
+        let mut st = self.state.lock().await;
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(st.1).as_secs_f64() * self.bytes_per_sec;
+        st.0 = (st.0 + refill).min(self.bytes_per_sec);
+        st.1 = now;
+        st.0 -= bytes as f64;
+        if st.0 < 0.0 {
+            // Holding the lock while sleeping queues the other uploads behind this one: fair.
+            let wait = Duration::from_secs_f64(-st.0 / self.bytes_per_sec);
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
