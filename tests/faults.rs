@@ -10,15 +10,16 @@ const T: Duration = Duration::from_secs(120);
 
 /// The invariant, checked from outside: open the (stopped) peer's sled store with the shoal
 /// library, and hash every piece whose bit is set against the descriptor.
-fn assert_every_set_bit_is_a_good_piece(data_dir: &Path, desc: &Path, part: &Path) -> u32 {
+fn assert_every_set_bit_is_a_good_piece(data_dir: &Path, desc: &Path, out_dir: &Path) -> u32 {
     let meta = shoal::metainfo::Metainfo::load(desc).unwrap();
+    let part = shoal::storage::files::working_path(out_dir, &meta.info_hash);
     let store = shoal::store::Store::open(data_dir, false).unwrap();
     let Some(bits) = store.bitfield(&meta.info_hash, meta.piece_count()).unwrap() else {
         return 0;
     };
-    // A finished download has been renamed from NAME.part to NAME.
-    let done = part.with_extension("");
-    let data = std::fs::read(part)
+    // A finished download has been renamed from its working name to NAME.
+    let done = out_dir.join(&meta.name);
+    let data = std::fs::read(&part)
         .or_else(|_| std::fs::read(&done))
         .unwrap_or_default();
     for i in bits.ones() {
@@ -60,7 +61,7 @@ fn it_should_resume_after_repeated_sigkill_without_refetching_more_than_a_flush_
     let (_, desc) = publish(d, &seeder, "file.bin");
     let mut leecher = start_peer(d, "leecher", &[t.addr], &["--config", &cfg]);
     peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
-    let part = d.join("out/file.bin.part");
+    let part = d.join("out");
     let mut rng = rand::thread_rng();
     let mut kills = 0;
     while kills < 5 {
@@ -136,7 +137,7 @@ fn it_should_never_claim_a_piece_when_crashing_between_the_data_sync_and_the_sto
         .proc
         .stderr()
         .contains("crashing at between-sync-and-commit"));
-    let part = d.join("out/file.bin.part");
+    let part = d.join("out");
     let claimed = assert_every_set_bit_is_a_good_piece(&leecher.data_dir, Path::new(&desc), &part);
     assert_eq!(claimed, 0, "nothing was committed before the crash");
     // Then crash right after a commit, a few times: whatever is claimed is good.
@@ -334,8 +335,8 @@ fn it_should_catch_a_seeded_file_changed_behind_its_back_and_recheck_it() {
     assert_eq!(t["state"], "DOWNLOADING");
     assert_eq!(t["have"], 2);
     assert!(
-        d.join("file.bin.part").exists(),
-        "a damaged seed goes back to being a .part"
+        !d.join("file.bin").exists(),
+        "a damaged seed goes back to being a download under its working name"
     );
 }
 

@@ -67,7 +67,9 @@ fn it_should_let_three_leechers_fetch_64mib_from_one_seeder_and_each_other() {
     let mut from_leechers = 0;
     for (i, l) in leechers.iter().enumerate() {
         assert_eq!(sha256sum(&d.join(format!("out{i}/file.bin"))), want);
-        assert!(!d.join(format!("out{i}/file.bin.part")).exists());
+        assert!(!d
+            .join(format!("out{i}/{}", shoal::storage::files::PARTS_DIR))
+            .exists());
         let tor = torrent(d, l);
         assert_eq!(tor["info_hash"], hash);
         assert_eq!(tor["state"], "SEEDING");
@@ -194,7 +196,13 @@ fn it_should_refuse_a_forged_descriptor_even_when_the_forger_is_the_only_source(
         torrents[0]["state"], "FETCHING METADATA",
         "nothing was started from the forgery: {st}"
     );
-    assert!(!d.join("out/other.bin").exists() && !d.join("out/other.bin.part").exists());
+    assert!(
+        !d.join("out/other.bin").exists()
+            && !d
+                .join("out")
+                .join(shoal::storage::files::PARTS_DIR)
+                .exists()
+    );
     // The pending download can be removed.
     let out = peer_ok(d, &leecher.data_dir, &["remove", &hash], T);
     assert!(out.contains("removed"), "{out}");

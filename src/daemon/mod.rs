@@ -160,8 +160,16 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     info!(%listen, %peer_id, "peer started");
 
     let s2 = store.clone();
+    let mut started = Vec::new();
     for (hash, rec) in tokio::task::spawn_blocking(move || s2.torrents()).await?? {
-        let _ = owner::spawn(&d.ctx, hash, rec, owner::Start::Load); // Keys are unique.
+        let (ready, rx) = tokio::sync::oneshot::channel();
+        // Store keys are unique, so every claim succeeds.
+        if owner::spawn(&d.ctx, hash, rec, owner::Start::Load { ready }).is_ok() {
+            started.push(rx);
+        }
+    }
+    for rx in started {
+        let _ = rx.await; // An owner that ended early has nothing to wait for.
     }
     {
         let d2 = d.clone();

@@ -40,8 +40,9 @@ pub struct Ctx {
 
 /// How an owner starts.
 pub enum Start {
-    /// From the store, at daemon start.
-    Load,
+    /// From the store, at daemon start; `ready` fires once the torrent is started (or
+    /// parked), so the daemon answers no command before every torrent's state is known.
+    Load { ready: oneshot::Sender<()> },
     /// A new torrent: persist it (with these bits), answer, then start.
     New {
         bits: Bitfield,
@@ -50,7 +51,8 @@ pub enum Start {
 }
 
 /// The status of a torrent that has no session.
-pub fn snapshot(hash: &Hash, rec: &TorrentRecord, have: u32) -> TorrentStatus {
+pub fn snapshot(hash: &Hash, rec: &TorrentRecord, bits: &Bitfield) -> TorrentStatus {
+    let have = bits.count();
     let meta = rec
         .descriptor
         .as_deref()
@@ -78,6 +80,8 @@ pub fn snapshot(hash: &Hash, rec: &TorrentRecord, have: u32) -> TorrentStatus {
         completed_at: rec.completed_at,
         data_path: rec.working_path_for(hash).display().to_string(),
         note: rec.note.clone(),
+        // Kept for `query` (the handle strips it for `status`).
+        piece_states: (0..bits.len()).map(|i| (bits.get(i), 0, 0)).collect(),
         ..Default::default()
     }
 }
@@ -90,7 +94,7 @@ pub fn spawn(
     rec: TorrentRecord,
     start: Start,
 ) -> Result<Arc<TorrentHandle>, Arc<TorrentHandle>> {
-    let (handle, mailbox) = TorrentHandle::new(hash, snapshot(&hash, &rec, 0));
+    let (handle, mailbox) = TorrentHandle::new(hash, snapshot(&hash, &rec, &Bitfield::new(0)));
     ctx.registry.claim(handle.clone())?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (meta_tx, meta_rx) = mpsc::channel(1);
@@ -146,9 +150,11 @@ impl Owner {
         mut metas: mpsc::Receiver<Metainfo>,
         start: Start,
     ) {
+        let mut ready = None;
         match start {
-            Start::Load => {
+            Start::Load { ready: r } => {
                 self.bits = self.stored_bits().await;
+                ready = Some(r);
             }
             Start::New { bits, reply } => {
                 self.bits = bits;
@@ -162,6 +168,9 @@ impl Owner {
             }
         }
         self.activate().await;
+        if let Some(r) = ready {
+            let _ = r.send(()); // The daemon may be stopping.
+        }
         loop {
             tokio::select! {
                 env = mailbox.recv() => {
@@ -196,7 +205,7 @@ impl Owner {
     fn publish_snapshot(&self) {
         if self.live.is_none() {
             self.handle
-                .set_snapshot(snapshot(&self.hash, &self.rec, self.bits.count()));
+                .set_snapshot(snapshot(&self.hash, &self.rec, &self.bits));
         }
     }
 
@@ -795,14 +804,20 @@ pub fn recheck_data(
                     rec.completed_at.get_or_insert_with(crate::fsutil::unix_ms);
                     return Ok((good, rec));
                 }
-                rec.state = TorrentState::NeedsRecheck;
+                // A damaged finished file goes back to being a download, keeping what is
+                // good; only the bad pieces are fetched again.
+                let name = meta.name.clone();
+                let w = files::adopt_final(&out_dir, hash, &name)?;
+                rec.state = TorrentState::Downloading;
+                rec.completed_at = None;
+                rec.working_file = Some(w.id);
                 rec.note = Some(format!(
-                    "{} has {} of {n} good pieces; move it away and run `shoal recheck {}` to download the rest",
+                    "{} had {} of {n} good pieces; the rest are fetched again",
                     rec.data_path.display(),
-                    good.count(),
-                    hex::encode(hash)
+                    good.count()
                 ));
-                return Ok((Bitfield::new(n), rec));
+                // Same inode, already hashed and synced above.
+                return Ok((good, rec));
             }
             Err(e @ StorageError::TooShort { .. }) => {
                 rec.state = TorrentState::NeedsRecheck;

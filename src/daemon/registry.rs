@@ -91,7 +91,13 @@ impl TorrentHandle {
     pub fn status(&self, with_pieces: bool) -> TorrentStatus {
         match self.live() {
             Some(t) => t.status(with_pieces),
-            None => self.snapshot.lock().expect("snapshot lock").clone(),
+            None => {
+                let mut s = self.snapshot.lock().expect("snapshot lock").clone();
+                if !with_pieces {
+                    s.piece_states.clear();
+                }
+                s
+            }
         }
     }
 

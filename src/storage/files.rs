@@ -384,6 +384,55 @@ pub fn finish_rename(out_dir: &Path, hash: &Hash, final_name: &str) -> io::Resul
     Ok(())
 }
 
+/// Take a damaged finished file back as the download's working file (never replacing
+/// anything), so the recheck's good pieces are kept and only the bad ones fetched again.
+///
+/// # Errors
+/// Unsafe or missing directories, or I/O errors.
+pub fn adopt_final(out_dir: &Path, hash: &Hash, final_name: &str) -> Result<Working, StorageError> {
+    let dirs = open_dirs(out_dir, true)?;
+    let name = working_name(hash);
+    let p = working_path(out_dir, hash).display().to_string();
+    let io_err = |source| StorageError::Io {
+        path: p.clone(),
+        source,
+    };
+    match unlink_at(&dirs.parts, name.as_bytes()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let from = cstr(final_name.as_bytes()).map_err(io_err)?;
+    let to = cstr(name.as_bytes()).map_err(io_err)?;
+    // SAFETY: a plain syscall with valid C strings and our directory descriptors.
+    cvt(unsafe {
+        libc::renameat2(
+            dirs.out.as_raw_fd(),
+            from.as_ptr(),
+            dirs.parts.as_raw_fd(),
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    })
+    .map_err(io_err)?;
+    fsync_fd(&dirs.parts).map_err(io_err)?;
+    fsync_fd(&dirs.out).map_err(io_err)?;
+    let file = open_file_at(&dirs.parts, name.as_bytes(), libc::O_RDWR).map_err(io_err)?;
+    if !file.metadata().map_err(io_err)?.file_type().is_file() {
+        return Err(StorageError::Unsafe {
+            path: p.clone(),
+            reason: "not a regular file".into(),
+        });
+    }
+    let id = id_of(&file).map_err(io_err)?;
+    Ok(Working {
+        file,
+        id,
+        note: None,
+        lost_from: None,
+    })
+}
+
 /// Open a complete file (a seed, or a finished download) read-only without following a
 /// symlink at its last component.
 ///
