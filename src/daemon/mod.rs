@@ -536,6 +536,7 @@ async fn publish(d: &Arc<Daemon>, path: &Path) -> anyhow::Result<CtlResponse> {
             uploaded: 0,
             trackers: Vec::new(),
             note: None,
+            working_file: None,
         };
         // Every piece was just hashed from this very file.
         d.store
@@ -617,6 +618,7 @@ fn new_download_record(
         uploaded: 0,
         trackers,
         note: None,
+        working_file: None,
     }
 }
 
