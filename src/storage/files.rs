@@ -132,7 +132,7 @@ fn generation(f: &File) -> u64 {
 }
 
 fn same_file(a: &FileId, b: &FileId) -> bool {
-    a.dev == b.dev && a.ino == b.ino && a.gen == b.gen
+    a.is_same_file(b)
 }
 
 /// Bytes free for us in the file system holding `dir`.
