@@ -842,6 +842,11 @@ fn rename_no_replace(from: &Path, to: &Path) -> anyhow::Result<()> {
             to.display()
         );
     }
+    if let Some(dir) = to.parent().filter(|d| !d.exists()) {
+        // The daemon's working files live in their own directory.
+        std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        sync_parent(dir)?;
+    }
     std::fs::rename(from, to)
         .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
     sync_parent(to)?;

@@ -75,18 +75,16 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (String, u64, i128)> {
     out
 }
 
-/// The working file of `name` in `out`: the per-info-hash name, or an old-style `.part`
-/// written by a daemon from before per-info-hash names.
-fn working_file(out: &Path, name: &str) -> PathBuf {
-    for e in std::fs::read_dir(out).unwrap() {
-        let f = e.unwrap().file_name().to_string_lossy().into_owned();
-        if f.starts_with(&format!(".{name}.")) && f.ends_with(".shoal-part")
-            || f == format!("{name}.part")
-        {
-            return out.join(f);
+/// The working file of the one download into `out` (`out/.shoal-parts/<hash>.part`).
+fn working_file(out: &Path, _name: &str) -> PathBuf {
+    let parts = out.join(shoal::storage::files::PARTS_DIR);
+    for e in std::fs::read_dir(&parts).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "part") {
+            return p;
         }
     }
-    panic!("no working file of {name} in {}", out.display());
+    panic!("no working file in {}", parts.display());
 }
 
 /// Flip one byte of a file in place (same inode, same length).
