@@ -14,3 +14,5 @@ mod faults;
 mod status;
 // `shoal demo`: the whole emulated swarm.
 mod demo;
+// The storage boundary: hostile files, failing syncs, one owner, bounded state, cuts.
+mod storage;

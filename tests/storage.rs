@@ -1,0 +1,301 @@
+//! The storage boundary: files nobody can trick, one owner per torrent, durability that a
+//! failing disk cannot fake, bounded state, and completion that survives a cut.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(120);
+
+fn write_config(d: &Path, name: &str, body: &str) -> String {
+    let p = d.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn hash_bytes(hex_hash: &str) -> [u8; 32] {
+    hex::decode(hex_hash).unwrap().try_into().unwrap()
+}
+
+fn working(out: &Path, hex_hash: &str) -> PathBuf {
+    shoal::storage::files::working_path(out, &hash_bytes(hex_hash))
+}
+
+#[test]
+fn it_should_never_write_through_a_symlink_planted_at_a_working_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_t, [seeder], hash, desc) = seeded(d, 4, [("seeder", &[])]);
+    let victim = d.join("victim.txt");
+    std::fs::write(&victim, b"do not touch").unwrap();
+    let out = d.join("out");
+    std::fs::create_dir_all(out.join(shoal::storage::files::PARTS_DIR)).unwrap();
+    // Both the old working name and the new one point at the victim.
+    std::os::unix::fs::symlink(&victim, out.join("file.bin.part")).unwrap();
+    std::os::unix::fs::symlink(&victim, working(&out, &hash)).unwrap();
+    let leecher = start_peer(d, "leecher", &[_t.addr], &[]);
+    fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"do not touch");
+    drop(seeder);
+}
+
+#[test]
+fn it_should_not_trust_a_stale_longer_working_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (t, [_seeder], hash, desc) = seeded(d, 4, [("seeder", &[])]);
+    let out = d.join("out");
+    std::fs::create_dir_all(out.join(shoal::storage::files::PARTS_DIR)).unwrap();
+    // A leftover of another run: the right prefix, 1 MiB too long.
+    let mut stale = std::fs::read(d.join("file.bin")).unwrap();
+    stale.extend(vec![0xEE; 1 << 20]);
+    std::fs::write(working(&out, &hash), &stale).unwrap();
+    std::fs::write(out.join("file.bin.part"), &stale).unwrap();
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    fetch_and_verify(d, &leecher, &desc, "out", "file.bin");
+    assert_eq!(
+        std::fs::metadata(out.join("file.bin")).unwrap().len(),
+        4 << 20,
+        "exactly the descriptor's length"
+    );
+}
+
+#[test]
+fn it_should_keep_v_and_v_part_apart_in_one_output_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("v"), 3 << 20);
+    random_file(&src.join("v.part"), 2 << 20);
+    let t = start_tracker(d, "t", &["--interval", "1s"]);
+    let seeder = start_peer(d, "seeder", &[t.addr], &[]);
+    let (_, dv) = publish(d, &seeder, "src/v");
+    let (_, dvp) = publish(d, &seeder, "src/v.part");
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    for desc in [&dvp, &dv] {
+        let o = get_wait(d, &leecher, desc, "out");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(sha256sum(&d.join("out/v")), sha256sum(&src.join("v")));
+    assert_eq!(
+        sha256sum(&d.join("out/v.part")),
+        sha256sum(&src.join("v.part"))
+    );
+    let st = status(d, &leecher.data_dir);
+    for tor in st["torrents"].as_array().unwrap() {
+        assert_eq!(tor["state"], "SEEDING", "{tor}");
+    }
+}
+
+#[test]
+fn it_should_stop_with_a_note_when_the_working_file_is_deleted_mid_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let slow = write_config(d, "slow.toml", "[peer]\nmax_upload_rate = \"2MiB\"\n");
+    let (t, [_seeder], hash, desc) = seeded(d, 16, [("seeder", &["--config", &slow])]);
+    let cfg = write_config(d, "fast.toml", "[peer]\nflush_interval = \"200ms\"\n");
+    let leecher = start_peer(d, "leecher", &[t.addr], &["--config", &cfg]);
+    peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
+    let out = d.join("out");
+    wait_for(T, "a few pieces", || {
+        (torrent(d, &leecher)["have"].as_u64().unwrap() >= 2).then_some(())
+    });
+    std::fs::remove_file(working(&out, &hash)).unwrap();
+    let st = wait_for(Duration::from_secs(20), "NEEDS RECHECK", || {
+        let st = torrent(d, &leecher);
+        (st["state"] == "NEEDS RECHECK").then_some(st)
+    });
+    assert!(
+        st["note"].as_str().unwrap().contains("deleted or replaced"),
+        "{st}"
+    );
+    // It stays stopped: never "complete" on a file that is gone.
+    std::thread::sleep(Duration::from_secs(2));
+    let st = torrent(d, &leecher);
+    assert_eq!(st["state"], "NEEDS RECHECK", "{st}");
+    assert!(!out.join("file.bin").exists());
+    // A recheck starts it again from what is really there (nothing) and it completes.
+    peer_ok(d, &leecher.data_dir, &["recheck", &hash], T);
+    let o = get_wait(d, &leecher, &hash, "out");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        sha256sum(&out.join("file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
+}
+
+#[test]
+fn it_should_go_to_needs_recheck_and_set_no_bit_when_the_data_sync_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (t, [_seeder], hash, desc) = seeded(d, 8, [("seeder", &[])]);
+    let mut leecher = start_peer_env(
+        d,
+        "leecher",
+        &[t.addr],
+        &[],
+        &[("SHOAL_TEST_FAULT", "data-sync")],
+    );
+    peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
+    let st = wait_for(T, "NEEDS RECHECK", || {
+        let st = torrent(d, &leecher);
+        (st["state"] == "NEEDS RECHECK").then_some(st)
+    });
+    assert!(
+        st["note"].as_str().unwrap().contains("Input/output error"),
+        "the OS error is in the note: {st}"
+    );
+    leecher.proc.terminate(Duration::from_secs(20));
+    let store = shoal::store::Store::open(&leecher.data_dir, false).unwrap();
+    let h = hash_bytes(&hash);
+    let bits = store
+        .bitfield(&h, 8)
+        .unwrap()
+        .unwrap_or(shoal::bitfield::Bitfield::new(8));
+    assert_eq!(bits.count(), 0, "no bit without a successful sync");
+    assert!(!d.join("out/file.bin").exists());
+}
+
+#[test]
+fn it_should_keep_one_owner_through_50_concurrent_commands_on_one_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (t, [_seeder], hash, desc) = seeded(d, 8, [("seeder", &[])]);
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
+    let cmds = ["pause", "resume", "recheck", "get", "remove"];
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            let (d, dd, hash, desc) = (
+                d.to_path_buf(),
+                leecher.data_dir.clone(),
+                hash.clone(),
+                desc.clone(),
+            );
+            let cmd = cmds[i % cmds.len()];
+            std::thread::spawn(move || {
+                let args: Vec<&str> = match cmd {
+                    "get" => vec!["get", &desc, "--output", "out"],
+                    c => vec![c, &hash],
+                };
+                let mut all = args.clone();
+                all.extend(["--data-dir", dd.to_str().unwrap()]);
+                shoal(&d, &all, T)
+            })
+        })
+        .collect();
+    for h in handles {
+        // Each may succeed or fail cleanly ("no torrent", "being removed"); none may hang.
+        let o = h.join().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let st = status(d, &leecher.data_dir);
+    let n = st["torrents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["info_hash"] == hash.as_str())
+        .count();
+    assert!(n <= 1, "one owner per hash: {st}");
+    // Whatever state it was left in, it can be brought to completion, correctly.
+    if n == 1 {
+        let _ = shoal(
+            d,
+            &[
+                "resume",
+                &hash,
+                "--data-dir",
+                leecher.data_dir.to_str().unwrap(),
+            ],
+            T,
+        );
+    }
+    let o = get_wait(d, &leecher, &desc, "out");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
+}
+
+#[test]
+fn it_should_keep_scores_bounded_under_10000_fresh_peer_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_t, [mut seeder], hash, _desc) = seeded(d, 1, [("seeder", &[])]);
+    let addr = seeder.addr;
+    let threads: Vec<_> = (0..8)
+        .map(|k| {
+            let hash = hash.clone();
+            std::thread::spawn(move || {
+                for i in 0..1250 {
+                    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    else {
+                        continue;
+                    };
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let hello = serde_json::json!({"type":"HELLO","v":1,"info_hash":hash,
+                        "peer_id":format!("fresh-{k}-{i}"),"port":1});
+                    if s.write_all(&frame(&hello, &[])).is_err() {
+                        continue;
+                    }
+                    // Wait for its HELLO, so the connection was registered.
+                    let mut b = [0u8; 1];
+                    let _ = s.read(&mut b);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let rows = peer_ok(
+        d,
+        &seeder.data_dir,
+        &["query", "SELECT count(*) AS n FROM peers", "--json"],
+        T,
+    );
+    let v: serde_json::Value = serde_json::from_str(&rows).unwrap();
+    let n = v[0]["n"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    assert!(n > 100, "the flood reached the seeder: {n}");
+    assert!(n <= 512, "scores are capped: {n}");
+    seeder.proc.terminate(Duration::from_secs(20));
+    let store = shoal::store::Store::open(&seeder.data_dir, false).unwrap();
+    let stored = store.score_count(&hash_bytes(&hash)).unwrap();
+    assert!(stored <= 512, "the store is bounded too: {stored}");
+}
+
+#[test]
+fn it_should_seed_without_a_command_after_a_cut_right_after_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (t, [_seeder], _hash, desc) = seeded(d, 4, [("seeder", &[])]);
+    let mut leecher = start_peer_env(
+        d,
+        "leecher",
+        &[t.addr],
+        &[],
+        &[("SHOAL_TEST_CRASH_AT", "after-rename")],
+    );
+    peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
+    let deadline = Instant::now() + T;
+    while leecher.proc.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "never reached the crash point");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(leecher.proc.stderr().contains("crashing at after-rename"));
+    assert!(d.join("out/file.bin").exists(), "the rename happened");
+    // Restart with no command at all: it finds the finished file and seeds it.
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    let st = torrent(d, &leecher);
+    assert_eq!(st["state"], "SEEDING", "{st}");
+    assert_eq!(
+        sha256sum(&d.join("out/file.bin")),
+        sha256sum(&d.join("file.bin"))
+    );
+}
