@@ -13,7 +13,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(shoal::cli::run(cli)) {
+    let result = rt.block_on(shoal::cli::run(cli));
+    // A blocking thread stuck in the kernel (sled on a full disk) must not keep the process
+    // alive after the daemon has stopped: give them a moment, then exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // A closed pipe (`shoal status | head`) is not a failure.

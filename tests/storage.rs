@@ -299,3 +299,172 @@ fn it_should_seed_without_a_command_after_a_cut_right_after_completion() {
         sha256sum(&d.join("file.bin"))
     );
 }
+
+/// A small ext4 file system on a loop device, made by the test and unmounted on drop.
+struct Ext4 {
+    mnt: PathBuf,
+}
+
+impl Ext4 {
+    /// `None` (with the reason printed) where this machine cannot do it.
+    fn make(dir: &Path, mib: u64) -> Option<Ext4> {
+        // SAFETY-free: geteuid has no preconditions; through libc's safe-to-call wrapper.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIPPED: the disk-full test needs root to mount a loop device");
+            return None;
+        }
+        let img = dir.join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let mkfs = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&img)
+            .output();
+        if !mkfs.as_ref().is_ok_and(|o| o.status.success()) {
+            println!("SKIPPED: mkfs.ext4 is not usable here: {mkfs:?}");
+            return None;
+        }
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mount = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output();
+        if !mount.as_ref().is_ok_and(|o| o.status.success()) {
+            println!("SKIPPED: cannot mount a loop device here: {mount:?}");
+            return None;
+        }
+        Some(Ext4 { mnt })
+    }
+
+    fn free(&self) -> u64 {
+        shoal::storage::files::free_space(&self.mnt).unwrap()
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        // Lazy: a process killed a moment ago may still hold a file open.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+#[test]
+fn it_should_fail_cleanly_and_give_the_space_back_when_the_disk_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Some(fs) = Ext4::make(d, 48) else { return };
+    // Small pieces make big records: every commit of the small download appends ~17 KB to
+    // sled's log, so its log must grow on the full disk within a few seconds.
+    let slow = write_config(
+        d,
+        "slow.toml",
+        "[peer]\nmax_upload_rate = \"1MiB\"\npiece_size = \"64KiB\"\n",
+    );
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    random_file(&src.join("big.bin"), 64 << 20);
+    random_file(&src.join("small.bin"), 16 << 20);
+    let t = start_tracker(d, "t", &["--interval", "1s"]);
+    let seeder = start_peer(d, "seeder", &[t.addr], &["--config", &slow]);
+    let (_, big) = publish(d, &seeder, "src/big.bin");
+    let (_, small) = publish(d, &seeder, "src/small.bin");
+    let cfg = write_config(d, "leech.toml", "[peer]\nflush_interval = \"100ms\"\n");
+    // The leecher's whole data dir (sled included) lives on the small file system.
+    let mut leecher = start_peer(d, "mnt/leecher", &[t.addr], &["--config", &cfg]);
+    let before = fs.free();
+    // 1. A reservation larger than the free space: FAILED, the space given back.
+    let o = shoal(
+        d,
+        &[
+            "get",
+            &big,
+            "--output",
+            "mnt/out",
+            "--data-dir",
+            leecher.data_dir.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = wait_for(T, "FAILED", || {
+        let st = status(d, &leecher.data_dir);
+        st["torrents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "big.bin" && x["state"] == "FAILED")
+            .cloned()
+    });
+    let note = st["note"].as_str().unwrap();
+    assert!(
+        note.contains("needs 67108864 bytes") && note.contains("free"),
+        "{note}"
+    );
+    let after = fs.free();
+    assert!(
+        after + (2 << 20) >= before,
+        "the failed reservation gave its blocks back: {before} free before, {after} after"
+    );
+    // 2. Disk full in the middle of a download (sled's writes fail): FAILED with a note,
+    //    status keeps answering within a second, SIGTERM stops the daemon.
+    peer_ok(
+        d,
+        &leecher.data_dir,
+        &["get", &small, "--output", "mnt/out"],
+        T,
+    );
+    wait_for(T, "a few pieces", || {
+        let st = status(d, &leecher.data_dir);
+        st["torrents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "small.bin" && x["have"].as_u64().unwrap() >= 4)
+            .then_some(())
+    });
+    {
+        // Fill every block left.
+        let mut f = std::fs::File::create(fs.mnt.join("filler")).unwrap();
+        let buf = vec![0u8; 1 << 20];
+        while f.write_all(&buf).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let st = wait_for(Duration::from_secs(60), "FAILED on a full disk", || {
+        let t0 = Instant::now();
+        let st = status(d, &leecher.data_dir);
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "status took {:?} on a full disk",
+            t0.elapsed()
+        );
+        st["torrents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| {
+                x["name"] == "small.bin" && (x["state"] == "FAILED" || x["state"] == "SEEDING")
+            })
+            .cloned()
+    });
+    assert_eq!(
+        st["state"], "FAILED",
+        "ENOSPC mid-download is a state: {st}"
+    );
+    let note = st["note"].as_str().unwrap();
+    assert!(note.contains("store") || note.contains("space"), "{note}");
+    println!("mid-download note: {note}");
+    let t0 = Instant::now();
+    let exited = leecher.proc.terminate(Duration::from_secs(60));
+    assert!(
+        exited.is_some(),
+        "SIGTERM stops the daemon on a full disk (waited {:?})",
+        t0.elapsed()
+    );
+}
