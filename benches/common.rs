@@ -87,7 +87,12 @@ impl Drop for Daemon {
 
 /// Start `shoal ARGS` in `dir` and wait for its first line.
 pub fn spawn(dir: &Path, args: &[&str]) -> Daemon {
-    let mut child = Command::new(shoal_bin())
+    spawn_bin(shoal_bin(), dir, args)
+}
+
+/// Start `BIN ARGS` (another build of shoal) in `dir` and wait for its first line.
+pub fn spawn_bin(bin: &str, dir: &Path, args: &[&str]) -> Daemon {
+    let mut child = Command::new(bin)
         .args(args)
         .current_dir(dir)
         .stdout(Stdio::piped())

@@ -120,7 +120,11 @@ fn write_cpu(dir: &Path, bytes: u64, mmap: bool) -> f64 {
 }
 
 fn shoal(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(common::shoal_bin())
+    shoal_with(common::shoal_bin(), dir, args)
+}
+
+fn shoal_with(bin: &str, dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin)
         .args(args)
         .current_dir(dir)
         .output()
@@ -140,6 +144,75 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
+}
+
+/// One download by a leecher of build `bin` from `seeder`: (seconds from ADD to the verified
+/// rename, leecher CPU seconds, seeder CPU seconds, leecher VmHWM KiB).
+fn leech_once(
+    bin: &str,
+    d: &Path,
+    taddr: &str,
+    desc: &str,
+    seeder: &common::Daemon,
+    tag: &str,
+) -> (f64, f64, f64, u64) {
+    let ldir = format!("leecher{tag}");
+    let leecher = common::spawn_bin(
+        bin,
+        d,
+        &[
+            "peer",
+            "run",
+            "--data-dir",
+            &ldir,
+            "--listen",
+            "127.0.0.1:0",
+            "--tracker",
+            taddr,
+        ],
+    );
+    let seed_c = common::proc_cpu(seeder.child.id());
+    let t = Instant::now();
+    shoal_with(
+        bin,
+        d,
+        &[
+            "get",
+            desc,
+            "--data-dir",
+            &ldir,
+            "--output",
+            &format!("out{tag}"),
+        ],
+    );
+    // Poll finely: the time is the daemon's own, from the ADD to the verified rename.
+    let (added, done) = loop {
+        let st: serde_json::Value = serde_json::from_str(&shoal_with(
+            bin,
+            d,
+            &["status", "--json", "--data-dir", &ldir],
+        ))
+        .unwrap();
+        let tor = &st["torrents"][0];
+        if tor["state"] == "SEEDING" {
+            break (
+                tor["added_at"].as_i64().unwrap(),
+                tor["completed_at"].as_i64().unwrap(),
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "download did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Status polls cost both daemons a little; small against a transfer.
+    (
+        (done - added) as f64 / 1000.0,
+        common::proc_cpu(leecher.child.id()),
+        common::proc_cpu(seeder.child.id()) - seed_c,
+        vm_hwm_kib(leecher.child.id()),
+    )
 }
 
 fn main() {
@@ -177,6 +250,9 @@ fn main() {
     let (mut base, mut base_sync, mut ours, mut hwm_leech) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut base_cpu, mut leech_cpu, mut seed_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    // Another build's leecher (e.g. the previous commit's), measured alternately in this run.
+    let compare = std::env::var("SHOAL_BENCH_COMPARE_BIN").ok();
+    let (mut theirs, mut theirs_cpu) = (Vec::new(), Vec::new());
     // Each measurement starts with no dirty pages left by the previous one, or the kernel's
     // writeback throttling lands in whichever run comes next.
     let settle = || {
@@ -194,57 +270,26 @@ fn main() {
         base_sync.push(baseline(&file, &dst, true).as_secs_f64());
         let _ = std::fs::remove_file(&dst);
         settle();
-        let ldir = format!("leecher{r}");
-        let leecher = common::spawn(
+        let (secs, lcpu, scpu, hwm) = leech_once(
+            common::shoal_bin(),
             d,
-            &[
-                "peer",
-                "run",
-                "--data-dir",
-                &ldir,
-                "--listen",
-                "127.0.0.1:0",
-                "--tracker",
-                &taddr,
-            ],
+            &taddr,
+            &desc,
+            &seeder,
+            &format!("{r}"),
         );
-        let seed_c = common::proc_cpu(seeder.child.id());
-        let t = Instant::now();
-        shoal(
-            d,
-            &[
-                "get",
-                &desc,
-                "--data-dir",
-                &ldir,
-                "--output",
-                &format!("out{r}"),
-            ],
-        );
-        // Poll finely: the time is the daemon's own, from the ADD to the verified rename.
-        let (added, done) = loop {
-            let st: serde_json::Value =
-                serde_json::from_str(&shoal(d, &["status", "--json", "--data-dir", &ldir]))
-                    .unwrap();
-            let tor = &st["torrents"][0];
-            if tor["state"] == "SEEDING" {
-                break (
-                    tor["added_at"].as_i64().unwrap(),
-                    tor["completed_at"].as_i64().unwrap(),
-                );
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(300),
-                "download did not finish"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        ours.push((done - added) as f64 / 1000.0);
-        // Status polls cost both daemons a little; small against a transfer.
-        leech_cpu.push(common::proc_cpu(leecher.child.id()));
-        seed_cpu.push(common::proc_cpu(seeder.child.id()) - seed_c);
-        hwm_leech.push(vm_hwm_kib(leecher.child.id()));
+        ours.push(secs);
+        leech_cpu.push(lcpu);
+        seed_cpu.push(scpu);
+        hwm_leech.push(hwm);
         let _ = std::fs::remove_dir_all(d.join(format!("out{r}")));
+        if let Some(other) = &compare {
+            settle();
+            let (secs, lcpu, _, _) = leech_once(other, d, &taddr, &desc, &seeder, &format!("c{r}"));
+            theirs.push(secs);
+            theirs_cpu.push(lcpu);
+            let _ = std::fs::remove_dir_all(d.join(format!("outc{r}")));
+        }
     }
     let hwm_seed = vm_hwm_kib(seeder.child.id());
     let (b, bs, o) = (
@@ -263,6 +308,14 @@ fn main() {
         o / b,
         o / bs
     );
+    if let Some(other) = &compare {
+        let t = common::median(theirs.clone());
+        println!(
+            "  compare leecher {other}: median {t:.3} s  runs {theirs:.3?}  leecher CPU {:.2} s; this build / that: {:.3}",
+            common::median(theirs_cpu),
+            o / t
+        );
+    }
     let sha = sha_pass_cpu(mib << 20);
     settle();
     let mmap_cpu = write_cpu(d, mib << 20, true);
