@@ -19,7 +19,6 @@ use tracing::{info, warn};
 
 use super::net::Net;
 use super::torrent::Torrent;
-use crate::control::TrackerStatus;
 use crate::metainfo::Hash;
 use crate::store::{TorrentRecord, TorrentState};
 
@@ -28,26 +27,6 @@ const MAX_PEERS_PER_REPLY: usize = 200;
 
 /// Announce interval until a tracker tells us its own.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, Default)]
-pub struct TrackerHealth {
-    pub failures: u32,
-    pub next_try: Option<Instant>,
-    pub last_ok: Option<i64>,
-    pub last_error: Option<String>,
-}
-
-impl TrackerHealth {
-    pub fn status(&self, addr: &str) -> TrackerStatus {
-        TrackerStatus {
-            addr: addr.to_string(),
-            reachable: self.failures == 0 && self.last_ok.is_some(),
-            last_ok: self.last_ok,
-            last_error: self.last_error.clone(),
-            failures: self.failures,
-        }
-    }
-}
 
 /// The trackers of a torrent: the descriptor's, then the record's, then the config's.
 pub fn trackers_for(d: &Net, descriptor: &[String], rec: &TorrentRecord) -> Vec<String> {

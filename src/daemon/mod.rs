@@ -42,8 +42,8 @@ use crate::store::{Store, TorrentRecord, TorrentState};
 use registry::{Cmd, Registry};
 use shoal_tracker::wire::{FrameReader, FrameWriter, Limits, Timeouts};
 
-pub use announce::TrackerHealth;
 pub use net::RateLimiter;
+pub use net::TrackerHealth;
 pub use torrent::Torrent;
 
 /// Name of the lock file that keeps two daemons off one data dir.

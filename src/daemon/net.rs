@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use super::announce::TrackerHealth;
 use super::workers::Workers;
 use crate::config::PeerConfig;
 use crate::control::TrackerStatus;
@@ -42,6 +41,27 @@ impl Net {
             .collect();
         v.sort_by(|a, b| a.addr.cmp(&b.addr));
         v
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+/// What we know of one tracker's reachability, daemon-wide (shown in `status`).
+pub struct TrackerHealth {
+    pub failures: u32,
+    pub next_try: Option<Instant>,
+    pub last_ok: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+impl TrackerHealth {
+    pub fn status(&self, addr: &str) -> TrackerStatus {
+        TrackerStatus {
+            addr: addr.to_string(),
+            reachable: self.failures == 0 && self.last_ok.is_some(),
+            last_ok: self.last_ok,
+            last_error: self.last_error.clone(),
+            failures: self.failures,
+        }
     }
 }
 
