@@ -26,6 +26,7 @@ pub mod picker;
 pub mod query;
 pub mod sabotage;
 pub mod scorer;
+pub mod secure;
 pub mod storage;
 pub mod store;
 pub mod testhook;
