@@ -307,6 +307,11 @@ pub async fn fetch_metadata_task(
             addr: None,
         };
         let (peers, _) = announce_all(&d, &trackers, &req, false).await;
+        // What `get --wait` and `status` say while nobody has sent the descriptor.
+        let note = describe_asked(&peers, &refused);
+        if let Some((r, _)) = d.fetching.lock().expect("fetching lock").get_mut(&hash) {
+            r.note = Some(note);
+        }
         for p in peers {
             let Ok(ip) = p.addr.parse::<std::net::IpAddr>() else {
                 continue;
@@ -362,4 +367,30 @@ pub async fn fetch_metadata_task(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// "peers asked for the descriptor: A, B" or "no tracker has returned a peer yet".
+fn describe_asked(
+    peers: &[shoal_tracker::proto::PeerEntry],
+    refused: &HashSet<SocketAddr>,
+) -> String {
+    if peers.is_empty() {
+        return "no tracker has returned a peer for it yet".into();
+    }
+    let list: Vec<String> = peers
+        .iter()
+        .take(10)
+        .map(|p| {
+            let a = format!("{}:{}", p.addr, p.port);
+            match a.parse::<SocketAddr>() {
+                Ok(sa) if refused.contains(&sa) => format!("{a} (refused)"),
+                _ => a,
+            }
+        })
+        .collect();
+    format!(
+        "peers asked for the descriptor: {}{}",
+        list.join(", "),
+        if peers.len() > 10 { ", ..." } else { "" }
+    )
 }

@@ -149,6 +149,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let listen = listener.local_addr()?;
+    let http = crate::http::bind_configured(&cfg.http, &cfg.http_token).await?;
     let bind_ip = (!listen.ip().is_unspecified()).then_some(listen.ip());
     let sock_path = crate::control::socket_path(&data_dir);
     // A socket left by a killed daemon: the lock proves nobody serves it.
@@ -182,9 +183,11 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         fetching: Mutex::new(HashMap::new()),
     });
     // Tests and scripts read this line for the bound port.
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     println!(
-        "peer listening on {listen} (peer id {peer_id}, data dir {})",
-        data_dir.display()
+        "peer listening on {listen} (peer id {peer_id}, data dir {}){}",
+        data_dir.display(),
+        http_addr.map_or(String::new(), |a| format!(" http on http://{a}/"))
     );
     info!(%listen, %peer_id, "peer started");
 
@@ -200,6 +203,15 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         let d2 = d.clone();
         d.tasks
             .spawn(async move { control_loop(d2, control).await });
+        if let Some(l) = http {
+            crate::http::spawn(
+                &d.tasks,
+                l,
+                http_handler(&d),
+                &d.cfg.http_token,
+                d.cancel.clone(),
+            );
+        }
     }
     wait_for_signal(&d.cancel).await;
     info!("shutting down");
@@ -328,6 +340,21 @@ async fn serve_control(d: Arc<Daemon>, stream: UnixStream) {
     }
 }
 
+/// The HTTP API's door into the daemon: the control socket's own handler.
+fn http_handler(d: &Arc<Daemon>) -> crate::http::Handler {
+    let d = d.clone();
+    Arc::new(move |req| {
+        let d = d.clone();
+        Box::pin(async move {
+            handle_control(&d, req)
+                .await
+                .unwrap_or_else(|e| CtlResponse::Error {
+                    reason: format!("{e:#}"),
+                })
+        })
+    })
+}
+
 fn parse_hash(s: &str) -> anyhow::Result<Hash> {
     let v = hex::decode(s.trim()).ok().filter(|v| v.len() == 32);
     match v {
@@ -345,8 +372,21 @@ impl Daemon {
             .cloned()
     }
 
+    /// The torrent (or descriptor fetch) that `s`, a full hash or a unique prefix, names.
+    fn resolve(&self, s: &str) -> anyhow::Result<Hash> {
+        let mut known: Vec<Hash> = self
+            .torrents
+            .lock()
+            .expect("torrents lock")
+            .keys()
+            .copied()
+            .collect();
+        known.extend(self.fetching.lock().expect("fetching lock").keys().copied());
+        Ok(crate::hashprefix::resolve(s, &known)?)
+    }
+
     fn find(&self, s: &str) -> anyhow::Result<Arc<Torrent>> {
-        let h = parse_hash(s)?;
+        let h = self.resolve(s)?;
         self.torrent(&h)
             .with_context(|| format!("no torrent {s} in this peer"))
     }
@@ -454,18 +494,19 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
             info_hash,
             delete_data,
         } => {
-            let h = parse_hash(&info_hash)?;
+            let h = d.resolve(&info_hash)?;
             let fetching = d.fetching.lock().expect("fetching lock").remove(&h);
             if let Some((_, token)) = fetching {
                 token.cancel();
                 d.store.remove_torrent(&h)?;
                 return Ok(CtlResponse::Ok {
                     message: format!(
-                        "removed {info_hash} (its descriptor was still being fetched)"
+                        "removed {} (its descriptor was still being fetched)",
+                        hex::encode(h)
                     ),
                 });
             }
-            let t = d.find(&info_hash)?;
+            let t = d.torrent(&h).context("torrent vanished")?;
             t.stop().await;
             let rec = t.record();
             d.torrents.lock().expect("torrents lock").remove(&t.hash);

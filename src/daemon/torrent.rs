@@ -297,6 +297,7 @@ impl Torrent {
             if !s.picker.mark_verified(index) {
                 return;
             }
+            crate::metrics::peer().verified(len);
             s.pending.push(index);
             s.session_down += len;
             s.record.downloaded += len;
@@ -324,11 +325,13 @@ impl Torrent {
         let mut s = self.lock();
         s.picker.mark_failed(index);
         s.rejected_pieces += 1;
+        crate::metrics::peer().pieces_rejected.inc();
         let score = s.peers.entry(peer_id.to_string()).or_default();
         score.failures += 1;
         warn!(info_hash = %self.hex, peer = %peer_id, piece = index, failures = score.failures, "piece failed its hash; rejected");
         if score.failures >= threshold && !score.is_banned(crate::fsutil::unix_ms()) {
             score.banned_until = crate::fsutil::unix_ms() + ban.as_millis() as i64;
+            crate::metrics::peer().bans.inc();
             warn!(info_hash = %self.hex, peer = %peer_id, until_ms = score.banned_until, "peer banned for sending corrupt pieces");
             return true;
         }
@@ -338,6 +341,7 @@ impl Torrent {
     pub fn on_uploaded(&self, peer_id: &str, bytes: u64) {
         let mut s = self.lock();
         s.session_up += bytes;
+        crate::metrics::peer().bytes_uploaded.inc_by(bytes);
         s.record.uploaded += bytes;
         s.dirty = true;
         let score = s.peers.entry(peer_id.to_string()).or_default();
@@ -425,7 +429,10 @@ impl Torrent {
         if !pending.is_empty() {
             if let Some(storage) = self.storage.clone() {
                 // Step 2: the bytes of every pending piece reach the disk.
-                let synced = tokio::task::spawn_blocking(move || storage.sync()).await?;
+                let synced = tokio::task::spawn_blocking(move || {
+                    crate::metrics::timed_sync(|| storage.sync())
+                })
+                .await?;
                 if let Err(e) = synced {
                     self.lock().pending.extend(pending);
                     return Err(e).context("data file sync");
@@ -559,7 +566,12 @@ impl Torrent {
             },
             downloaded: s.record.downloaded,
             uploaded: s.record.uploaded,
-            down_rate: s.down_rate,
+            // Only a download has a download rate: a finished torrent must not show a fading one.
+            down_rate: if s.record.state == TorrentState::Downloading {
+                s.down_rate
+            } else {
+                0.0
+            },
             up_rate: s.up_rate,
             eta_secs: (s.record.state == TorrentState::Downloading && s.down_rate > 1.0)
                 .then(|| (left as f64 / s.down_rate) as u64),
