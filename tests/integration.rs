@@ -14,3 +14,7 @@ mod faults;
 mod status;
 // `shoal demo`: the whole emulated swarm.
 mod demo;
+// HTTP: /metrics, the JSON API, the bearer token, the dashboard in headless Chromium.
+mod ops;
+// The command line as a newcomer meets it: help, errors, pipes, prefixes, --json, README.
+mod cli;

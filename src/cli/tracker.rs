@@ -24,11 +24,14 @@ pub async fn run(tc: shoal_tracker::TrackerConfig) -> anyhow::Result<()> {
     let token_cfg = tc.http_token.clone();
     let tracker = shoal_tracker::Tracker::bind(tc).await?;
     let addr = tracker.local_addr()?;
-    // Tests and scripts read this line for the bound port.
-    out::line(&format!("tracker listening on {addr}"))?;
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+    // Tests and scripts read this line for the bound ports.
+    out::line(&format!(
+        "tracker listening on {addr}{}",
+        http_addr.map_or(String::new(), |a| format!(" http on http://{a}/"))
+    ))?;
     let token = CancellationToken::new();
-    if let Some(listener) = http {
-        let http_addr = listener.local_addr()?;
+    if let (Some(listener), Some(http_addr)) = (http, http_addr) {
         let app = shoal_tracker::http::tracker_app(addr, db, Some(token_cfg));
         let t2 = token.clone();
         tokio::spawn(async move {
@@ -37,7 +40,6 @@ pub async fn run(tc: shoal_tracker::TrackerConfig) -> anyhow::Result<()> {
             }
         });
         info!(%http_addr, "tracker HTTP serving");
-        out::line(&format!("tracker http on http://{http_addr}/"))?;
     }
     let t2 = token.clone();
     tokio::spawn(async move {

@@ -206,6 +206,9 @@ pub fn spawn(
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let app = app(handler, Some(token.to_string()));
+    if let Ok(a) = listener.local_addr() {
+        tracing::info!(http_addr = %a, "HTTP serving");
+    }
     tasks.spawn(async move {
         if let Err(e) = serve(listener, app, cancel).await {
             tracing::error!(cause = %format!("{e:#}"), "HTTP server stopped");
