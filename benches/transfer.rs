@@ -3,6 +3,9 @@
 //! receiver, with and without an fdatasync at the end, since shoal makes the file durable).
 //! Also reports both daemons' peak resident set (VmHWM) while moving the file.
 //!
+//! Each run also downloads into a leecher with `--http` on, scraped every second (`/metrics`
+//! and `/api/status`), to price the operators' interfaces against the same run without them.
+//!
 //! Run: `cargo bench --bench transfer` (SHOAL_BENCH_MIB, SHOAL_BENCH_RUNS to vary).
 
 #[path = "common.rs"]
@@ -142,6 +145,103 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// GET `path` from `addr` (HTTP/1.1, one request per connection); the body's length.
+fn scrape(addr: &str, path: &str) -> usize {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut body = Vec::new();
+    let _ = s.read_to_end(&mut body);
+    body.len()
+}
+
+/// One download into a fresh leecher; with `http`, the leecher serves HTTP and a thread
+/// scrapes `/metrics` and `/api/status` every second, as Prometheus and a dashboard would.
+/// Returns (seconds from ADD to verified rename, leecher CPU, seeder CPU, leecher VmHWM KiB).
+fn download(
+    d: &Path,
+    taddr: &str,
+    desc: &str,
+    seeder: &common::Daemon,
+    ldir: &str,
+    http: bool,
+) -> (f64, f64, f64, u64) {
+    let mut args = vec![
+        "peer",
+        "run",
+        "--data-dir",
+        ldir,
+        "--listen",
+        "127.0.0.1:0",
+        "--tracker",
+        taddr,
+    ];
+    if http {
+        args.extend(["--http", "127.0.0.1:0"]);
+    }
+    let leecher = common::spawn(d, &args);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = http.then(|| {
+        let addr = leecher
+            .line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .expect("the leecher prints its HTTP address")
+            .to_string();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut scrapes = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(scrape(&addr, "/metrics") > 0 && scrape(&addr, "/api/status") > 0);
+                scrapes += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            scrapes
+        })
+    });
+    let seed_c = common::proc_cpu(seeder.child.id());
+    let t = Instant::now();
+    let out_dir = format!("out-{ldir}");
+    shoal(d, &["get", desc, "--data-dir", ldir, "--output", &out_dir]);
+    // Poll finely: the time is the daemon's own, from the ADD to the verified rename.
+    let (added, done) = loop {
+        let st: serde_json::Value =
+            serde_json::from_str(&shoal(d, &["status", "--json", "--data-dir", ldir])).unwrap();
+        let tor = &st["torrents"][0];
+        if tor["state"] == "SEEDING" {
+            break (
+                tor["added_at"].as_i64().unwrap(),
+                tor["completed_at"].as_i64().unwrap(),
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "download did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(s) = scraper {
+        let n = s.join().expect("scraper");
+        assert!(n >= 1, "scraped at least once");
+    }
+    // Status polls cost both daemons a little; small against a transfer.
+    let r = (
+        (done - added) as f64 / 1000.0,
+        common::proc_cpu(leecher.child.id()),
+        common::proc_cpu(seeder.child.id()) - seed_c,
+        vm_hwm_kib(leecher.child.id()),
+    );
+    let _ = std::fs::remove_dir_all(d.join(&out_dir));
+    r
+}
+
 fn main() {
     let mib = common::env_or("SHOAL_BENCH_MIB", 1024);
     let runs = common::env_or("SHOAL_BENCH_RUNS", 3);
@@ -177,6 +277,7 @@ fn main() {
     let (mut base, mut base_sync, mut ours, mut hwm_leech) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut base_cpu, mut leech_cpu, mut seed_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_http, mut leech_http_cpu) = (Vec::new(), Vec::new());
     // Each measurement starts with no dirty pages left by the previous one, or the kernel's
     // writeback throttling lands in whichever run comes next.
     let settle = || {
@@ -194,57 +295,24 @@ fn main() {
         base_sync.push(baseline(&file, &dst, true).as_secs_f64());
         let _ = std::fs::remove_file(&dst);
         settle();
-        let ldir = format!("leecher{r}");
-        let leecher = common::spawn(
-            d,
-            &[
-                "peer",
-                "run",
-                "--data-dir",
-                &ldir,
-                "--listen",
-                "127.0.0.1:0",
-                "--tracker",
-                &taddr,
-            ],
-        );
-        let seed_c = common::proc_cpu(seeder.child.id());
-        let t = Instant::now();
-        shoal(
-            d,
-            &[
-                "get",
-                &desc,
-                "--data-dir",
-                &ldir,
-                "--output",
-                &format!("out{r}"),
-            ],
-        );
-        // Poll finely: the time is the daemon's own, from the ADD to the verified rename.
-        let (added, done) = loop {
-            let st: serde_json::Value =
-                serde_json::from_str(&shoal(d, &["status", "--json", "--data-dir", &ldir]))
-                    .unwrap();
-            let tor = &st["torrents"][0];
-            if tor["state"] == "SEEDING" {
-                break (
-                    tor["added_at"].as_i64().unwrap(),
-                    tor["completed_at"].as_i64().unwrap(),
-                );
+        // HTTP off and on in turn, alternating which goes first, so neither always follows
+        // the baseline.
+        for http in [r % 2 == 1, r % 2 == 0] {
+            if http {
+                let (secs, lc, _, _) =
+                    download(d, &taddr, &desc, &seeder, &format!("leecher-http{r}"), true);
+                ours_http.push(secs);
+                leech_http_cpu.push(lc);
+            } else {
+                let (secs, lc, sc, hwm) =
+                    download(d, &taddr, &desc, &seeder, &format!("leecher{r}"), false);
+                ours.push(secs);
+                leech_cpu.push(lc);
+                seed_cpu.push(sc);
+                hwm_leech.push(hwm);
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(300),
-                "download did not finish"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        ours.push((done - added) as f64 / 1000.0);
-        // Status polls cost both daemons a little; small against a transfer.
-        leech_cpu.push(common::proc_cpu(leecher.child.id()));
-        seed_cpu.push(common::proc_cpu(seeder.child.id()) - seed_c);
-        hwm_leech.push(vm_hwm_kib(leecher.child.id()));
-        let _ = std::fs::remove_dir_all(d.join(format!("out{r}")));
+            settle();
+        }
     }
     let hwm_seed = vm_hwm_kib(seeder.child.id());
     let (b, bs, o) = (
@@ -258,6 +326,14 @@ fn main() {
     println!("  baseline TCP -> file:              median {b:.3} s  runs {base:.3?}");
     println!("  baseline TCP -> file + fdatasync:  median {bs:.3} s  runs {base_sync:.3?}");
     println!("  shoal (hash, mmap, durable, renamed): median {o:.3} s  runs {ours:.3?}");
+    let oh = common::median(ours_http.clone());
+    println!("  shoal, leecher with --http scraped every 1 s (/metrics + /api/status): median {oh:.3} s  runs {ours_http:.3?}");
+    println!(
+        "  HTTP cost: time {:+.1} %, leecher CPU median {:.2} s with vs {:.2} s without",
+        100.0 * (oh / o - 1.0),
+        common::median(leech_http_cpu.clone()),
+        common::median(leech_cpu.clone())
+    );
     println!(
         "  ratio shoal/baseline: {:.2}  shoal/baseline+fdatasync: {:.2}  (target <= 1.5)",
         o / b,
