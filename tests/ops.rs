@@ -704,3 +704,62 @@ fn it_should_show_progress_and_who_feeds_whom_in_a_browser() {
     );
     println!("dashboard screenshot: {}", shot.display());
 }
+
+#[test]
+fn it_should_draw_the_tracker_swarm_and_its_history_in_a_browser() {
+    let Some(bin) = chromium() else {
+        println!("SKIPPED: no chromium in PATH (.ci/run installs Debian's chromium)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (proc, line) = spawn_with_line(
+        d,
+        "t",
+        &[
+            "tracker",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            d.join("t.db").to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let _keep = proc;
+    let taddr: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap();
+    let h = http_addr(&line);
+    announce(taddr, &"cd".repeat(32), "peer-one", 7001, "started", 1, 4);
+    announce(taddr, &"cd".repeat(32), "peer-two", 7002, "started", 4, 4);
+    let profile = d.join("chromium-profile");
+    let Some(dom) = run_chromium(
+        &bin,
+        &profile,
+        &["--virtual-time-budget=3000", "--dump-dom"],
+        &format!("http://{h}/"),
+        Duration::from_secs(60),
+    ) else {
+        println!("SKIPPED: {bin} is installed but cannot run headless here");
+        return;
+    };
+    assert!(
+        dom.contains("<td>peer-one</td>") && dom.contains("<td>peer-two</td>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<td>seeder</td>") && dom.contains("<td>leecher</td>"),
+        "{dom}"
+    );
+    // The history chart is drawn, ending at the two live peers.
+    let chart = dom.split("class=\"history\"").next().unwrap();
+    assert!(dom.contains("class=\"history\""), "{dom}");
+    assert!(
+        chart.contains(">2</text>"),
+        "the chart's scale tops at 2 peers: {dom}"
+    );
+}

@@ -120,7 +120,14 @@ pub fn common_assets<S: Clone + Send + Sync + 'static>() -> Router<S> {
         )
 }
 
-/// Serve `app` on `listener` until `cancel`.
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_HTTP_CONNECTIONS: usize = 64;
+/// A connection that sends nothing for this long is closed (hyper alone would wait forever
+/// for a slow request's headers).
+const HTTP_IDLE: Duration = Duration::from_secs(30);
+
+/// Serve `app` on `listener` until `cancel`, at most [`MAX_HTTP_CONNECTIONS`] at once, each
+/// closed after [`HTTP_IDLE`] without a byte from the client.
 ///
 /// # Errors
 /// The server's accept loop failed.
@@ -129,10 +136,100 @@ pub async fn serve(
     app: Router,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = BoundedListener {
+        inner: listener,
+        permits: Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS)),
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
         .context("HTTP server")
+}
+
+/// A listener that holds a permit per open connection and gives each an idle timeout.
+struct BoundedListener {
+    inner: TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = IdleStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (IdleStream, SocketAddr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        (
+            IdleStream {
+                io,
+                _permit: permit,
+                idle: Box::pin(tokio::time::sleep(HTTP_IDLE)),
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection whose reads fail with `TimedOut` after [`HTTP_IDLE`] of silence.
+struct IdleStream {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for IdleStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                let next = tokio::time::Instant::now() + HTTP_IDLE;
+                self.idle.as_mut().reset(next);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for IdleStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 // === THE TRACKER'S ROUTES ===
