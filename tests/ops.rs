@@ -763,3 +763,43 @@ fn it_should_draw_the_tracker_swarm_and_its_history_in_a_browser() {
         "the chart's scale tops at 2 peers: {dom}"
     );
 }
+
+#[test]
+fn it_should_let_the_demo_serve_a_dashboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = shoal(
+        d,
+        &[
+            "demo",
+            "--peers",
+            "2",
+            "--size",
+            "8MiB",
+            "--upload-rate",
+            "4MiB",
+            "--http",
+            "127.0.0.1:0",
+            "--timeout",
+            "150s",
+        ],
+        Duration::from_secs(180),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = stdout
+        .lines()
+        .find_map(|l| l.split("'s dashboard: ").nth(1))
+        .unwrap_or_else(|| panic!("no dashboard line: {stdout}"));
+    let a: SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    assert_ne!(a.port(), 0, "{url}");
+    assert!(stdout.contains("the seed's experiment 4"), "{stdout}");
+}

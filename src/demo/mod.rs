@@ -266,6 +266,10 @@ impl Demo {
             .and_then(|s| s.split(',').next())
             .unwrap_or_default()
             .to_string();
+        if let Some(url) = line.split(" http on ").nth(1) {
+            let name = self.nodes[i].name.clone();
+            self.log(format!("{name}'s dashboard: {}", url.trim()));
+        }
         let n = &mut self.nodes[i];
         n.child = Some(child);
         n.peer_id = peer_id;
@@ -636,10 +640,7 @@ async fn play(
         demo.start_node(i)?;
         demo.get(i, false).await?;
     }
-    if let Some((i, addr)) = demo.http.clone() {
-        let name = demo.nodes[i].name.clone();
-        demo.log(format!("{name}'s dashboard: http://{addr}/"));
-    }
+
     demo.log(format!(
         "{} leechers started; the swarm forms (the seed's experiments 1-2)",
         leechers.len()
