@@ -207,7 +207,7 @@ fn it_should_refuse_a_second_statement_and_keep_column_order() {
 fn it_should_show_zero_download_rate_once_complete_and_rates_after_resume() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (t, [_s], hash, desc) = seeded(d, 48, [("seeder", &["--sabotage", "delay=40ms"])]);
+    let (t, [_s], hash, desc) = seeded(d, 64, [("seeder", &["--sabotage", "delay=80ms"])]);
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
     peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
     wait_for(Duration::from_secs(30), "some progress", || {
@@ -228,6 +228,18 @@ fn it_should_show_zero_download_rate_once_complete_and_rates_after_resume() {
                 .then_some(())
         },
     );
+    // After a kill -9 and a restart too.
+    let mut leecher = leecher;
+    leecher.proc.kill9();
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    let have_restart = torrent(d, &leecher)["have"].as_u64().unwrap();
+    wait_for(Duration::from_secs(30), "a rate after restart", || {
+        let t = torrent(d, &leecher);
+        (t["state"] == "DOWNLOADING"
+            && t["have"].as_u64()? > have_restart + 2
+            && t["down_rate"].as_f64()? > 0.0)
+            .then_some(())
+    });
     let out = get_wait(d, &leecher, &desc, "out");
     assert!(out.status.success(), "{}", stderr_of(&out));
     // The moment it is complete, the download rate is 0, not fading.
