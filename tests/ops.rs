@@ -762,6 +762,23 @@ fn it_should_draw_the_tracker_swarm_and_its_history_in_a_browser() {
         chart.contains(">2</text>"),
         "the chart's scale tops at 2 peers: {dom}"
     );
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tracker-dashboard.png");
+    let _ = run_chromium(
+        &bin,
+        &profile,
+        &[
+            "--virtual-time-budget=3000",
+            "--window-size=1000,800",
+            &format!("--screenshot={}", shot.display()),
+        ],
+        &format!("http://{h}/"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1000),
+        "{}",
+        shot.display()
+    );
 }
 
 #[test]
