@@ -621,8 +621,8 @@ fn it_should_show_progress_and_who_feeds_whom_in_a_browser() {
         d,
         64,
         [
-            ("s1", &["--sabotage", "delay=150ms"]),
-            ("s2", &["--sabotage", "delay=150ms"]),
+            ("s1", &["--sabotage", "delay=250ms"]),
+            ("s2", &["--sabotage", "delay=250ms"]),
         ],
     );
     let (leecher, h) = peer_with_http(d, "leecher", &[t.addr], &[]);
