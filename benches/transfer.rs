@@ -3,6 +3,9 @@
 //! receiver, with and without an fdatasync at the end, since shoal makes the file durable).
 //! Also reports both daemons' peak resident set (VmHWM) while moving the file.
 //!
+//! Each run also downloads into a leecher with `--http` on, scraped every second (`/metrics`
+//! and `/api/status`), to price the operators' interfaces against the same run without them.
+//!
 //! Run: `cargo bench --bench transfer` (SHOAL_BENCH_MIB, SHOAL_BENCH_RUNS to vary).
 
 #[path = "common.rs"]
@@ -146,51 +149,82 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// One download by a leecher of build `bin` from `seeder`: (seconds from ADD to the verified
-/// rename, leecher CPU seconds, seeder CPU seconds, leecher VmHWM KiB).
-fn leech_once(
+/// GET `path` from `addr` (HTTP/1.1, one request per connection); the body's length.
+fn scrape(addr: &str, path: &str) -> usize {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut body = Vec::new();
+    let _ = s.read_to_end(&mut body);
+    body.len()
+}
+
+/// One download into a fresh leecher; with `http`, the leecher serves HTTP and a thread
+/// scrapes `/metrics` and `/api/status` every second, as Prometheus and a dashboard would.
+/// Returns (seconds from ADD to verified rename, leecher CPU, seeder CPU, leecher VmHWM KiB).
+#[allow(clippy::too_many_arguments)]
+fn download(
     bin: &str,
     d: &Path,
     taddr: &str,
     desc: &str,
     seeder: &common::Daemon,
-    tag: &str,
+    ldir: &str,
+    http: bool,
 ) -> (f64, f64, f64, u64) {
-    let ldir = format!("leecher{tag}");
-    let leecher = common::spawn_bin(
-        bin,
-        d,
-        &[
-            "peer",
-            "run",
-            "--data-dir",
-            &ldir,
-            "--listen",
-            "127.0.0.1:0",
-            "--tracker",
-            taddr,
-        ],
-    );
+    let mut args = vec![
+        "peer",
+        "run",
+        "--data-dir",
+        ldir,
+        "--listen",
+        "127.0.0.1:0",
+        "--tracker",
+        taddr,
+    ];
+    if http {
+        args.extend(["--http", "127.0.0.1:0"]);
+    }
+    let leecher = common::spawn_bin(bin, d, &args);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = http.then(|| {
+        let addr = leecher
+            .line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .expect("the leecher prints its HTTP address")
+            .to_string();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut scrapes = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(scrape(&addr, "/metrics") > 0 && scrape(&addr, "/api/status") > 0);
+                scrapes += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            scrapes
+        })
+    });
     let seed_c = common::proc_cpu(seeder.child.id());
     let t = Instant::now();
+    let out_dir = format!("out-{ldir}");
     shoal_with(
         bin,
         d,
-        &[
-            "get",
-            desc,
-            "--data-dir",
-            &ldir,
-            "--output",
-            &format!("out{tag}"),
-        ],
+        &["get", desc, "--data-dir", ldir, "--output", &out_dir],
     );
     // Poll finely: the time is the daemon's own, from the ADD to the verified rename.
     let (added, done) = loop {
         let st: serde_json::Value = serde_json::from_str(&shoal_with(
             bin,
             d,
-            &["status", "--json", "--data-dir", &ldir],
+            &["status", "--json", "--data-dir", ldir],
         ))
         .unwrap();
         let tor = &st["torrents"][0];
@@ -206,13 +240,20 @@ fn leech_once(
         );
         std::thread::sleep(Duration::from_millis(20));
     };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(s) = scraper {
+        let n = s.join().expect("scraper");
+        assert!(n >= 1, "scraped at least once");
+    }
     // Status polls cost both daemons a little; small against a transfer.
-    (
+    let r = (
         (done - added) as f64 / 1000.0,
         common::proc_cpu(leecher.child.id()),
         common::proc_cpu(seeder.child.id()) - seed_c,
         vm_hwm_kib(leecher.child.id()),
-    )
+    );
+    let _ = std::fs::remove_dir_all(d.join(&out_dir));
+    r
 }
 
 fn main() {
@@ -250,7 +291,9 @@ fn main() {
     let (mut base, mut base_sync, mut ours, mut hwm_leech) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut base_cpu, mut leech_cpu, mut seed_cpu) = (Vec::new(), Vec::new(), Vec::new());
-    // Another build's leecher (e.g. the previous commit's), measured alternately in this run.
+    let (mut ours_http, mut leech_http_cpu) = (Vec::new(), Vec::new());
+    let ours_bin = common::shoal_bin();
+    // Another build's leecher (e.g. the previous commit's), measured in turn in this run.
     let compare = std::env::var("SHOAL_BENCH_COMPARE_BIN").ok();
     let (mut theirs, mut theirs_cpu) = (Vec::new(), Vec::new());
     // Each measurement starts with no dirty pages left by the previous one, or the kernel's
@@ -270,25 +313,51 @@ fn main() {
         base_sync.push(baseline(&file, &dst, true).as_secs_f64());
         let _ = std::fs::remove_file(&dst);
         settle();
-        let (secs, lcpu, scpu, hwm) = leech_once(
-            common::shoal_bin(),
-            d,
-            &taddr,
-            &desc,
-            &seeder,
-            &format!("{r}"),
-        );
-        ours.push(secs);
-        leech_cpu.push(lcpu);
-        seed_cpu.push(scpu);
-        hwm_leech.push(hwm);
-        let _ = std::fs::remove_dir_all(d.join(format!("out{r}")));
-        if let Some(other) = &compare {
+        // HTTP off and on in turn, alternating which goes first, so neither always follows
+        // the baseline.
+        for http in [r % 2 == 1, r % 2 == 0] {
+            if http {
+                let (secs, lc, _, _) = download(
+                    ours_bin,
+                    d,
+                    &taddr,
+                    &desc,
+                    &seeder,
+                    &format!("leecher-http{r}"),
+                    true,
+                );
+                ours_http.push(secs);
+                leech_http_cpu.push(lc);
+            } else {
+                let (secs, lc, sc, hwm) = download(
+                    ours_bin,
+                    d,
+                    &taddr,
+                    &desc,
+                    &seeder,
+                    &format!("leecher{r}"),
+                    false,
+                );
+                ours.push(secs);
+                leech_cpu.push(lc);
+                seed_cpu.push(sc);
+                hwm_leech.push(hwm);
+            }
             settle();
-            let (secs, lcpu, _, _) = leech_once(other, d, &taddr, &desc, &seeder, &format!("c{r}"));
+        }
+        if let Some(other) = &compare {
+            let (secs, lc, _, _) = download(
+                other,
+                d,
+                &taddr,
+                &desc,
+                &seeder,
+                &format!("leecher-cmp{r}"),
+                false,
+            );
             theirs.push(secs);
-            theirs_cpu.push(lcpu);
-            let _ = std::fs::remove_dir_all(d.join(format!("outc{r}")));
+            theirs_cpu.push(lc);
+            settle();
         }
     }
     let hwm_seed = vm_hwm_kib(seeder.child.id());
@@ -303,11 +372,6 @@ fn main() {
     println!("  baseline TCP -> file:              median {b:.3} s  runs {base:.3?}");
     println!("  baseline TCP -> file + fdatasync:  median {bs:.3} s  runs {base_sync:.3?}");
     println!("  shoal (hash, mmap, durable, renamed): median {o:.3} s  runs {ours:.3?}");
-    println!(
-        "  ratio shoal/baseline: {:.2}  shoal/baseline+fdatasync: {:.2}  (target <= 1.5)",
-        o / b,
-        o / bs
-    );
     if let Some(other) = &compare {
         let t = common::median(theirs.clone());
         println!(
@@ -316,6 +380,19 @@ fn main() {
             o / t
         );
     }
+    let oh = common::median(ours_http.clone());
+    println!("  shoal, leecher with --http scraped every 1 s (/metrics + /api/status): median {oh:.3} s  runs {ours_http:.3?}");
+    println!(
+        "  HTTP cost: time {:+.1} %, leecher CPU median {:.2} s with vs {:.2} s without",
+        100.0 * (oh / o - 1.0),
+        common::median(leech_http_cpu.clone()),
+        common::median(leech_cpu.clone())
+    );
+    println!(
+        "  ratio shoal/baseline: {:.2}  shoal/baseline+fdatasync: {:.2}  (target <= 1.5)",
+        o / b,
+        o / bs
+    );
     let sha = sha_pass_cpu(mib << 20);
     settle();
     let mmap_cpu = write_cpu(d, mib << 20, true);

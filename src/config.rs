@@ -100,6 +100,10 @@ pub struct PeerConfig {
     pub max_upload_rate: String,
     /// Log filter when RUST_LOG is not set (tracing env-filter syntax).
     pub log: String,
+    /// HTTP address for `/metrics`, the JSON API and the dashboard ("": off).
+    pub http: String,
+    /// Bearer token the HTTP server requires ("": none; then it listens on loopback only).
+    pub http_token: String,
 }
 
 impl Default for PeerConfig {
@@ -128,6 +132,8 @@ impl Default for PeerConfig {
             max_pieces_verifying: 8,
             max_upload_rate: "0".into(),
             log: "info".into(),
+            http: String::new(),
+            http_token: String::new(),
         }
     }
 }

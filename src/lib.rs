@@ -10,6 +10,8 @@
 //! - [`sabotage`]: the testing mode that misbehaves on purpose.
 //! - [`daemon`]: `shoal peer run`, tying it all together.
 //! - [`control`], [`query`]: the local control socket and the SQL view of the state.
+//! - [`hashprefix`]: info hashes typed by people (unique prefixes).
+//! - [`metrics`], [`http`]: Prometheus metrics, the JSON API and the dashboard (off by default).
 //! - [`cli`], [`demo`]: the command line and the swarm emulator.
 
 pub mod bitfield;
@@ -20,7 +22,10 @@ pub mod daemon;
 pub mod demo;
 pub mod fsutil;
 pub mod hashing;
+pub mod hashprefix;
+pub mod http;
 pub mod metainfo;
+pub mod metrics;
 pub mod peer_proto;
 pub mod picker;
 pub mod query;

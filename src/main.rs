@@ -1,4 +1,5 @@
-//! The `shoal` binary: parse arguments, run, map the outcome to an exit code.
+//! The `shoal` binary: parse arguments, run, map the outcome to an exit code (see
+//! `shoal --help` for the codes).
 
 use std::process::ExitCode;
 
@@ -20,15 +21,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // A closed pipe (`shoal status | head`) is not a failure.
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) {
-                return ExitCode::SUCCESS;
+            let code = shoal::cli::exit_code(&e);
+            // A closed pipe (`shoal status | head`) is not a failure, and nobody reads a message.
+            if code != 0 {
+                eprintln!("shoal: {e:#}");
             }
-            eprintln!("shoal: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

@@ -102,6 +102,60 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
     }
 }
 
+const READ_ONLY: &str =
+    "refused: `shoal query` is read-only (SELECT over torrents, pieces, peers, trackers)";
+
+/// SQLite's own message, without rusqlite's generic "Error code 1: SQL error or missing
+/// database" tail, and the read-only refusal in our words.
+fn clean(e: rusqlite::Error) -> anyhow::Error {
+    let msg = match &e {
+        rusqlite::Error::SqlInputError { msg, offset, .. } => {
+            format!("{msg} (at character {offset})")
+        }
+        rusqlite::Error::SqliteFailure(_, Some(msg)) => msg.clone(),
+        other => other.to_string(),
+    };
+    if msg.contains("not authorized") {
+        anyhow::anyhow!("{READ_ONLY}")
+    } else {
+        anyhow::anyhow!("SQL error: {msg}")
+    }
+}
+
+/// Rows as JSON objects whose keys keep the query's column order (a `serde_json::Map` would
+/// sort them): `shoal query --json` and `GET /api/query` print this.
+pub struct RowObjects<'a> {
+    columns: &'a [String],
+    rows: &'a [Vec<serde_json::Value>],
+}
+
+impl<'a> RowObjects<'a> {
+    pub fn new(columns: &'a [String], rows: &'a [Vec<serde_json::Value>]) -> Self {
+        RowObjects { columns, rows }
+    }
+}
+
+impl serde::Serialize for RowObjects<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Row<'b>(&'b [String], &'b [serde_json::Value]);
+        impl serde::Serialize for Row<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(self.0.len()))?;
+                for (k, v) in self.0.iter().zip(self.1) {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+        }
+        let mut seq = s.serialize_seq(Some(self.rows.len()))?;
+        for r in self.rows {
+            seq.serialize_element(&Row(self.columns, r))?;
+        }
+        seq.end()
+    }
+}
+
 /// Run `sql` over the snapshot. Returns column names and rows as JSON values.
 ///
 /// # Errors
@@ -112,24 +166,32 @@ pub fn run(
 ) -> anyhow::Result<(Vec<String>, Vec<Vec<serde_json::Value>>)> {
     let mut conn = Connection::open_in_memory()?;
     load(&mut conn, report).context("loading the snapshot")?;
+    // One statement only (counted before the authorizer, which would refuse a second
+    // DELETE with a less helpful message): SQLite would run the first of `SELECT 1; DELETE ...` and ignore
+    // the rest silently, which reads as if the whole text ran.
+    let mut statements = 0;
+    {
+        let mut batch = rusqlite::Batch::new(&conn, sql);
+        while let Some(_prepared) = batch.next().map_err(clean)? {
+            statements += 1;
+        }
+    }
+    match statements {
+        0 => bail!("no SQL statement given"),
+        1 => {}
+        n => bail!("refused: give one statement, not {n} (`shoal query` runs a single SELECT)"),
+    }
     conn.authorizer(Some(authorize));
     let deadline = Instant::now() + QUERY_TIMEOUT;
     conn.progress_handler(10_000, Some(move || Instant::now() > deadline));
-    let mut stmt = match conn.prepare(sql) {
-        Ok(s) => s,
-        Err(e) if e.to_string().contains("not authorized") => {
-            bail!("refused: `shoal query` is read-only (SELECT over torrents, pieces, peers, trackers)")
-        }
-        Err(e) => return Err(e).context("query"),
-    };
+    let stmt = conn.prepare(sql).map_err(clean)?;
     if !stmt.readonly() {
-        bail!(
-            "refused: `shoal query` is read-only (SELECT over torrents, pieces, peers, trackers)"
-        );
+        bail!("{READ_ONLY}");
     }
     let columns: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
     let ncol = columns.len();
-    let mut rows = stmt.query([]).context("query")?;
+    let mut stmt = stmt;
+    let mut rows = stmt.query([]).map_err(clean)?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(|e| {
         if matches!(
@@ -138,7 +200,7 @@ pub fn run(
         ) {
             anyhow::anyhow!("query interrupted after {}s", QUERY_TIMEOUT.as_secs())
         } else {
-            anyhow::Error::new(e).context("query")
+            clean(e)
         }
     })? {
         let mut r = Vec::with_capacity(ncol);
@@ -191,6 +253,28 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn it_should_refuse_a_second_statement_and_speak_plainly() {
+        let e = format!(
+            "{:#}",
+            run(&report(), "SELECT 1; DELETE FROM torrents").unwrap_err()
+        );
+        assert!(e.contains("refused: give one statement"), "{e}");
+        let e = format!("{:#}", run(&report(), "SELEC 1").unwrap_err());
+        assert!(e.starts_with("SQL error: near \"SELEC\""), "{e}");
+        assert!(!e.contains("Error code"), "{e}");
+        let (_, rows) = run(&report(), "SELECT 1;  -- trailing comment").unwrap();
+        assert_eq!(rows[0][0], 1);
+    }
+
+    #[test]
+    fn it_should_keep_column_order_in_json() {
+        let cols = vec!["zeta".to_string(), "alpha".to_string()];
+        let rows = vec![vec![serde_json::json!(1), serde_json::json!(2)]];
+        let s = serde_json::to_string(&RowObjects::new(&cols, &rows)).unwrap();
+        assert_eq!(s, r#"[{"zeta":1,"alpha":2}]"#);
     }
 
     #[test]

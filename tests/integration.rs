@@ -16,3 +16,7 @@ mod status;
 mod demo;
 // The storage boundary: hostile files, failing syncs, one owner, bounded state, cuts.
 mod storage;
+// HTTP: /metrics, the JSON API, the bearer token, the dashboard in headless Chromium.
+mod ops;
+// The command line as a newcomer meets it: help, errors, pipes, prefixes, --json, README.
+mod cli;

@@ -272,6 +272,7 @@ pub async fn fetch_metadata_task(
     rec: TorrentRecord,
     token: tokio_util::sync::CancellationToken,
     found: tokio::sync::mpsc::Sender<crate::metainfo::Metainfo>,
+    on_note: impl Fn(String),
 ) {
     let trackers = trackers_for(&d, &[], &rec);
     let hex = hex::encode(hash);
@@ -296,6 +297,8 @@ pub async fn fetch_metadata_task(
             // Once a tracker has us, later announces are heartbeats, not new starts.
             event = Event::Progress;
         }
+        // What `get --wait` and `status` say while nobody has sent the descriptor.
+        on_note(describe_asked(&peers, &refused));
         for p in peers.into_iter().take(MAX_PEERS_PER_REPLY) {
             let Ok(ip) = p.addr.parse::<std::net::IpAddr>() else {
                 continue;
@@ -327,4 +330,30 @@ pub async fn fetch_metadata_task(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// "peers asked for the descriptor: A, B" or "no tracker has returned a peer yet".
+fn describe_asked(
+    peers: &[shoal_tracker::proto::PeerEntry],
+    refused: &HashSet<SocketAddr>,
+) -> String {
+    if peers.is_empty() {
+        return "no tracker has returned a peer for it yet".into();
+    }
+    let list: Vec<String> = peers
+        .iter()
+        .take(10)
+        .map(|p| {
+            let a = format!("{}:{}", p.addr, p.port);
+            match a.parse::<SocketAddr>() {
+                Ok(sa) if refused.contains(&sa) => format!("{a} (refused)"),
+                _ => a,
+            }
+        })
+        .collect();
+    format!(
+        "peers asked for the descriptor: {}{}",
+        list.join(", "),
+        if peers.len() > 10 { ", ..." } else { "" }
+    )
 }

@@ -113,6 +113,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let listen = listener.local_addr()?;
+    let http = crate::http::bind_configured(&cfg.http, &cfg.http_token).await?;
     let bind_ip = (!listen.ip().is_unspecified()).then_some(listen.ip());
     let sock_path = crate::control::socket_path(&data_dir);
     // A socket left by a killed daemon: the lock proves nobody serves it.
@@ -153,9 +154,11 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         tasks,
     });
     // Tests and scripts read this line for the bound port.
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     println!(
-        "peer listening on {listen} (peer id {peer_id}, data dir {})",
-        data_dir.display()
+        "peer listening on {listen} (peer id {peer_id}, data dir {}){}",
+        data_dir.display(),
+        http_addr.map_or(String::new(), |a| format!(" http on http://{a}/"))
     );
     info!(%listen, %peer_id, "peer started");
 
@@ -178,6 +181,15 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         let d2 = d.clone();
         d.tasks
             .spawn(async move { control_loop(d2, control).await });
+        if let Some(l) = http {
+            crate::http::spawn(
+                &d.tasks,
+                l,
+                http_handler(&d),
+                &d.ctx.net.cfg.http_token,
+                d.cancel.clone(),
+            );
+        }
     }
     wait_for_signal(&d.cancel).await;
     info!("shutting down");
@@ -316,6 +328,21 @@ async fn serve_control(d: Arc<Daemon>, stream: UnixStream) {
             break;
         }
     }
+}
+
+/// The HTTP API's door into the daemon: the control socket's own handler.
+fn http_handler(d: &Arc<Daemon>) -> crate::http::Handler {
+    let d = d.clone();
+    Arc::new(move |req| {
+        let d = d.clone();
+        Box::pin(async move {
+            handle_control(&d, req)
+                .await
+                .unwrap_or_else(|e| CtlResponse::Error {
+                    reason: format!("{e:#}"),
+                })
+        })
+    })
 }
 
 fn parse_hash(s: &str) -> anyhow::Result<Hash> {

@@ -252,14 +252,18 @@ impl Owner {
     fn start_fetch(&mut self) {
         let token = self.ctx.root.child_token();
         self.fetch = Some(token.clone());
-        let (net, hash, rec, tx) = (
+        let (net, hash, rec, tx, handle) = (
             self.ctx.net.clone(),
             self.hash,
             self.rec.clone(),
             self.meta_tx.clone(),
+            self.handle.clone(),
         );
         self.ctx.tasks.spawn(async move {
-            super::announce::fetch_metadata_task(net, hash, rec, token, tx).await
+            super::announce::fetch_metadata_task(net, hash, rec, token, tx, move |n| {
+                handle.set_note(n)
+            })
+            .await
         });
     }
 

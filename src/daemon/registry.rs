@@ -84,6 +84,11 @@ impl TorrentHandle {
         *self.live.lock().expect("live lock") = t;
     }
 
+    /// Say why a torrent waits (shown while it has no session).
+    pub fn set_note(&self, note: String) {
+        self.snapshot.lock().expect("snapshot lock").note = Some(note);
+    }
+
     pub fn set_snapshot(&self, s: TorrentStatus) {
         *self.snapshot.lock().expect("snapshot lock") = s;
     }
@@ -156,22 +161,8 @@ impl Registry {
     /// # Errors
     /// Not hex, too short, unknown, or ambiguous; each says which.
     pub fn resolve(&self, s: &str) -> anyhow::Result<Arc<TorrentHandle>> {
-        let s = s.trim().to_ascii_lowercase();
-        if s.len() < 8 || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            anyhow::bail!(
-                "{s:?} is not an info hash (64 hex digits, or a unique prefix of 8 or more)"
-            );
-        }
         let m = self.map.lock().expect("registry lock");
-        let found: Vec<_> = m
-            .values()
-            .filter(|h| hex::encode(h.hash).starts_with(&s))
-            .cloned()
-            .collect();
-        match found.len() {
-            0 => anyhow::bail!("no torrent {s} in this peer"),
-            1 => Ok(found.into_iter().next().expect("one")),
-            n => anyhow::bail!("{s} matches {n} torrents; give more digits"),
-        }
+        let h = crate::hashprefix::resolve(s, m.keys())?;
+        Ok(m.get(&h).cloned().expect("resolved among the keys"))
     }
 }

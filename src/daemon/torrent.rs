@@ -341,6 +341,7 @@ impl Torrent {
             if !s.picker.mark_verified(index) {
                 return;
             }
+            crate::metrics::peer().verified(len);
             s.session_down += len;
             s.record.downloaded += len;
             s.dirty = true;
@@ -365,6 +366,7 @@ impl Torrent {
         let mut s = self.lock();
         s.picker.mark_failed(index);
         s.rejected_pieces += 1;
+        crate::metrics::peer().pieces_rejected.inc();
         let hex = &self.hex;
         let score = s.score(peer_id);
         score.failures += 1;
@@ -372,6 +374,7 @@ impl Torrent {
         let now = crate::fsutil::unix_ms();
         if score.failures >= threshold && !score.is_banned(now) {
             score.banned_until = now + ban.as_millis() as i64;
+            crate::metrics::peer().bans.inc();
             warn!(info_hash = %hex, peer = %peer_id, until_ms = score.banned_until, "peer banned for sending corrupt pieces");
             return true;
         }
@@ -381,6 +384,7 @@ impl Torrent {
     pub fn on_uploaded(&self, peer_id: &str, bytes: u64) {
         let mut s = self.lock();
         s.session_up += bytes;
+        crate::metrics::peer().bytes_uploaded.inc_by(bytes);
         s.record.uploaded += bytes;
         s.dirty = true;
         let score = s.score(peer_id);
@@ -501,7 +505,7 @@ impl Torrent {
                 .filter(|_| self.is_downloading());
             let hash = self.hash;
             tokio::task::spawn_blocking(move || -> Result<Bitfield, FlushError> {
-                let bits = flush_step(&*storage, &durable)?;
+                let bits = crate::metrics::timed_sync(|| flush_step(&*storage, &durable))?;
                 // After the sync, before any bit: the bytes we synced must still be the
                 // file the download will become.
                 if let Some((dir, id)) = check {

@@ -48,6 +48,9 @@ pub struct DemoArgs {
     /// Give up after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     pub timeout: Duration,
+    /// Serve the last leecher's dashboard on ADDR, e.g. 127.0.0.1:8081, to watch the swarm in a browser [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +130,8 @@ struct Demo {
     hash: String,
     descriptor: PathBuf,
     file: PathBuf,
+    /// The node that serves the dashboard (`--http`), and where.
+    http: Option<(usize, String)>,
 }
 
 impl Drop for Demo {
@@ -249,6 +254,10 @@ impl Demo {
             args.push("--sabotage".into());
             args.push("corrupt=1.0".into());
         }
+        if let Some((_, addr)) = self.http.as_ref().filter(|(node, _)| *node == i) {
+            args.push("--http".into());
+            args.push(addr.clone());
+        }
         let log = self.work.join(format!("{}.log", n.name));
         let (child, line) = spawn_child(&self.exe, &args, &log)?;
         let peer_id = line
@@ -257,6 +266,10 @@ impl Demo {
             .and_then(|s| s.split(',').next())
             .unwrap_or_default()
             .to_string();
+        if let Some(url) = line.split(" http on ").nth(1) {
+            let name = self.nodes[i].name.clone();
+            self.log(format!("{name}'s dashboard: {}", url.trim()));
+        }
         let n = &mut self.nodes[i];
         n.child = Some(child);
         n.peer_id = peer_id;
@@ -575,6 +588,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         descriptor: PathBuf::new(),
         file: work.join("demo.bin"),
         work,
+        http: None,
     };
     println!(
         "shoal demo: {} leechers, {} file in {} pieces; working in {}",
@@ -619,12 +633,16 @@ async fn play(
     let leechers: Vec<usize> = (0..sc.peers)
         .map(|_| demo.add_node(Role::Leecher))
         .collect();
+    if let (Some(addr), Some(&last)) = (args.http.clone(), leechers.last()) {
+        demo.http = Some((last, addr));
+    }
     for &i in &leechers {
         demo.start_node(i)?;
         demo.get(i, false).await?;
     }
+
     demo.log(format!(
-        "{} leechers started; the swarm forms (experiments 1-2)",
+        "{} leechers started; the swarm forms (the seed's experiments 1-2)",
         leechers.len()
     ));
     let mut fired = vec![false; sc.steps.len()];
@@ -668,7 +686,7 @@ async fn play(
                     }
                     killed_tracker_at = Some(progress);
                     demo.log(format!(
-                        "{pct:.0}%: primary tracker {} killed with SIGKILL (experiment 4)",
+                        "{pct:.0}%: primary tracker {} killed with SIGKILL (the seed's experiment 4)",
                         demo.trackers[0].listen
                     ));
                 }
@@ -688,7 +706,7 @@ async fn play(
                         demo.nodes[i].restarts += 1;
                         restarted = Some(i);
                         demo.log(format!(
-                            "{name} restarted: it resumes from its store (experiment 5)"
+                            "{name} restarted: it resumes from its store (the seed's experiment 5)"
                         ));
                     }
                 }
@@ -697,7 +715,7 @@ async fn play(
                     demo.start_node(i)?;
                     demo.get(i, true).await?;
                     demo.log(format!(
-                        "{pct:.0}%: late peer {} joins knowing only the info hash (experiments 3, 6)",
+                        "{pct:.0}%: late peer {} joins knowing only the info hash (the seed's experiments 3, 6)",
                         demo.nodes[i].ip
                     ));
                 }

@@ -37,6 +37,10 @@ pub struct TrackerConfig {
     pub max_peers_per_reply: usize,
     /// Believe the `addr` a peer announces instead of the connection's source (overlay networks).
     pub trust_announced_addr: bool,
+    /// HTTP address for `/metrics`, the JSON API and the dashboard ("": off).
+    pub http: String,
+    /// Bearer token the HTTP server requires ("": none; then it listens on loopback only).
+    pub http_token: String,
 }
 
 fn default_listen() -> String {
@@ -60,6 +64,8 @@ impl Default for TrackerConfig {
             max_connections: 4096,
             max_peers_per_reply: 50,
             trust_announced_addr: false,
+            http: String::new(),
+            http_token: String::new(),
         }
     }
 }

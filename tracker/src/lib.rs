@@ -7,12 +7,15 @@
 //! - [`store`]: SQLite persistence and the schema migrations from `migrations/`.
 //! - [`server`]: the tokio server, the prune task and the writer thread.
 //! - [`client`]: a tracker client with bounded waits.
+//! - [`http`], [`metrics`]: `/metrics`, the JSON API and the dashboard (off by default).
 //! - [`config`]: the `[tracker]` section of `config.toml`.
 //!
 //! The peer crate (`shoal`) depends on this one, never the other way round.
 
 pub mod client;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod store;

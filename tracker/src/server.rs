@@ -154,6 +154,7 @@ impl Tracker {
                     });
                 }
                 Err(_) => {
+                    crate::metrics::tracker().refused.inc();
                     tasks.spawn(async move {
                         refuse(stream, "too many connections", shared.cfg.read_timeout).await;
                     });
@@ -272,6 +273,7 @@ fn handle(shared: &Shared, req: Request, addr: SocketAddr, out: &mut Vec<u8>) {
             if let Err(reason) = a.validate() {
                 return encode_json(&Response::Error { reason }, out);
             }
+            crate::metrics::tracker().announce(a.event);
             let source = match (&a.addr, shared.cfg.trust_announced_addr) {
                 (Some(announced), true) => announced.clone(),
                 _ => addr.ip().to_string(),
@@ -352,7 +354,7 @@ fn write_batch(store: &mut Store, batch: &Batch) {
     // frees up); after that the batch is logged as lost: the live swarm in memory is still right
     // and the next heartbeat rewrites each peer row.
     for attempt in 0..3 {
-        match store.apply(batch) {
+        match crate::metrics::tracker().timed_commit(|| store.apply(batch)) {
             Ok(()) => {
                 debug!(rows = batch.len(), "committed batch");
                 return;
