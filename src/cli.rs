@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use shoal_tracker::client::TrackerClient;
-use shoal_tracker::proto::{Request, Response};
 
 use crate::config::Config;
 use crate::control::{self, CtlRequest, CtlResponse, StatusReport};
@@ -458,24 +456,8 @@ fn show(path: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ask_first(trackers: &[String], req: &Request) -> anyhow::Result<Response> {
-    let mut errors = Vec::new();
-    for t in trackers {
-        match TrackerClient::connect(t, None, Duration::from_secs(3)).await {
-            Ok(mut c) => match c.request(req).await {
-                Ok(r) => return Ok(r),
-                Err(e) => errors.push(e.to_string()),
-            },
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    bail!("no tracker answered: {}", errors.join("; "))
-}
-
 async fn list(trackers: &[String], json: bool) -> anyhow::Result<()> {
-    let Response::Files { files } = ask_first(trackers, &Request::ListFiles).await? else {
-        bail!("unexpected reply to LIST_FILES");
-    };
+    let files = shoal_tracker::client::files_from_first(trackers, Duration::from_secs(3)).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&files)?);
         return Ok(());
@@ -522,11 +504,9 @@ fn monitor_table(peers: &[shoal_tracker::proto::SwarmEntry]) -> String {
 async fn monitor(tracker: &str, once: bool, interval: Duration, json: bool) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal() && !once && !json;
     loop {
-        let Response::Swarm { peers } =
-            ask_first(&[tracker.to_string()], &Request::Swarm { info_hash: None }).await?
-        else {
-            bail!("unexpected reply to SWARM");
-        };
+        let peers =
+            shoal_tracker::client::swarm_from_first(&[tracker.to_string()], Duration::from_secs(3))
+                .await?;
         if json {
             println!("{}", serde_json::to_string(&peers)?);
         } else {
