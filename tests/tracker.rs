@@ -114,7 +114,10 @@ fn it_should_remember_the_live_swarm_after_kill_9() {
     // Nobody has re-announced: the swarm comes from the database.
     let peers = swarm(t2.addr);
     assert_eq!(peers.len(), 3, "{peers:?}");
-    assert_eq!(db_rows(&t2.db, "PRAGMA user_version"), 1);
+    assert_eq!(
+        db_rows(&t2.db, "PRAGMA user_version"),
+        shoal_tracker::store::schema_version()
+    );
 }
 
 #[test]

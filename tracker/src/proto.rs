@@ -170,6 +170,16 @@ pub struct PeerEntry {
     pub total: u64,
 }
 
+/// [`PeerEntry`] borrowed, for serializing without copying the strings (the same JSON).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PeerEntryRef<'a> {
+    pub peer_id: &'a str,
+    pub addr: &'a str,
+    pub port: u16,
+    pub have: u64,
+    pub total: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     pub info_hash: String,

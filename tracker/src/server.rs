@@ -212,6 +212,9 @@ impl Tracker {
         let limits = SwarmLimits {
             max_live_per_addr: cfg.max_live_per_addr,
             max_new_torrents_per_minute: cfg.max_new_files_per_minute,
+            // Half a TTL: a peer restored after a crash is then at most half a TTL staler
+            // than it was, and still has the other half to re-announce.
+            persist_every_ms: (cfg.ttl / 2).as_millis() as u64,
         };
         let swarm = Swarm::restore(limits, torrents, peers, clock.now());
         info!(peers = swarm.live_peers(), db = %cfg.db.display(), "restored live swarm");

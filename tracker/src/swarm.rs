@@ -48,6 +48,11 @@ pub struct SwarmLimits {
     pub max_live_per_addr: usize,
     /// Files one source address may bring into the live swarm per minute at most.
     pub max_new_torrents_per_minute: u32,
+    /// A heartbeat that changes nothing but `have` and the time is persisted only when the
+    /// peer's row is older than this: most heartbeats then cost no database write, and the
+    /// database's `have` / `last_seen` lag the live swarm by at most this much. Changes of
+    /// state (start, completion, stop, a new address or port) are always written.
+    pub persist_every_ms: u64,
 }
 
 impl Default for SwarmLimits {
@@ -55,6 +60,7 @@ impl Default for SwarmLimits {
         SwarmLimits {
             max_live_per_addr: usize::MAX,
             max_new_torrents_per_minute: u32::MAX,
+            persist_every_ms: 0,
         }
     }
 }
@@ -71,6 +77,8 @@ struct Peer {
     total: u64,
     first_seen: i64,
     last_seen_mono: u64,
+    /// When its row was last handed to the writer (monotonic ms).
+    persisted_mono: u64,
     /// This peer's PEERS entry, serialized once per announce of its own: a reply is then a
     /// concatenation, not a serialization of every listed peer (the tracker's hottest cost).
     entry_json: Vec<u8>,
@@ -82,9 +90,9 @@ impl Peer {
     }
 
     fn entry_json(peer_id: &str, addr: &str, port: u16, have: u64, total: u64) -> Vec<u8> {
-        serde_json::to_vec(&PeerEntry {
-            peer_id: peer_id.to_string(),
-            addr: addr.to_string(),
+        serde_json::to_vec(&crate::proto::PeerEntryRef {
+            peer_id,
+            addr,
             port,
             have,
             total,
@@ -206,6 +214,7 @@ impl Swarm {
                 total: p.total,
                 first_seen: p.first_seen,
                 last_seen_mono: now.mono_ms.saturating_sub(age_ms),
+                persisted_mono: now.mono_ms.saturating_sub(age_ms),
             };
             if t.insert(&p.peer_id, peer).is_none() {
                 *s.live_by_src.entry(src).or_default() += 1;
@@ -329,6 +338,7 @@ impl Swarm {
         let previous = torrent.peers.get(&a.peer_id);
         let first_seen = previous.map_or(now_s, |p| p.first_seen);
         let role = Role::of(a.have, a.total);
+        let mut event = true;
         match previous {
             None => changes.push(event_row("started")),
             // A retried `started` (a peer waiting for metadata, a lost reply) is no new event;
@@ -345,48 +355,85 @@ impl Swarm {
             Some(p) if p.role() == Role::Leecher && role == Role::Seeder => {
                 changes.push(event_row("completed"));
             }
-            Some(_) => {}
+            Some(_) => event = false,
         }
-        // Re-serialize the entry only when it changed: a heartbeat then costs no allocation.
-        let entry_json = match previous {
-            Some(p)
-                if p.addr == addr && p.port == a.port && p.have == a.have && p.total == a.total =>
-            {
-                p.entry_json.clone()
-            }
-            _ => Peer::entry_json(&a.peer_id, addr, a.port, a.have, a.total),
+        let persist = event
+            || previous.is_none_or(|p| {
+                p.addr != addr
+                    || p.port != a.port
+                    || p.total != a.total
+                    || now.mono_ms.saturating_sub(p.persisted_mono) >= self.limits.persist_every_ms
+            });
+        let persisted_mono = match previous {
+            Some(p) if !persist => p.persisted_mono,
+            _ => now.mono_ms,
         };
-        changes.push(Change::Peer(PeerRow {
-            info_hash: a.info_hash.clone(),
-            peer_id: a.peer_id.clone(),
-            addr: addr.to_string(),
-            port: a.port,
-            have: a.have,
-            total: a.total,
-            role: role.as_str(),
-            first_seen,
-            last_seen: now_s,
-        }));
-        let old = torrent.insert(
-            &a.peer_id,
-            Peer {
+        if persist {
+            changes.push(Change::Peer(PeerRow {
+                info_hash: a.info_hash.clone(),
+                peer_id: a.peer_id.clone(),
                 addr: addr.to_string(),
-                src,
                 port: a.port,
                 have: a.have,
                 total: a.total,
+                role: role.as_str(),
                 first_seen,
-                last_seen_mono: now.mono_ms,
-                entry_json,
-            },
-        );
-        match old {
-            Some(o) if o.src == src => {}
-            Some(o) => {
-                decrement(&mut self.live_by_src, o.src);
+                last_seen: now_s,
+            }));
+        }
+        if let Some(p) = torrent.peers.get_mut(&a.peer_id) {
+            // A heartbeat updates the entry in place: no new key, and the PEERS entry is
+            // re-serialized (into its own buffer) only when it changed.
+            let old_role = p.role();
+            let old_src = p.src;
+            if p.addr != addr || p.port != a.port || p.have != a.have || p.total != a.total {
+                if p.addr != addr {
+                    p.addr = addr.to_string();
+                }
+                p.port = a.port;
+                p.have = a.have;
+                p.total = a.total;
+                p.entry_json.clear();
+                serde_json::to_writer(
+                    &mut p.entry_json,
+                    &crate::proto::PeerEntryRef {
+                        peer_id: &a.peer_id,
+                        addr,
+                        port: a.port,
+                        have: a.have,
+                        total: a.total,
+                    },
+                )
+                .expect("peer entry serializes");
+            }
+            p.src = src;
+            p.last_seen_mono = now.mono_ms;
+            p.persisted_mono = persisted_mono;
+            match (old_role, role) {
+                (Role::Leecher, Role::Seeder) => torrent.seeders += 1,
+                (Role::Seeder, Role::Leecher) => torrent.seeders -= 1,
+                _ => {}
+            }
+            if old_src != src {
+                decrement(&mut self.live_by_src, old_src);
                 *self.live_by_src.entry(src).or_default() += 1;
             }
-            None => *self.live_by_src.entry(src).or_default() += 1,
+        } else {
+            torrent.insert(
+                &a.peer_id,
+                Peer {
+                    addr: addr.to_string(),
+                    src,
+                    port: a.port,
+                    have: a.have,
+                    total: a.total,
+                    first_seen,
+                    last_seen_mono: now.mono_ms,
+                    persisted_mono,
+                    entry_json: Peer::entry_json(&a.peer_id, addr, a.port, a.have, a.total),
+                },
+            );
+            *self.live_by_src.entry(src).or_default() += 1;
         }
         write_peers(torrent, &a.peer_id, role, numwant, peers_json);
         Ok(())
@@ -671,6 +718,31 @@ mod tests {
     }
 
     #[test]
+    fn it_should_persist_plain_heartbeats_at_most_once_per_period() {
+        let mut s = Swarm::new(SwarmLimits {
+            persist_every_ms: 10_000,
+            ..SwarmLimits::default()
+        });
+        let rows = |c: &[Change]| c.iter().filter(|c| matches!(c, Change::Peer(_))).count();
+        let mut c = Vec::new();
+        go(&mut s, &ann("a", Event::Started, 0), 0, &mut c);
+        assert_eq!(rows(&c), 1);
+        c.clear();
+        for t in 1..10 {
+            go(&mut s, &ann("a", Event::Progress, 1), t * 1000, &mut c);
+        }
+        assert_eq!(rows(&c), 0, "heartbeats within the period write nothing");
+        go(&mut s, &ann("a", Event::Progress, 2), 10_000, &mut c);
+        assert_eq!(rows(&c), 1);
+        // Completion is written at once.
+        c.clear();
+        go(&mut s, &ann("a", Event::Progress, 4), 11_000, &mut c);
+        assert_eq!((rows(&c), events(&c)), (1, vec!["completed"]));
+        let f = &s.files(None, 10).0[0];
+        assert_eq!((f.seeders, f.leechers), (1, 0), "counted in place");
+    }
+
+    #[test]
     fn it_should_expire_on_the_monotonic_clock_only() {
         let mut s = Swarm::default();
         let mut c = Vec::new();
@@ -703,6 +775,7 @@ mod tests {
         let limits = SwarmLimits {
             max_live_per_addr: 3,
             max_new_torrents_per_minute: 2,
+            persist_every_ms: 0,
         };
         let mut s = Swarm::new(limits);
         let mut c = Vec::new();
