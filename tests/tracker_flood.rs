@@ -133,7 +133,8 @@ fn it_should_list_a_swarm_of_100k_peers_and_100k_files_through_the_client() {
     let t = tracker_with(
         dir.path(),
         "t",
-        "max_live_per_addr = 300000\nmax_new_files_per_minute = 200000\nmax_pending_rows = 1000000\n",
+        // A long TTL: on a loaded machine the test may take longer than the default 30 s.
+        "ttl = \"10m\"\ninterval = \"1m\"\nmax_live_per_addr = 300000\nmax_new_files_per_minute = 200000\nmax_pending_rows = 1000000\n",
     );
     let started = std::time::Instant::now();
     rt().block_on(async {

@@ -453,12 +453,15 @@ fn handle(shared: &Shared, req: Request, addr: SocketAddr, out: &mut Vec<u8>) {
             }
         }
         Request::ListFiles { after, limit } => {
-            let (files, next) = shared
+            let res = shared
                 .swarm
                 .lock()
                 .expect("swarm lock poisoned")
                 .files(after.as_deref(), page_limit(limit));
-            encode_json(&Response::Files { files, next }, out);
+            match res {
+                Ok((files, next)) => encode_json(&Response::Files { files, next }, out),
+                Err(reason) => error_reply(reason, out),
+            }
         }
         Request::Swarm {
             info_hash,

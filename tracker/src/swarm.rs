@@ -11,7 +11,7 @@
 //! replies, whatever the swarm's size) plus a `BTreeSet` of their ids, the order SWARM pages
 //! follow so that a paged listing returns every peer present throughout it exactly once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::ops::Bound;
 
@@ -142,9 +142,22 @@ impl Torrent {
     }
 }
 
+/// An info hash in binary: a hash-map key compared without chasing a pointer (with `String`
+/// keys every probe was a cache miss, the tracker's largest cost at 100k live peers).
+type Key = [u8; 32];
+
+/// The key of a 64-hex-digit info hash (either case).
+fn key_of(info_hash: &str) -> Option<Key> {
+    let mut k = [0u8; 32];
+    hex::decode_to_slice(info_hash, &mut k).ok()?;
+    Some(k)
+}
+
 #[derive(Debug, Default)]
 pub struct Swarm {
-    torrents: BTreeMap<String, Torrent>,
+    torrents: HashMap<Key, Torrent>,
+    /// The same keys in order, for paging FILES and SWARM (hex order is byte order).
+    order: BTreeSet<Key>,
     limits: SwarmLimits,
     /// Live entries per source address (absent at zero).
     live_by_src: HashMap<IpAddr, usize>,
@@ -189,8 +202,12 @@ impl Swarm {
     ) -> Swarm {
         let mut s = Swarm::new(limits);
         for t in torrents {
+            let Some(key) = key_of(&t.info_hash) else {
+                tracing::warn!(info_hash = %t.info_hash, "skipping a file row with a bad info hash");
+                continue;
+            };
             s.torrents.insert(
-                t.info_hash,
+                key,
                 Torrent {
                     name: escape_control(&t.name),
                     length: t.length,
@@ -204,7 +221,11 @@ impl Swarm {
                 .saturating_sub(p.last_seen.saturating_mul(1000))
                 .max(0) as u64;
             let src = p.addr.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            let t = s.torrents.entry(p.info_hash).or_default();
+            let Some(key) = key_of(&p.info_hash) else {
+                tracing::warn!(info_hash = %p.info_hash, "skipping a peer row with a bad info hash");
+                continue;
+            };
+            let t = s.torrents.entry(key).or_default();
             let peer = Peer {
                 entry_json: Peer::entry_json(&p.peer_id, &p.addr, p.port, p.have, p.total),
                 addr: p.addr,
@@ -222,6 +243,7 @@ impl Swarm {
         }
         // Files without a live peer stay in the database only.
         s.torrents.retain(|_, t| !t.peers.is_empty());
+        s.order = s.torrents.keys().copied().collect();
         s
     }
 
@@ -264,8 +286,13 @@ impl Swarm {
                 total: a.total,
             })
         };
+        let Some(key) = key_of(&a.info_hash) else {
+            debug_assert!(false, "announce not validated: {}", a.info_hash);
+            peers_json.extend_from_slice(b"[]");
+            return Ok(());
+        };
         if a.event == Event::Stopped {
-            if let Some(t) = self.torrents.get_mut(&a.info_hash) {
+            if let Some(t) = self.torrents.get_mut(&key) {
                 if let Some(p) = t.remove(&a.peer_id) {
                     decrement(&mut self.live_by_src, p.src);
                     changes.push(Change::RemovePeer {
@@ -275,13 +302,14 @@ impl Swarm {
                     changes.push(event_row("stopped"));
                 }
                 if t.peers.is_empty() {
-                    self.torrents.remove(&a.info_hash);
+                    self.torrents.remove(&key);
+                    self.order.remove(&key);
                 }
             }
             peers_json.extend_from_slice(b"[]");
             return Ok(());
         }
-        let torrent = self.torrents.get(&a.info_hash);
+        let torrent = self.torrents.get(&key);
         let previous = torrent.and_then(|t| t.peers.get(&a.peer_id));
         // Caps apply to what would be new for this source address; refuse before changing
         // anything.
@@ -310,7 +338,10 @@ impl Swarm {
             }
             w.1 += 1;
         }
-        let torrent = self.torrents.entry(a.info_hash.clone()).or_insert_with(|| {
+        if torrent.is_none() {
+            self.order.insert(key);
+        }
+        let torrent = self.torrents.entry(key).or_insert_with(|| {
             changes.push(Change::Torrent(TorrentRow {
                 info_hash: a.info_hash.clone(),
                 name: a.name.clone(),
@@ -445,13 +476,16 @@ impl Swarm {
         let mut n = 0;
         let now_s = now.unix_s();
         let live_by_src = &mut self.live_by_src;
-        for (info_hash, t) in &mut self.torrents {
+        let mut emptied = Vec::new();
+        for (key, t) in &mut self.torrents {
             let before = t.peers.len();
             let mut gone = Vec::new();
+            let mut hex_hash: Option<String> = None;
             t.peers.retain(|peer_id, p| {
                 if now.mono_ms.saturating_sub(p.last_seen_mono) <= ttl_ms {
                     return true;
                 }
+                let info_hash = hex_hash.get_or_insert_with(|| hex::encode(key));
                 changes.push(Change::RemovePeer {
                     info_hash: info_hash.clone(),
                     peer_id: peer_id.clone(),
@@ -470,6 +504,9 @@ impl Swarm {
                 false
             });
             n += before - t.peers.len();
+            if t.peers.is_empty() {
+                emptied.push(*key);
+            }
             for (id, src, role) in gone {
                 t.order.remove(&id);
                 if role == Role::Seeder {
@@ -478,7 +515,10 @@ impl Swarm {
                 decrement(live_by_src, src);
             }
         }
-        self.torrents.retain(|_, t| !t.peers.is_empty());
+        for key in emptied {
+            self.torrents.remove(&key);
+            self.order.remove(&key);
+        }
         self.new_by_src
             .retain(|_, w| now.mono_ms.saturating_sub(w.0) < MINUTE_MS);
         n
@@ -487,18 +527,24 @@ impl Swarm {
     /// One page of the files with a live peer, in info-hash order, starting after the cursor
     /// `after` (an info hash); returns the entries and the cursor of the next page, if any.
     /// A page holds at most `limit` entries and [`crate::proto::PAGE_BUDGET_BYTES`] of JSON.
-    pub fn files(&self, after: Option<&str>, limit: usize) -> (Vec<FileEntry>, Option<String>) {
-        let range = match after {
-            Some(h) => self
-                .torrents
-                .range::<str, _>((Bound::Excluded(h), Bound::Unbounded)),
-            None => self.torrents.range::<str, _>(..),
+    ///
+    /// # Errors
+    /// The cursor is not an info hash.
+    pub fn files(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<FileEntry>, Option<String>), String> {
+        let lower = match after {
+            Some(h) => Bound::Excluded(key_of(h).ok_or("bad FILES cursor")?),
+            None => Bound::Unbounded,
         };
         let mut out = Vec::new();
         let mut bytes = 0;
-        for (h, t) in range {
+        for key in self.order.range((lower, Bound::Unbounded)) {
+            let t = &self.torrents[key];
             let e = FileEntry {
-                info_hash: h.clone(),
+                info_hash: hex::encode(key),
                 name: t.name.clone(),
                 length: t.length,
                 seeders: t.seeders as u64,
@@ -507,11 +553,11 @@ impl Swarm {
             bytes += entry_bytes(&e);
             if out.len() >= limit || bytes > crate::proto::PAGE_BUDGET_BYTES {
                 let next = out.last().map(|e: &FileEntry| e.info_hash.clone());
-                return (out, next);
+                return Ok((out, next));
             }
             out.push(e);
         }
-        (out, None)
+        Ok((out, None))
     }
 
     /// One page of the live swarm (optionally of one file) in (info hash, peer id) order,
@@ -527,10 +573,17 @@ impl Swarm {
     ) -> Result<(Vec<SwarmEntry>, Option<String>), String> {
         let (start_hash, start_id) = match after {
             Some(c) if c.len() >= 64 && c.is_char_boundary(64) && is_info_hash(&c[..64]) => {
-                (Some(&c[..64]), Some(&c[64..]))
+                (key_of(&c[..64]), Some(&c[64..]))
             }
             Some(_) => return Err("bad SWARM cursor".into()),
             None => (None, None),
+        };
+        let only = match only {
+            Some(h) => match key_of(h) {
+                Some(k) => Some(k),
+                None => return Ok((Vec::new(), None)),
+            },
+            None => None,
         };
         let lower = match (only, start_hash) {
             (Some(o), Some(h)) => Bound::Included(o.max(h)),
@@ -540,12 +593,14 @@ impl Swarm {
         };
         let mut out: Vec<SwarmEntry> = Vec::new();
         let mut bytes = 0;
-        for (h, t) in self.torrents.range::<str, _>((lower, Bound::Unbounded)) {
-            if only.is_some_and(|o| o != h) {
+        for key in self.order.range((lower, Bound::Unbounded)) {
+            if only.is_some_and(|o| o != *key) {
                 break;
             }
+            let t = &self.torrents[key];
+            let h = hex::encode(key);
             let ids = match start_id {
-                Some(id) if start_hash == Some(h.as_str()) => t
+                Some(id) if start_hash == Some(*key) => t
                     .order
                     .range::<str, _>((Bound::Excluded(id), Bound::Unbounded)),
                 _ => t.order.range::<str, _>(..),
@@ -714,7 +769,7 @@ mod tests {
         assert_eq!(s.prune(at(31_000, 31_000), 30_000, &mut c), 1);
         assert_eq!(events(&c), ["expired"]);
         assert_eq!(s.swarm(None, None, 100).unwrap().0.len(), 1);
-        assert_eq!(s.files(None, 100).0[0].leechers, 1);
+        assert_eq!(s.files(None, 100).unwrap().0[0].leechers, 1);
     }
 
     #[test]
@@ -738,7 +793,7 @@ mod tests {
         c.clear();
         go(&mut s, &ann("a", Event::Progress, 4), 11_000, &mut c);
         assert_eq!((rows(&c), events(&c)), (1, vec!["completed"]));
-        let f = &s.files(None, 10).0[0];
+        let f = &s.files(None, 10).unwrap().0[0];
         assert_eq!((f.seeders, f.leechers), (1, 0), "counted in place");
     }
 
@@ -862,8 +917,8 @@ mod tests {
         let (p2, end) = s.swarm(Some(&one), next.as_deref(), 200).unwrap();
         assert_eq!((p1.len(), p2.len(), end), (200, 50, None));
         assert!(p1.iter().chain(&p2).all(|e| e.info_hash == one));
-        let (f1, next) = s.files(None, 2);
-        let (f2, end) = s.files(next.as_deref(), 2);
+        let (f1, next) = s.files(None, 2).unwrap();
+        let (f2, end) = s.files(next.as_deref(), 2).unwrap();
         assert_eq!((f1.len(), f2.len(), end), (2, 1, None));
         assert!(s.swarm(None, Some("zz"), 10).is_err());
     }
