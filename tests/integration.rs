@@ -6,6 +6,8 @@ mod common;
 mod descriptor;
 // `shoal tracker run`: the contract, persistence across kill -9, pruning, bad input.
 mod tracker;
+// The tracker under floods and at scale: bounds per address, huge listings, poison values.
+mod tracker_flood;
 // `shoal peer run`: publish, swarm downloads, metadata from the swarm, failover, corruption.
 mod peer;
 // Crashes, restarts, sabotage, banning and Smart Swarm scoring.

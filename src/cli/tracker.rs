@@ -3,9 +3,6 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::bail;
-use shoal_tracker::client::TrackerClient;
-use shoal_tracker::proto::{Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -52,24 +49,8 @@ pub async fn run(tc: shoal_tracker::TrackerConfig) -> anyhow::Result<()> {
     tracker.run(token).await
 }
 
-async fn ask_first(trackers: &[String], req: &Request) -> anyhow::Result<Response> {
-    let mut errors = Vec::new();
-    for t in trackers {
-        match TrackerClient::connect(t, None, Duration::from_secs(3)).await {
-            Ok(mut c) => match c.request(req).await {
-                Ok(r) => return Ok(r),
-                Err(e) => errors.push(e.to_string()),
-            },
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    bail!("no tracker answered: {}", errors.join("; "))
-}
-
 pub async fn list(trackers: &[String], json: bool) -> anyhow::Result<()> {
-    let Response::Files { files } = ask_first(trackers, &Request::ListFiles).await? else {
-        bail!("unexpected reply to LIST_FILES");
-    };
+    let files = shoal_tracker::client::files_from_first(trackers, Duration::from_secs(3)).await?;
     if json {
         return out::json(&files);
     }
@@ -99,11 +80,9 @@ pub async fn monitor(
 ) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal() && !once && !json;
     loop {
-        let Response::Swarm { peers } =
-            ask_first(&[tracker.to_string()], &Request::Swarm { info_hash: None }).await?
-        else {
-            bail!("unexpected reply to SWARM");
-        };
+        let peers =
+            shoal_tracker::client::swarm_from_first(&[tracker.to_string()], Duration::from_secs(3))
+                .await?;
         if json {
             out::line(&serde_json::to_string(&peers)?)?;
         } else {

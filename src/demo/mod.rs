@@ -15,7 +15,6 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use shoal_tracker::client::TrackerClient;
-use shoal_tracker::proto::{Request, Response};
 
 use crate::control::{self, CtlRequest, CtlResponse, StatusReport, TorrentStatus};
 use crate::units::{fmt_bytes, parse_size};
@@ -412,16 +411,7 @@ impl Demo {
             TrackerClient::connect(&self.trackers[tracker].listen, None, Duration::from_secs(1))
                 .await
                 .ok()?;
-        match c
-            .request(&Request::Swarm {
-                info_hash: Some(self.hash.clone()),
-            })
-            .await
-            .ok()?
-        {
-            Response::Swarm { peers } => Some(peers.len()),
-            _ => None,
-        }
+        c.swarm_all(Some(&self.hash)).await.ok().map(|p| p.len())
     }
 
     fn render(&self) -> String {

@@ -1,5 +1,10 @@
 //! A tracker client: one persistent connection, one request in flight, every wait bounded.
 //! Used by the peer, `shoal list`, `shoal tracker monitor`, the tests and the load benchmark.
+//!
+//! SWARM and FILES replies are paged by the tracker (each page fits the 64 KiB frame header);
+//! [`TrackerClient::swarm_all`] and [`TrackerClient::files_all`] fetch every page and return
+//! the whole listing, bounded by [`MAX_LISTING_ENTRIES`]. A tracker's reply is untrusted: every
+//! string in a listing comes back with control characters escaped, ready to print.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,7 +12,7 @@ use std::time::Duration;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::proto::{Request, Response};
+use crate::proto::{escape_control, FileEntry, Request, Response, SwarmEntry};
 use crate::wire::{FrameError, FrameReader, FrameWriter, Limits, Timeouts};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +37,61 @@ pub enum ClientError {
     BadReply { addr: String, reason: String },
     #[error("tracker {addr} refused: {reason}")]
     Refused { addr: String, reason: String },
+    #[error(
+        "tracker {addr} sent a listing of more than {max} entries or one that does not advance"
+    )]
+    EndlessListing { addr: String, max: usize },
+}
+
+/// Entries of one SWARM or FILES listing accepted at most (a tracker that pages forever is
+/// cut off here rather than filling memory).
+pub const MAX_LISTING_ENTRIES: usize = 2_000_000;
+
+/// Every tracker asked failed; each one's error is in the message.
+#[derive(Debug, thiserror::Error)]
+#[error("no tracker answered: {}", .0.join("; "))]
+pub struct NoTrackerAnswered(pub Vec<String>);
+
+/// The files offered, from the first of `trackers` that answers (`shoal list`).
+///
+/// # Errors
+/// No tracker answered; the error lists why for each.
+pub async fn files_from_first(
+    trackers: &[String],
+    timeout: Duration,
+) -> Result<Vec<FileEntry>, NoTrackerAnswered> {
+    let mut errors = Vec::new();
+    for t in trackers {
+        match TrackerClient::connect(t, None, timeout).await {
+            Ok(mut c) => match c.files_all().await {
+                Ok(files) => return Ok(files),
+                Err(e) => errors.push(e.to_string()),
+            },
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(NoTrackerAnswered(errors))
+}
+
+/// The whole live swarm, from the first of `trackers` that answers (`shoal tracker monitor`).
+///
+/// # Errors
+/// No tracker answered; the error lists why for each.
+pub async fn swarm_from_first(
+    trackers: &[String],
+    timeout: Duration,
+) -> Result<Vec<SwarmEntry>, NoTrackerAnswered> {
+    let mut errors = Vec::new();
+    for t in trackers {
+        match TrackerClient::connect(t, None, timeout).await {
+            Ok(mut c) => match c.swarm_all(None).await {
+                Ok(peers) => return Ok(peers),
+                Err(e) => errors.push(e.to_string()),
+            },
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(NoTrackerAnswered(errors))
 }
 
 pub struct TrackerClient {
@@ -153,5 +213,109 @@ impl TrackerClient {
             })?);
         }
         Ok(out)
+    }
+
+    fn bad_reply(&self, what: &str) -> ClientError {
+        ClientError::BadReply {
+            addr: self.addr.clone(),
+            reason: format!("expected {what}"),
+        }
+    }
+
+    /// Follow a listing's cursor, refusing one that repeats or runs past the bound.
+    fn next_cursor(
+        &self,
+        after: Option<String>,
+        next: Option<String>,
+        got: usize,
+        page_len: usize,
+    ) -> Result<Option<String>, ClientError> {
+        if got > MAX_LISTING_ENTRIES || (next.is_some() && (page_len == 0 || next == after)) {
+            return Err(ClientError::EndlessListing {
+                addr: self.addr.clone(),
+                max: MAX_LISTING_ENTRIES,
+            });
+        }
+        Ok(next)
+    }
+
+    /// The whole live swarm (of one file, or of all), every page of it, sorted by file name,
+    /// info hash, address and port, with control characters in its strings escaped.
+    ///
+    /// # Errors
+    /// Transport failures, refusals, unparseable or endless replies, naming the tracker.
+    pub async fn swarm_all(
+        &mut self,
+        info_hash: Option<&str>,
+    ) -> Result<Vec<SwarmEntry>, ClientError> {
+        let mut all: Vec<SwarmEntry> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let req = Request::Swarm {
+                info_hash: info_hash.map(str::to_string),
+                after: after.clone(),
+                limit: None,
+            };
+            let Response::Swarm { peers, next } = self.request(&req).await? else {
+                return Err(self.bad_reply("SWARM"));
+            };
+            let n = peers.len();
+            all.extend(peers.into_iter().map(|p| SwarmEntry {
+                info_hash: escape_control(&p.info_hash),
+                name: escape_control(&p.name),
+                peer_id: escape_control(&p.peer_id),
+                addr: escape_control(&p.addr),
+                ..p
+            }));
+            match self.next_cursor(after, next, all.len(), n)? {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        all.sort_by(|a, b| {
+            (&a.name, &a.info_hash, &a.addr, a.port, &a.peer_id).cmp(&(
+                &b.name,
+                &b.info_hash,
+                &b.addr,
+                b.port,
+                &b.peer_id,
+            ))
+        });
+        Ok(all)
+    }
+
+    /// Every file with a live peer, every page, sorted by name then info hash, with control
+    /// characters escaped.
+    ///
+    /// # Errors
+    /// Transport failures, refusals, unparseable or endless replies, naming the tracker.
+    pub async fn files_all(&mut self) -> Result<Vec<FileEntry>, ClientError> {
+        let mut all: Vec<FileEntry> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let req = Request::ListFiles {
+                after: after.clone(),
+                limit: None,
+            };
+            let Response::Files { files, next } = self.request(&req).await? else {
+                return Err(self.bad_reply("FILES"));
+            };
+            let n = files.len();
+            all.extend(files.into_iter().map(|f| FileEntry {
+                info_hash: escape_control(&f.info_hash),
+                name: escape_control(&f.name),
+                ..f
+            }));
+            match self.next_cursor(after, next, all.len(), n)? {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        all.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then_with(|| a.info_hash.cmp(&b.info_hash))
+        });
+        Ok(all)
     }
 }

@@ -31,8 +31,18 @@ pub struct TrackerConfig {
     /// Once a frame has started, the rest must arrive within this time.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
-    /// Open connections at most; more are told so and closed.
+    /// Open connections at most. When full, the idlest connection of the address holding the
+    /// most is closed to make room, so one address cannot lock out the others.
     pub max_connections: usize,
+    /// Open connections from one source address at most; past it that address's idlest
+    /// connection is closed to make room.
+    pub max_connections_per_addr: usize,
+    /// Live (file, peer) entries announced from one source address at most.
+    pub max_live_per_addr: usize,
+    /// Files one source address may add to the live swarm per minute at most.
+    pub max_new_files_per_minute: u32,
+    /// Rows waiting for the writer at most; past it announces get `ERROR "busy, retry in N s"`.
+    pub max_pending_rows: usize,
     /// Peers in one PEERS reply at most.
     pub max_peers_per_reply: usize,
     /// Believe the `addr` a peer announces instead of the connection's source (overlay networks).
@@ -62,6 +72,10 @@ impl Default for TrackerConfig {
             idle_timeout: Duration::from_secs(120),
             read_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            max_connections_per_addr: 256,
+            max_live_per_addr: 10_000,
+            max_new_files_per_minute: 1_000,
+            max_pending_rows: 200_000,
             max_peers_per_reply: 50,
             trust_announced_addr: false,
             http: String::new(),
@@ -87,8 +101,17 @@ impl TrackerConfig {
                     .into(),
             );
         }
-        if self.max_connections == 0 {
-            return Err("tracker.max_connections must be at least 1".into());
+        if self.max_connections == 0
+            || self.max_connections_per_addr == 0
+            || self.max_live_per_addr == 0
+            || self.max_new_files_per_minute == 0
+            || self.max_pending_rows == 0
+        {
+            return Err(
+                "tracker.max_connections, max_connections_per_addr, max_live_per_addr, \
+                 max_new_files_per_minute and max_pending_rows must be at least 1"
+                    .into(),
+            );
         }
         Ok(())
     }

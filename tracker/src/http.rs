@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::TrackerClient;
 use crate::metrics;
-use crate::proto::{Request as TRequest, Response as TResponse};
 
 /// The dashboard's shared stylesheet and chart helpers, served at `/shoal.css` and `/shoal.js`.
 pub const COMMON_CSS: &str = include_str!("../assets/shoal.css");
@@ -242,11 +241,25 @@ struct TrackerBackend {
 }
 
 impl TrackerBackend {
-    async fn ask(&self, req: &TRequest) -> anyhow::Result<TResponse> {
+    /// Every file the tracker lists, all pages.
+    async fn files(&self) -> anyhow::Result<Vec<crate::proto::FileEntry>> {
         let mut c = TrackerClient::connect(&self.tracker, None, BACKEND_TIMEOUT).await?;
-        Ok(tokio::time::timeout(BACKEND_TIMEOUT, c.request(req))
+        Ok(tokio::time::timeout(BACKEND_TIMEOUT, c.files_all())
             .await
             .context("the tracker did not answer in time")??)
+    }
+
+    /// The live swarm (of one file, or all), all pages.
+    async fn swarm(
+        &self,
+        info_hash: Option<&str>,
+    ) -> anyhow::Result<Vec<crate::proto::SwarmEntry>> {
+        let mut c = TrackerClient::connect(&self.tracker, None, BACKEND_TIMEOUT).await?;
+        Ok(
+            tokio::time::timeout(BACKEND_TIMEOUT, c.swarm_all(info_hash))
+                .await
+                .context("the tracker did not answer in time")??,
+        )
     }
 }
 
@@ -273,9 +286,8 @@ pub fn tracker_app(tracker_addr: SocketAddr, db: PathBuf, token: Option<String>)
 }
 
 async fn tracker_metrics(State(b): State<TrackerBackend>) -> Response {
-    let files = match b.ask(&TRequest::ListFiles).await {
-        Ok(TResponse::Files { files }) => files,
-        Ok(_) => return error_reply(StatusCode::BAD_GATEWAY, "unexpected tracker reply"),
+    let files = match b.files().await {
+        Ok(files) => files,
         Err(e) => return error_reply(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     };
     let db_bytes = ["", "-wal"]
@@ -294,9 +306,8 @@ async fn tracker_metrics(State(b): State<TrackerBackend>) -> Response {
 }
 
 async fn api_files(State(b): State<TrackerBackend>) -> Response {
-    match b.ask(&TRequest::ListFiles).await {
-        Ok(TResponse::Files { files }) => Json(files).into_response(),
-        Ok(_) => error_reply(StatusCode::BAD_GATEWAY, "unexpected tracker reply"),
+    match b.files().await {
+        Ok(files) => Json(files).into_response(),
         Err(e) => error_reply(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     }
 }
@@ -307,15 +318,8 @@ struct SwarmQuery {
 }
 
 async fn api_swarm(State(b): State<TrackerBackend>, Query(q): Query<SwarmQuery>) -> Response {
-    match b
-        .ask(&TRequest::Swarm {
-            info_hash: q.info_hash,
-        })
-        .await
-    {
-        Ok(TResponse::Swarm { peers }) => Json(peers).into_response(),
-        Ok(TResponse::Error { reason }) => error_reply(StatusCode::BAD_REQUEST, reason),
-        Ok(_) => error_reply(StatusCode::BAD_GATEWAY, "unexpected tracker reply"),
+    match b.swarm(q.info_hash.as_deref()).await {
+        Ok(peers) => Json(peers).into_response(),
         Err(e) => error_reply(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     }
 }
@@ -337,9 +341,8 @@ async fn api_history(State(b): State<TrackerBackend>, Query(q): Query<HistoryQue
         .unwrap_or(10)
         .max(1)
         .max(secs.div_ceil(MAX_HISTORY_POINTS));
-    let live_now = match b.ask(&TRequest::Swarm { info_hash: None }).await {
-        Ok(TResponse::Swarm { peers }) => peers.len() as i64,
-        Ok(_) => return error_reply(StatusCode::BAD_GATEWAY, "unexpected tracker reply"),
+    let live_now = match b.swarm(None).await {
+        Ok(peers) => peers.len() as i64,
         Err(e) => return error_reply(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     };
     let db = b.db.clone();

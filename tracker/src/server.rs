@@ -9,24 +9,30 @@
 //! commits it in one fsynced transaction. Reads never touch SQLite, so they never wait behind a
 //! write.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::TrackerConfig;
-use crate::proto::{Request, Response};
+use crate::proto::{Request, Response, MAX_PAGE_ENTRIES};
 use crate::store::{Batch, Change, Store, StoreError};
-use crate::swarm::Swarm;
+use crate::swarm::{Now, Swarm, SwarmLimits};
 use crate::wire::{FrameError, FrameReader, FrameWriter, Limits, Timeouts};
 
-/// How often the writer deletes history past the retention.
-const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// History rows deleted per retention step; small, so that one step never holds the database
+/// for long between two batches.
+pub const RETENTION_CHUNK_ROWS: usize = 1000;
+
+/// The monotonic clock starts this far ahead of zero, so that the age of a peer restored from
+/// the database (up to a day) can be represented before it.
+const MONO_ORIGIN_MS: u64 = 24 * 3600 * 1000;
 
 pub fn unix_ms() -> i64 {
     SystemTime::now()
@@ -34,10 +40,27 @@ pub fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The tracker's clock: monotonic time for expiry and idleness, wall time for rows.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    base: Instant,
+}
+
+impl Clock {
+    fn now(self) -> Now {
+        Now {
+            mono_ms: self.base.elapsed().as_millis() as u64 + MONO_ORIGIN_MS,
+            unix_ms: unix_ms(),
+        }
+    }
+}
+
 struct Shared {
     cfg: TrackerConfig,
+    clock: Clock,
     swarm: Mutex<Swarm>,
     writer: Arc<WriterQueue>,
+    conns: Mutex<Conns>,
 }
 
 /// What handlers hand to the writer thread.
@@ -47,6 +70,8 @@ struct WriterQueue {
     /// Set when the server stops; the writer commits what is left and exits.
     closing: Mutex<bool>,
     wake: Condvar,
+    /// Rows per second of the last committed batch (for the "retry in N s" estimate).
+    rows_per_sec: AtomicU64,
 }
 
 impl Shared {
@@ -59,6 +84,104 @@ impl Shared {
             b.push(c);
         }
     }
+
+    /// `Some(seconds)` when the writer is too far behind to take more.
+    fn busy(&self) -> Option<u64> {
+        let pending = self
+            .writer
+            .pending
+            .lock()
+            .expect("writer queue poisoned")
+            .len();
+        if pending < self.cfg.max_pending_rows {
+            return None;
+        }
+        let rate = self.writer.rows_per_sec.load(Ordering::Relaxed).max(1000);
+        Some((pending as u64).div_ceil(rate).max(1))
+    }
+}
+
+/// One open connection, as the registry sees it.
+struct Slot {
+    ip: IpAddr,
+    /// Monotonic ms of its last request (or of its accept).
+    last_active: Arc<AtomicU64>,
+    close: CancellationToken,
+}
+
+/// The open connections, for the total and per-address bounds.
+#[derive(Default)]
+struct Conns {
+    next_id: u64,
+    slots: HashMap<u64, Slot>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Conns {
+    /// Register a new connection from `ip`, first closing another if a bound is reached: the
+    /// idlest connection of `ip` itself when `ip` is at its own bound, else the idlest of the
+    /// address holding the most connections. So an address that hoards connections only ever
+    /// loses its own.
+    fn admit(
+        &mut self,
+        ip: IpAddr,
+        now_ms: u64,
+        max_total: usize,
+        max_per_ip: usize,
+    ) -> (u64, Arc<AtomicU64>, CancellationToken) {
+        let mine = self.per_ip.get(&ip).copied().unwrap_or(0);
+        let victim_ip = if mine >= max_per_ip {
+            Some(ip)
+        } else if self.slots.len() >= max_total {
+            self.per_ip
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(ip, _)| *ip)
+        } else {
+            None
+        };
+        if let Some(vip) = victim_ip {
+            let victim = self
+                .slots
+                .iter()
+                .filter(|(_, s)| s.ip == vip)
+                // Ids grow with age: among equally idle ones the oldest goes.
+                .min_by_key(|(id, s)| (s.last_active.load(Ordering::Relaxed), **id))
+                .map(|(id, _)| *id);
+            if let Some(id) = victim {
+                debug!(ip = %vip, "closing the idlest connection to make room");
+                crate::metrics::tracker().refused.inc();
+                self.remove(id);
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let last_active = Arc::new(AtomicU64::new(now_ms));
+        let close = CancellationToken::new();
+        self.slots.insert(
+            id,
+            Slot {
+                ip,
+                last_active: last_active.clone(),
+                close: close.clone(),
+            },
+        );
+        *self.per_ip.entry(ip).or_default() += 1;
+        (id, last_active, close)
+    }
+
+    /// Forget a connection (and tell its task to close, if it is still open).
+    fn remove(&mut self, id: u64) {
+        if let Some(s) = self.slots.remove(&id) {
+            s.close.cancel();
+            if let Some(n) = self.per_ip.get_mut(&s.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&s.ip);
+                }
+            }
+        }
+    }
 }
 
 /// A bound tracker, ready to serve.
@@ -69,26 +192,39 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Open the database, restore the live swarm and bind the listener.
+    /// Lock and open the database, restore the live swarm and bind the listener.
     ///
     /// # Errors
-    /// The database cannot be opened or migrated, or the address cannot be bound.
+    /// The database is in use by another tracker, cannot be opened or migrated, or the address
+    /// cannot be bound.
     pub async fn bind(cfg: TrackerConfig) -> anyhow::Result<Tracker> {
         use anyhow::Context;
         cfg.validate().map_err(anyhow::Error::msg)?;
-        let mut store = Store::open(&cfg.db)?;
-        let (torrents, peers) = store.load()?;
-        let swarm = Swarm::restore(torrents, peers);
+        let db = cfg.db.clone();
+        let (store, torrents, peers) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&db)?;
+            let (torrents, peers) = store.load()?;
+            Ok::<_, StoreError>((store, torrents, peers))
+        })
+        .await??;
+        let clock = Clock {
+            base: Instant::now(),
+        };
+        let limits = SwarmLimits {
+            max_live_per_addr: cfg.max_live_per_addr,
+            max_new_torrents_per_minute: cfg.max_new_files_per_minute,
+            // Half a TTL: a peer restored after a crash is then at most half a TTL staler
+            // than it was, and still has the other half to re-announce.
+            persist_every_ms: (cfg.ttl / 2).as_millis() as u64,
+        };
+        let swarm = Swarm::restore(limits, torrents, peers, clock.now());
         info!(peers = swarm.live_peers(), db = %cfg.db.display(), "restored live swarm");
-        let cutoff = unix_ms() / 1000 - cfg.retention.as_secs() as i64;
-        store.delete_events_before(cutoff)?;
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let queue = Arc::new(WriterQueue::default());
-        let batch_interval = cfg.batch_interval;
-        let retention = cfg.retention;
         let q2 = queue.clone();
+        let (batch_interval, retention) = (cfg.batch_interval, cfg.retention);
         let writer = std::thread::Builder::new()
             .name("tracker-writer".into())
             .spawn(move || run_writer(store, &q2, batch_interval, retention))?;
@@ -96,8 +232,10 @@ impl Tracker {
             listener,
             shared: Arc::new(Shared {
                 cfg,
+                clock,
                 swarm: Mutex::new(swarm),
                 writer: queue,
+                conns: Mutex::new(Conns::default()),
             }),
             writer,
         })
@@ -119,7 +257,6 @@ impl Tracker {
             writer,
         } = self;
         let tasks = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
         {
             let shared = shared.clone();
             let token = shutdown.clone();
@@ -144,22 +281,18 @@ impl Tracker {
                     continue;
                 }
             };
+            let (id, last_active, close) = shared.conns.lock().expect("conns poisoned").admit(
+                addr.ip(),
+                shared.clock.now().mono_ms,
+                shared.cfg.max_connections,
+                shared.cfg.max_connections_per_addr,
+            );
             let shared = shared.clone();
             let token = shutdown.clone();
-            match limit.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tasks.spawn(async move {
-                        serve(stream, addr, shared, token).await;
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    crate::metrics::tracker().refused.inc();
-                    tasks.spawn(async move {
-                        refuse(stream, "too many connections", shared.cfg.read_timeout).await;
-                    });
-                }
-            }
+            tasks.spawn(async move {
+                serve(stream, addr, &shared, &token, &close, &last_active).await;
+                shared.conns.lock().expect("conns poisoned").remove(id);
+            });
         }
         drop(listener);
         tasks.close();
@@ -175,20 +308,8 @@ impl Tracker {
     }
 }
 
-async fn refuse(stream: TcpStream, reason: &str, timeout: Duration) {
-    let mut w = FrameWriter::new(stream, timeout);
-    let _ = w
-        .send(
-            &Response::Error {
-                reason: reason.into(),
-            },
-            &[],
-        )
-        .await; // Best effort: the connection is being refused anyway.
-}
-
 async fn prune_loop(shared: Arc<Shared>, token: CancellationToken) {
-    let ttl_ms = shared.cfg.ttl.as_millis() as i64;
+    let ttl_ms = shared.cfg.ttl.as_millis() as u64;
     // Check often enough that a peer leaves within a quarter TTL of expiring.
     let every = (shared.cfg.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -198,18 +319,27 @@ async fn prune_loop(shared: Arc<Shared>, token: CancellationToken) {
         }
         let mut changes = Vec::new();
         let n = shared.swarm.lock().expect("swarm lock poisoned").prune(
-            unix_ms(),
+            shared.clock.now(),
             ttl_ms,
             &mut changes,
         );
         if n > 0 {
             info!(expired = n, "pruned silent peers");
         }
+        // Expiries are persisted even past max_pending_rows: the memory they take is bounded
+        // by the live swarm, and dropping them would leave dead peers in the database.
         shared.persist(changes);
     }
 }
 
-async fn serve(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, token: CancellationToken) {
+async fn serve(
+    stream: TcpStream,
+    addr: SocketAddr,
+    shared: &Shared,
+    token: &CancellationToken,
+    close: &CancellationToken,
+    last_active: &AtomicU64,
+) {
     let _ = stream.set_nodelay(true); // Latency matters more than packet count here.
     let (r, w) = stream.into_split();
     let timeouts = Timeouts {
@@ -222,6 +352,7 @@ async fn serve(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, token: 
     loop {
         let frame = tokio::select! {
             _ = token.cancelled() => break,
+            _ = close.cancelled() => break,
             f = reader.read_frame() => f,
         };
         let frame = match frame {
@@ -242,9 +373,10 @@ async fn serve(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>, token: 
                 break;
             }
         };
+        last_active.store(shared.clock.now().mono_ms, Ordering::Relaxed);
         reply.clear();
         match frame.parse::<Request>() {
-            Ok(req) => handle(&shared, req, addr, &mut reply),
+            Ok(req) => handle(shared, req, addr, &mut reply),
             Err(e) => encode_json(
                 &Response::Error {
                     reason: format!("bad {} request: {e}", frame.kind()),
@@ -266,12 +398,29 @@ fn encode_json(v: &impl serde::Serialize, out: &mut Vec<u8>) {
     serde_json::to_writer(&mut *out, v).expect("replies serialize");
 }
 
+fn error_reply(reason: String, out: &mut Vec<u8>) {
+    out.clear();
+    encode_json(&Response::Error { reason }, out);
+}
+
+/// Entries per SWARM / FILES page: what the asker wants, within the protocol's page size.
+fn page_limit(limit: Option<u32>) -> usize {
+    limit
+        .map_or(MAX_PAGE_ENTRIES, |l| l as usize)
+        .clamp(1, MAX_PAGE_ENTRIES)
+}
+
 /// Write the reply header JSON for `req` into `out`.
 fn handle(shared: &Shared, req: Request, addr: SocketAddr, out: &mut Vec<u8>) {
     match req {
-        Request::Announce(a) => {
+        Request::Announce(mut a) => {
             if let Err(reason) = a.validate() {
-                return encode_json(&Response::Error { reason }, out);
+                return error_reply(reason, out);
+            }
+            a.normalize();
+            if let Some(secs) = shared.busy() {
+                crate::metrics::tracker().busy.inc();
+                return error_reply(format!("busy, retry in {secs} s"), out);
             }
             crate::metrics::tracker().announce(a.event);
             let source = match (&a.addr, shared.cfg.trust_announced_addr) {
@@ -282,34 +431,56 @@ fn handle(shared: &Shared, req: Request, addr: SocketAddr, out: &mut Vec<u8>) {
                 .numwant
                 .map_or(shared.cfg.max_peers_per_reply, |n| n as usize)
                 .min(shared.cfg.max_peers_per_reply);
-            let mut changes = Vec::with_capacity(2);
+            let mut changes = Vec::with_capacity(3);
             // The PEERS reply is written by hand around the pre-serialized peer entries; its
             // shape is exactly `Response::Peers` (the client parses it as that).
             out.extend_from_slice(b"{\"type\":\"PEERS\",\"interval\":");
             out.extend_from_slice(shared.cfg.interval.as_secs().max(1).to_string().as_bytes());
             out.extend_from_slice(b",\"peers\":");
-            shared.swarm.lock().expect("swarm lock poisoned").announce(
+            let now = shared.clock.now();
+            let res = shared.swarm.lock().expect("swarm lock poisoned").announce(
                 &a,
                 &source,
-                unix_ms(),
+                addr.ip(),
+                now,
                 numwant,
                 &mut changes,
                 out,
             );
-            out.push(b'}');
-            shared.persist(changes);
+            match res {
+                Ok(()) => {
+                    out.push(b'}');
+                    shared.persist(changes);
+                }
+                Err(refusal) => error_reply(refusal.to_string(), out),
+            }
         }
-        Request::ListFiles => {
-            let files = shared.swarm.lock().expect("swarm lock poisoned").files();
-            encode_json(&Response::Files { files }, out);
-        }
-        Request::Swarm { info_hash } => {
-            let peers = shared
+        Request::ListFiles { after, limit } => {
+            let res = shared
                 .swarm
                 .lock()
                 .expect("swarm lock poisoned")
-                .swarm(info_hash.as_deref());
-            encode_json(&Response::Swarm { peers }, out);
+                .files(after.as_deref(), page_limit(limit));
+            match res {
+                Ok((files, next)) => encode_json(&Response::Files { files, next }, out),
+                Err(reason) => error_reply(reason, out),
+            }
+        }
+        Request::Swarm {
+            info_hash,
+            after,
+            limit,
+        } => {
+            let only = info_hash.map(|h| h.to_ascii_lowercase());
+            let res = shared.swarm.lock().expect("swarm lock poisoned").swarm(
+                only.as_deref(),
+                after.as_deref(),
+                page_limit(limit),
+            );
+            match res {
+                Ok((peers, next)) => encode_json(&Response::Swarm { peers, next }, out),
+                Err(reason) => error_reply(reason, out),
+            }
         }
     }
 }
@@ -320,7 +491,11 @@ fn run_writer(
     batch_interval: Duration,
     retention: Duration,
 ) {
-    let mut next_retention = Instant::now() + RETENTION_EVERY;
+    // Check retention a few times per retention period (at most a minute apart), and right
+    // away at start.
+    let retention_every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut next_retention = Instant::now();
+    let mut deleting = false;
     loop {
         let closing = {
             let guard = queue.closing.lock().expect("writer queue poisoned");
@@ -332,18 +507,35 @@ fn run_writer(
         };
         let batch = std::mem::take(&mut *queue.pending.lock().expect("writer queue poisoned"));
         if !batch.is_empty() {
+            let t = Instant::now();
             write_batch(&mut store, &batch);
+            let secs = t.elapsed().as_secs_f64().max(1e-3);
+            queue
+                .rows_per_sec
+                .store((batch.len() as f64 / secs) as u64, Ordering::Relaxed);
         }
         if closing {
             return;
         }
-        if Instant::now() >= next_retention {
-            next_retention = Instant::now() + RETENTION_EVERY;
+        if !deleting && Instant::now() >= next_retention {
+            next_retention = Instant::now() + retention_every;
+            deleting = true;
+        }
+        if deleting {
+            // One small chunk per batch interval: announces' commits are never queued behind
+            // a long delete.
             let cutoff = unix_ms() / 1000 - retention.as_secs() as i64;
-            match store.delete_events_before(cutoff) {
-                Ok(n) if n > 0 => info!(deleted = n, "deleted history past retention"),
-                Ok(_) => {}
-                Err(e) => error!(cause = %e, "retention cleanup failed"),
+            match store.delete_events_before(cutoff, RETENTION_CHUNK_ROWS) {
+                Ok(n) => {
+                    if n > 0 {
+                        debug!(deleted = n, "deleted history past retention");
+                    }
+                    deleting = n == RETENTION_CHUNK_ROWS;
+                }
+                Err(e) => {
+                    error!(cause = %e, "retention cleanup failed");
+                    deleting = false;
+                }
             }
         }
     }
@@ -352,21 +544,22 @@ fn run_writer(
 fn write_batch(store: &mut Store, batch: &Batch) {
     // A failed commit is retried a few times (a busy reader checkpointing, a full disk that
     // frees up); after that the batch is logged as lost: the live swarm in memory is still right
-    // and the next heartbeat rewrites each peer row.
+    // and the next heartbeat rewrites each peer row. A row SQLite refuses is skipped alone by
+    // the store and does not count as a failure here.
     for attempt in 0..3 {
         match crate::metrics::tracker().timed_commit(|| store.apply(batch)) {
-            Ok(()) => {
-                debug!(rows = batch.len(), "committed batch");
+            Ok(skipped) => {
+                debug!(rows = batch.len(), skipped, "committed batch");
                 return;
             }
-            Err(e @ StoreError::Sqlite { .. }) => {
+            Err(e) => {
                 error!(cause = %e, attempt, "tracker batch commit failed");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => {
-                error!(cause = %e, "tracker batch commit failed");
-                return;
-            }
         }
     }
+    error!(
+        rows = batch.len(),
+        "tracker batch dropped after 3 failed commits"
+    );
 }

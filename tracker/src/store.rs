@@ -21,8 +21,13 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// The migrations, in order. The schema lives only in `migrations/`.
-const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../migrations/0001_init.sql")),
+    (
+        "0002_heartbeat_writes",
+        include_str!("../../migrations/0002_heartbeat_writes.sql"),
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -31,6 +36,14 @@ pub enum StoreError {
         path: String,
         found: i64,
         known: i64,
+    },
+    #[error("database {path} is in use by another tracker (it holds the file's lock); stop that tracker or give this one another --db")]
+    InUse { path: String },
+    #[error("database {path}: cannot open it to lock it: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("database {path}: {source}")]
     Sqlite {
@@ -123,6 +136,43 @@ impl Batch {
 pub struct Store {
     conn: Connection,
     path: String,
+    /// Holds an exclusive `flock` on the database file for the store's life: a second tracker
+    /// on the same file is refused rather than writing beside this one. (SQLite's own locks
+    /// are POSIX record locks, independent of `flock`, so `sqlite3` readers are not affected.)
+    _lock: std::fs::File,
+}
+
+/// Take the one-tracker lock on `path` (creating the file if needed; a symlink is refused, not
+/// followed).
+fn lock(path: &Path, p: &str) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| StoreError::Lock {
+            path: p.to_string(),
+            source,
+        })?;
+    // SAFETY: flock only reads the descriptor, which `f` keeps open for the call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(f);
+    }
+    let source = std::io::Error::last_os_error();
+    if source.kind() == std::io::ErrorKind::WouldBlock {
+        return Err(StoreError::InUse {
+            path: p.to_string(),
+        });
+    }
+    Err(StoreError::Lock {
+        path: p.to_string(),
+        source,
+    })
 }
 
 impl Store {
@@ -136,6 +186,7 @@ impl Store {
             path: p.clone(),
             source,
         };
+        let lock = lock(path, &p)?;
         let mut conn = Connection::open(path).map_err(err)?;
         // WAL: `sqlite3` readers never block the writer and the writer never blocks them.
         // synchronous=FULL: each batch commit is fsynced, so a state change survives a power cut
@@ -144,12 +195,24 @@ impl Store {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
+        // A checkpointed WAL is cut back to this size, so a burst of writes does not leave a
+        // large file behind.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+            .map_err(err)?;
+        // 64 MiB of page cache (the default is 2 MiB): at a million live peers the tables' upper
+        // B-tree levels then stay in memory instead of being re-read for every upsert.
+        conn.pragma_update(None, "cache_size", -64 * 1024)
+            .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         migrate(&mut conn, &p)?;
-        Ok(Store { conn, path: p })
+        Ok(Store {
+            conn,
+            path: p,
+            _lock: lock,
+        })
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -159,15 +222,17 @@ impl Store {
         }
     }
 
-    /// The live swarm as the database has it, with the files.
+    /// The live swarm as the database has it, with the files that have a live peer (the
+    /// others stay in the database only).
     ///
     /// # Errors
     /// A database error.
     pub fn load(&self) -> Result<(Vec<TorrentRow>, Vec<PeerRow>), StoreError> {
         let torrents = (|| {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT info_hash, name, length, first_seen FROM torrents")?;
+            let mut stmt = self.conn.prepare(
+                "SELECT info_hash, name, length, first_seen FROM torrents
+                 WHERE info_hash IN (SELECT info_hash FROM peers)",
+            )?;
             let rows = stmt.query_map([], |r| {
                 Ok(TorrentRow {
                     info_hash: r.get(0)?,
@@ -204,83 +269,159 @@ impl Store {
         Ok((torrents, peers))
     }
 
-    /// Write a batch in one transaction.
+    /// Write a batch in one transaction. Should a row fail (one the validation let through),
+    /// the batch is written again row by row, each in a savepoint, and the failing rows are
+    /// logged and skipped: one bad row never takes the others with it.
+    ///
+    /// Returns the rows skipped.
     ///
     /// # Errors
-    /// A database error; nothing of the batch is written then.
-    pub fn apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
+    /// A database error that is not about one row (disk full, I/O); nothing of the batch is
+    /// written then.
+    pub fn apply(&mut self, batch: &Batch) -> Result<usize, StoreError> {
+        let all = (|| {
+            let tx = self.conn.transaction()?;
+            for row in batch.rows() {
+                write_row(&tx, &row)?;
+            }
+            tx.commit()
+        })();
+        match all {
+            Ok(()) => return Ok(0),
+            Err(e) if !is_row_error(&e) => return Err(self.err(e)),
+            Err(e) => tracing::warn!(cause = %e, "a row of the batch failed; writing row by row"),
+        }
+        let mut skipped = 0;
         let res = (|| {
-            {
-                let mut ins = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO torrents (info_hash, name, length, first_seen) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for t in &batch.torrents {
-                    ins.execute(params![t.info_hash, t.name, t.length, t.first_seen])?;
-                }
-                let mut up = tx.prepare_cached(
-                    "INSERT INTO peers (info_hash, peer_id, addr, port, have, total, role, first_seen, last_seen)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT (info_hash, peer_id) DO UPDATE SET addr = excluded.addr,
-                       port = excluded.port, have = excluded.have, total = excluded.total,
-                       role = excluded.role, last_seen = excluded.last_seen",
-                )?;
-                let mut del =
-                    tx.prepare_cached("DELETE FROM peers WHERE info_hash = ?1 AND peer_id = ?2")?;
-                for ((info_hash, peer_id), row) in &batch.peers {
-                    match row {
-                        Some(p) => {
-                            up.execute(params![
-                                p.info_hash,
-                                p.peer_id,
-                                p.addr,
-                                p.port,
-                                p.have,
-                                p.total,
-                                p.role,
-                                p.first_seen,
-                                p.last_seen
-                            ])?;
-                        }
-                        None => {
-                            del.execute(params![info_hash, peer_id])?;
-                        }
+            let mut tx = self.conn.transaction()?;
+            for row in batch.rows() {
+                let sp = tx.savepoint()?;
+                match write_row(&sp, &row) {
+                    Ok(()) => sp.commit()?,
+                    Err(e) if is_row_error(&e) => {
+                        tracing::error!(cause = %e, row = ?row, "tracker row cannot be stored; skipped");
+                        skipped += 1;
+                        // Dropping the savepoint rolls back this row only.
                     }
-                }
-                let mut ev = tx.prepare_cached(
-                    "INSERT INTO events (at, info_hash, peer_id, addr, port, event, have, total)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                for e in &batch.events {
-                    ev.execute(params![
-                        e.at,
-                        e.info_hash,
-                        e.peer_id,
-                        e.addr,
-                        e.port,
-                        e.event,
-                        e.have,
-                        e.total
-                    ])?;
+                    Err(e) => return Err(e),
                 }
             }
             tx.commit()
         })();
-        res.map_err(|e| self.err(e))
+        res.map(|()| skipped).map_err(|e| self.err(e))
     }
 
-    /// Delete history older than `before` (unix seconds). Returns the rows deleted.
+    /// Delete at most `max_rows` of the history older than `before` (unix seconds), in one
+    /// short transaction. The writer calls it between batches until it returns fewer than
+    /// `max_rows`, so retention never holds up announces' commits for long.
     ///
     /// # Errors
     /// A database error.
-    pub fn delete_events_before(&mut self, before: i64) -> Result<usize, StoreError> {
+    pub fn delete_events_before(
+        &mut self,
+        before: i64,
+        max_rows: usize,
+    ) -> Result<usize, StoreError> {
         self.conn
-            .execute("DELETE FROM events WHERE at < ?1", [before])
+            .execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 ORDER BY at LIMIT ?2)",
+                params![before, max_rows as i64],
+            )
             .map_err(|e| self.err(e))
     }
+}
+
+/// One row of a batch, borrowed.
+#[derive(Debug)]
+enum Row<'a> {
+    Torrent(&'a TorrentRow),
+    Peer(&'a PeerRow),
+    RemovePeer(&'a str, &'a str),
+    Event(&'a EventRow),
+}
+
+impl Batch {
+    /// The rows in the order they must be written (files before their peers).
+    fn rows(&self) -> impl Iterator<Item = Row<'_>> {
+        self.torrents
+            .iter()
+            .map(Row::Torrent)
+            .chain(self.peers.iter().map(|((h, id), p)| match p {
+                Some(p) => Row::Peer(p),
+                None => Row::RemovePeer(h, id),
+            }))
+            .chain(self.events.iter().map(Row::Event))
+    }
+}
+
+/// Whether an error is about the row being written (a value SQLite refuses) rather than the
+/// database as a whole.
+fn is_row_error(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        rusqlite::Error::ToSqlConversionFailure(_)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => true,
+        rusqlite::Error::SqliteFailure(f, _) => {
+            matches!(f.code, C::ConstraintViolation | C::TooBig | C::TypeMismatch)
+        }
+        _ => false,
+    }
+}
+
+fn write_row(conn: &Connection, row: &Row<'_>) -> rusqlite::Result<()> {
+    match row {
+        Row::Torrent(t) => {
+            // A file first announced without a name (a peer waiting for metadata) gets it from
+            // the first announce that has one; a known name is never overwritten.
+            conn.prepare_cached(
+                "INSERT INTO torrents (info_hash, name, length, first_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (info_hash) DO UPDATE SET name = excluded.name, length = excluded.length
+                 WHERE torrents.name = '' AND excluded.name <> ''",
+            )?
+            .execute(params![t.info_hash, t.name, t.length, t.first_seen])?;
+        }
+        Row::Peer(p) => {
+            conn.prepare_cached(
+                "INSERT INTO peers (info_hash, peer_id, addr, port, have, total, role, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (info_hash, peer_id) DO UPDATE SET addr = excluded.addr,
+                   port = excluded.port, have = excluded.have, total = excluded.total,
+                   role = excluded.role, last_seen = excluded.last_seen",
+            )?
+            .execute(params![
+                p.info_hash,
+                p.peer_id,
+                p.addr,
+                p.port,
+                p.have,
+                p.total,
+                p.role,
+                p.first_seen,
+                p.last_seen
+            ])?;
+        }
+        Row::RemovePeer(h, id) => {
+            conn.prepare_cached("DELETE FROM peers WHERE info_hash = ?1 AND peer_id = ?2")?
+                .execute(params![h, id])?;
+        }
+        Row::Event(e) => {
+            conn.prepare_cached(
+                "INSERT INTO events (at, info_hash, peer_id, addr, port, event, have, total)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                e.at,
+                e.info_hash,
+                e.peer_id,
+                e.addr,
+                e.port,
+                e.event,
+                e.have,
+                e.total
+            ])?;
+        }
+    }
+    Ok(())
 }
 
 /// The schema version this build writes.
@@ -357,6 +498,90 @@ mod tests {
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         assert_eq!(peers, vec![peer("p1", 5), peer("p2", 10)]);
         assert_eq!(peers[1].role, "seeder");
+    }
+
+    #[test]
+    fn it_should_skip_a_poison_row_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut s = Store::open(&path).unwrap();
+        let mut b = Batch::default();
+        b.push(Change::Peer(peer("honest-1", 1)));
+        let mut poison = peer("poison", 1);
+        poison.have = u64::MAX;
+        b.push(Change::Peer(poison));
+        b.push(Change::Peer(peer("honest-2", 2)));
+        assert_eq!(s.apply(&b).unwrap(), 1);
+        let (_, mut peers) = s.load().unwrap();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        assert_eq!(peers, vec![peer("honest-1", 1), peer("honest-2", 2)]);
+    }
+
+    #[test]
+    fn it_should_learn_a_name_later_but_never_overwrite_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("t.db")).unwrap();
+        let t = |name: &str| TorrentRow {
+            info_hash: "a".repeat(64),
+            name: name.into(),
+            length: 7,
+            first_seen: 1,
+        };
+        for name in ["", "late.bin", "other.bin"] {
+            let mut b = Batch::default();
+            b.push(Change::Torrent(t(name)));
+            b.push(Change::Peer(peer("p", 1)));
+            s.apply(&b).unwrap();
+        }
+        assert_eq!(s.load().unwrap().0, vec![t("late.bin")]);
+    }
+
+    #[test]
+    fn it_should_delete_history_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("t.db")).unwrap();
+        let mut b = Batch::default();
+        for at in 0..2500 {
+            b.push(Change::Event(EventRow {
+                at,
+                info_hash: "a".repeat(64),
+                peer_id: "p".into(),
+                addr: "127.0.0.1".into(),
+                port: 1,
+                event: "started",
+                have: 0,
+                total: 1,
+            }));
+        }
+        s.apply(&b).unwrap();
+        let mut chunks = Vec::new();
+        loop {
+            let n = s.delete_events_before(2000, 1000).unwrap();
+            chunks.push(n);
+            if n < 1000 {
+                break;
+            }
+        }
+        assert_eq!(chunks, [1000, 1000, 0]);
+        let left: i64 = s
+            .conn
+            .query_row("SELECT min(at) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 2000);
+    }
+
+    #[test]
+    fn it_should_refuse_a_second_store_on_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let first = Store::open(&path).unwrap();
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("t.db") && e.contains("in use by another tracker"),
+            "{e}"
+        );
+        drop(first);
+        Store::open(&path).unwrap();
     }
 
     #[test]

@@ -1,23 +1,84 @@
 //! The live swarm in memory: the tracker answers every request from here, and each state change
 //! comes out as [`Change`]s for the writer to persist. Pure and synchronous, so the rules
-//! (roles, events, pruning) are unit-tested without sockets or a clock.
+//! (roles, events, pruning, per-address caps) are unit-tested without sockets, and time comes in
+//! as a [`Now`] so tests drive it with a fake clock.
+//!
+//! Memory stays bounded by the live swarm: a file whose last peer leaves is dropped from memory
+//! (its history stays in the database), and each source address may hold only so many live
+//! entries and create only so many files a minute ([`SwarmLimits`]).
+//!
+//! Layout per file: peers in an `IndexMap` (O(1) lookup and O(numwant) random sampling for PEERS
+//! replies, whatever the swarm's size) plus a `BTreeSet` of their ids, the order SWARM pages
+//! follow so that a paged listing returns every peer present throughout it exactly once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::ops::Bound;
 
-use rand::seq::IteratorRandom;
+use indexmap::IndexMap;
 
-use crate::proto::{Announce, Event, FileEntry, PeerEntry, Role, SwarmEntry};
+use crate::proto::{
+    escape_control, is_info_hash, Announce, Event, FileEntry, PeerEntry, Role, SwarmEntry,
+};
 use crate::store::{Change, EventRow, PeerRow, TorrentRow};
+
+/// The window of [`SwarmLimits::max_new_torrents_per_minute`].
+const MINUTE_MS: u64 = 60_000;
+
+/// A moment, read once per request from the tracker's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// A monotonic clock in milliseconds: expiry compares these only, so a step of the wall
+    /// clock can never expire (or immortalize) the swarm.
+    pub mono_ms: u64,
+    /// Wall-clock unix milliseconds: what rows record, for admins.
+    pub unix_ms: i64,
+}
+
+impl Now {
+    fn unix_s(self) -> i64 {
+        self.unix_ms.div_euclid(1000)
+    }
+}
+
+/// Bounds a source address cannot pass (so one host cannot fill the tracker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwarmLimits {
+    /// Live (file, peer) entries announced from one source address at most.
+    pub max_live_per_addr: usize,
+    /// Files one source address may bring into the live swarm per minute at most.
+    pub max_new_torrents_per_minute: u32,
+    /// A heartbeat that changes nothing but `have` and the time is persisted only when the
+    /// peer's row is older than this: most heartbeats then cost no database write, and the
+    /// database's `have` / `last_seen` lag the live swarm by at most this much. Changes of
+    /// state (start, completion, stop, a new address or port) are always written.
+    pub persist_every_ms: u64,
+}
+
+impl Default for SwarmLimits {
+    fn default() -> Self {
+        SwarmLimits {
+            max_live_per_addr: usize::MAX,
+            max_new_torrents_per_minute: u32::MAX,
+            persist_every_ms: 0,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Peer {
+    /// The address handed to other peers (the source address, or the announced one when
+    /// trusted).
     addr: String,
+    /// The connection's source address: what the per-address caps count.
+    src: IpAddr,
     port: u16,
     have: u64,
     total: u64,
     first_seen: i64,
-    /// Unix milliseconds; pruning compares it with the TTL.
-    last_seen_ms: i64,
+    last_seen_mono: u64,
+    /// When its row was last handed to the writer (monotonic ms).
+    persisted_mono: u64,
     /// This peer's PEERS entry, serialized once per announce of its own: a reply is then a
     /// concatenation, not a serialization of every listed peer (the tracker's hottest cost).
     entry_json: Vec<u8>,
@@ -28,32 +89,15 @@ impl Peer {
         Role::of(self.have, self.total)
     }
 
-    fn new(
-        peer_id: &str,
-        addr: String,
-        port: u16,
-        have: u64,
-        total: u64,
-        first_seen: i64,
-        last_seen_ms: i64,
-    ) -> Peer {
-        let entry_json = serde_json::to_vec(&PeerEntry {
-            peer_id: peer_id.to_string(),
-            addr: addr.clone(),
-            port,
-            have,
-            total,
-        })
-        .expect("peer entry serializes");
-        Peer {
+    fn entry_json(peer_id: &str, addr: &str, port: u16, have: u64, total: u64) -> Vec<u8> {
+        serde_json::to_vec(&crate::proto::PeerEntryRef {
+            peer_id,
             addr,
             port,
             have,
             total,
-            first_seen,
-            last_seen_ms,
-            entry_json,
-        }
+        })
+        .expect("peer entry serializes")
     }
 }
 
@@ -62,49 +106,144 @@ pub fn parse_peer_list(json: &[u8]) -> Vec<PeerEntry> {
     serde_json::from_slice(json).expect("a JSON array of peer entries")
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Torrent {
     name: String,
     length: u64,
-    peers: HashMap<String, Peer>,
+    peers: IndexMap<String, Peer>,
+    /// The peers' ids in order, for paging.
+    order: BTreeSet<String>,
+    seeders: usize,
+}
+
+impl Torrent {
+    fn insert(&mut self, id: &str, p: Peer) -> Option<Peer> {
+        if p.role() == Role::Seeder {
+            self.seeders += 1;
+        }
+        let old = self.peers.insert(id.to_string(), p);
+        match &old {
+            Some(o) if o.role() == Role::Seeder => self.seeders -= 1,
+            Some(_) => {}
+            None => {
+                self.order.insert(id.to_string());
+            }
+        }
+        old
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Peer> {
+        let p = self.peers.swap_remove(id)?;
+        self.order.remove(id);
+        if p.role() == Role::Seeder {
+            self.seeders -= 1;
+        }
+        Some(p)
+    }
+}
+
+/// An info hash in binary: a hash-map key compared without chasing a pointer (with `String`
+/// keys every probe was a cache miss, the tracker's largest cost at 100k live peers).
+type Key = [u8; 32];
+
+/// The key of a 64-hex-digit info hash (either case).
+fn key_of(info_hash: &str) -> Option<Key> {
+    let mut k = [0u8; 32];
+    hex::decode_to_slice(info_hash, &mut k).ok()?;
+    Some(k)
 }
 
 #[derive(Debug, Default)]
 pub struct Swarm {
-    torrents: HashMap<String, Torrent>,
+    torrents: HashMap<Key, Torrent>,
+    /// The same keys in order, for paging FILES and SWARM (hex order is byte order).
+    order: BTreeSet<Key>,
+    limits: SwarmLimits,
+    /// Live entries per source address (absent at zero).
+    live_by_src: HashMap<IpAddr, usize>,
+    /// Files created per source address in the current minute: (window start, count).
+    new_by_src: HashMap<IpAddr, (u64, u32)>,
+}
+
+/// Why an announce was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("too many live entries from {src} (at most {max}); stop some before starting more")]
+    TooManyLive { src: IpAddr, max: usize },
+    #[error("too many new files from {src} (at most {max} a minute); retry in {retry_s} s")]
+    TooManyNewFiles { src: IpAddr, max: u32, retry_s: u64 },
+}
+
+fn decrement(map: &mut HashMap<IpAddr, usize>, src: IpAddr) {
+    if let Some(n) = map.get_mut(&src) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&src);
+        }
+    }
 }
 
 impl Swarm {
-    /// Rebuild from what the database holds (after a restart, even a `kill -9`).
-    pub fn restore(torrents: Vec<TorrentRow>, peers: Vec<PeerRow>) -> Swarm {
-        let mut s = Swarm::default();
+    pub fn new(limits: SwarmLimits) -> Swarm {
+        Swarm {
+            limits,
+            ..Swarm::default()
+        }
+    }
+
+    /// Rebuild from what the database holds (after a restart, even a `kill -9`). A restored
+    /// peer keeps its age as the wall clock says, read once here; from then on the monotonic
+    /// clock alone decides when it expires.
+    pub fn restore(
+        limits: SwarmLimits,
+        torrents: Vec<TorrentRow>,
+        peers: Vec<PeerRow>,
+        now: Now,
+    ) -> Swarm {
+        let mut s = Swarm::new(limits);
         for t in torrents {
+            let Some(key) = key_of(&t.info_hash) else {
+                tracing::warn!(info_hash = %t.info_hash, "skipping a file row with a bad info hash");
+                continue;
+            };
             s.torrents.insert(
-                t.info_hash,
+                key,
                 Torrent {
-                    name: t.name,
+                    name: escape_control(&t.name),
                     length: t.length,
-                    peers: HashMap::new(),
+                    ..Torrent::default()
                 },
             );
         }
         for p in peers {
-            let t = s.torrents.entry(p.info_hash).or_insert_with(|| Torrent {
-                name: String::new(),
-                length: 0,
-                peers: HashMap::new(),
-            });
-            let peer = Peer::new(
-                &p.peer_id,
-                p.addr,
-                p.port,
-                p.have,
-                p.total,
-                p.first_seen,
-                p.last_seen.saturating_mul(1000),
-            );
-            t.peers.insert(p.peer_id, peer);
+            let age_ms = now
+                .unix_ms
+                .saturating_sub(p.last_seen.saturating_mul(1000))
+                .max(0) as u64;
+            let src = p.addr.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            let Some(key) = key_of(&p.info_hash) else {
+                tracing::warn!(info_hash = %p.info_hash, "skipping a peer row with a bad info hash");
+                continue;
+            };
+            let t = s.torrents.entry(key).or_default();
+            let peer = Peer {
+                entry_json: Peer::entry_json(&p.peer_id, &p.addr, p.port, p.have, p.total),
+                addr: p.addr,
+                src,
+                port: p.port,
+                have: p.have,
+                total: p.total,
+                first_seen: p.first_seen,
+                last_seen_mono: now.mono_ms.saturating_sub(age_ms),
+                persisted_mono: now.mono_ms.saturating_sub(age_ms),
+            };
+            if t.insert(&p.peer_id, peer).is_none() {
+                *s.live_by_src.entry(src).or_default() += 1;
+            }
         }
+        // Files without a live peer stay in the database only.
+        s.torrents.retain(|_, t| !t.peers.is_empty());
+        s.order = s.torrents.keys().copied().collect();
         s
     }
 
@@ -112,39 +251,32 @@ impl Swarm {
         self.torrents.values().map(|t| t.peers.len()).sum()
     }
 
-    /// Apply an announce from `addr`; writes up to `numwant` other peers as a JSON array into
-    /// `peers_json` and appends the changes to persist to `changes`.
+    /// Files held in memory (each has at least one live peer).
+    pub fn live_torrents(&self) -> usize {
+        self.torrents.len()
+    }
+
+    /// Apply a validated, normalized announce from source address `src` (`addr` is what other
+    /// peers are told); writes up to `numwant` other peers as a JSON array into `peers_json`
+    /// and appends the changes to persist to `changes`. A refused announce changes nothing.
+    ///
+    /// # Errors
+    /// A per-address cap would be passed.
+    #[allow(clippy::too_many_arguments)]
     pub fn announce(
         &mut self,
         a: &Announce,
         addr: &str,
-        now_ms: i64,
+        src: IpAddr,
+        now: Now,
         numwant: usize,
         changes: &mut Vec<Change>,
         peers_json: &mut Vec<u8>,
-    ) {
-        peers_json.push(b'[');
-        let now = now_ms / 1000;
-        let torrent = self.torrents.entry(a.info_hash.clone()).or_insert_with(|| {
-            changes.push(Change::Torrent(TorrentRow {
-                info_hash: a.info_hash.clone(),
-                name: a.name.clone(),
-                length: a.length,
-                first_seen: now,
-            }));
-            Torrent {
-                name: a.name.clone(),
-                length: a.length,
-                peers: HashMap::new(),
-            }
-        });
-        if torrent.name.is_empty() && !a.name.is_empty() {
-            torrent.name = a.name.clone();
-            torrent.length = a.length;
-        }
+    ) -> Result<(), Refusal> {
+        let now_s = now.unix_s();
         let event_row = |event: &'static str| {
             Change::Event(EventRow {
-                at: now,
+                at: now_s,
                 info_hash: a.info_hash.clone(),
                 peer_id: a.peer_id.clone(),
                 addr: addr.to_string(),
@@ -154,83 +286,212 @@ impl Swarm {
                 total: a.total,
             })
         };
-        if a.event == Event::Stopped {
-            if torrent.peers.remove(&a.peer_id).is_some() {
-                changes.push(Change::RemovePeer {
-                    info_hash: a.info_hash.clone(),
-                    peer_id: a.peer_id.clone(),
-                });
-                changes.push(event_row("stopped"));
-            }
-            peers_json.push(b']');
-            return;
-        }
-        let previous_role = torrent.peers.get(&a.peer_id).map(Peer::role);
-        let first_seen = torrent.peers.get(&a.peer_id).map_or(now, |p| p.first_seen);
-        let peer = Peer::new(
-            &a.peer_id,
-            addr.to_string(),
-            a.port,
-            a.have,
-            a.total,
-            first_seen,
-            now_ms,
-        );
-        let role = peer.role();
-        match previous_role {
-            None => changes.push(event_row("started")),
-            Some(_) if a.event == Event::Started => changes.push(event_row("started")),
-            Some(Role::Leecher) if role == Role::Seeder => changes.push(event_row("completed")),
-            Some(_) => {}
-        }
-        changes.push(Change::Peer(PeerRow {
-            info_hash: a.info_hash.clone(),
-            peer_id: a.peer_id.clone(),
-            addr: peer.addr.clone(),
-            port: peer.port,
-            have: peer.have,
-            total: peer.total,
-            role: role.as_str(),
-            first_seen,
-            last_seen: now,
-        }));
-        torrent.peers.insert(a.peer_id.clone(), peer);
-        // A seeder has no use for other seeders.
-        let wanted = |id: &String, p: &Peer| {
-            *id != a.peer_id && !(role == Role::Seeder && p.role() == Role::Seeder)
+        let Some(key) = key_of(&a.info_hash) else {
+            debug_assert!(false, "announce not validated: {}", a.info_hash);
+            peers_json.extend_from_slice(b"[]");
+            return Ok(());
         };
-        if numwant > 0 {
-            let candidates = torrent.peers.iter().filter(|(id, p)| wanted(id, p));
-            let chosen: Vec<(&String, &Peer)> = if torrent.peers.len() <= numwant + 1 {
-                candidates.collect()
-            } else {
-                candidates.choose_multiple(&mut rand::thread_rng(), numwant)
-            };
-            for (i, (_, p)) in chosen.into_iter().enumerate() {
-                if i > 0 {
-                    peers_json.push(b',');
+        if a.event == Event::Stopped {
+            if let Some(t) = self.torrents.get_mut(&key) {
+                if let Some(p) = t.remove(&a.peer_id) {
+                    decrement(&mut self.live_by_src, p.src);
+                    changes.push(Change::RemovePeer {
+                        info_hash: a.info_hash.clone(),
+                        peer_id: a.peer_id.clone(),
+                    });
+                    changes.push(event_row("stopped"));
                 }
-                peers_json.extend_from_slice(&p.entry_json);
+                if t.peers.is_empty() {
+                    self.torrents.remove(&key);
+                    self.order.remove(&key);
+                }
+            }
+            peers_json.extend_from_slice(b"[]");
+            return Ok(());
+        }
+        let torrent = self.torrents.get(&key);
+        let previous = torrent.and_then(|t| t.peers.get(&a.peer_id));
+        // Caps apply to what would be new for this source address; refuse before changing
+        // anything.
+        if previous.is_none_or(|p| p.src != src) {
+            let live = self.live_by_src.get(&src).copied().unwrap_or(0);
+            if live >= self.limits.max_live_per_addr {
+                return Err(Refusal::TooManyLive {
+                    src,
+                    max: self.limits.max_live_per_addr,
+                });
             }
         }
-        peers_json.push(b']');
+        if torrent.is_none() {
+            let max = self.limits.max_new_torrents_per_minute;
+            let w = self.new_by_src.entry(src).or_insert((now.mono_ms, 0));
+            if now.mono_ms.saturating_sub(w.0) >= MINUTE_MS {
+                *w = (now.mono_ms, 0);
+            }
+            if w.1 >= max {
+                let retry_s = (w.0 + MINUTE_MS).saturating_sub(now.mono_ms).div_ceil(1000);
+                return Err(Refusal::TooManyNewFiles {
+                    src,
+                    max,
+                    retry_s: retry_s.max(1),
+                });
+            }
+            w.1 += 1;
+        }
+        if torrent.is_none() {
+            self.order.insert(key);
+        }
+        let torrent = self.torrents.entry(key).or_insert_with(|| {
+            changes.push(Change::Torrent(TorrentRow {
+                info_hash: a.info_hash.clone(),
+                name: a.name.clone(),
+                length: a.length,
+                first_seen: now_s,
+            }));
+            Torrent {
+                name: a.name.clone(),
+                length: a.length,
+                ..Torrent::default()
+            }
+        });
+        if torrent.name.is_empty() && !a.name.is_empty() {
+            // A name learnt after the first announce (a peer that was waiting for metadata):
+            // the store fills in a row whose name is still empty.
+            torrent.name = a.name.clone();
+            torrent.length = a.length;
+            changes.push(Change::Torrent(TorrentRow {
+                info_hash: a.info_hash.clone(),
+                name: a.name.clone(),
+                length: a.length,
+                first_seen: now_s,
+            }));
+        }
+        let previous = torrent.peers.get(&a.peer_id);
+        let first_seen = previous.map_or(now_s, |p| p.first_seen);
+        let role = Role::of(a.have, a.total);
+        let mut event = true;
+        match previous {
+            None => changes.push(event_row("started")),
+            // A retried `started` (a peer waiting for metadata, a lost reply) is no new event;
+            // a restart that changed where the peer is or what it has is.
+            Some(p)
+                if a.event == Event::Started
+                    && (p.addr != addr
+                        || p.port != a.port
+                        || p.have != a.have
+                        || p.total != a.total) =>
+            {
+                changes.push(event_row("started"));
+            }
+            Some(p) if p.role() == Role::Leecher && role == Role::Seeder => {
+                changes.push(event_row("completed"));
+            }
+            Some(_) => event = false,
+        }
+        let persist = event
+            || previous.is_none_or(|p| {
+                p.addr != addr
+                    || p.port != a.port
+                    || p.total != a.total
+                    || now.mono_ms.saturating_sub(p.persisted_mono) >= self.limits.persist_every_ms
+            });
+        let persisted_mono = match previous {
+            Some(p) if !persist => p.persisted_mono,
+            _ => now.mono_ms,
+        };
+        if persist {
+            changes.push(Change::Peer(PeerRow {
+                info_hash: a.info_hash.clone(),
+                peer_id: a.peer_id.clone(),
+                addr: addr.to_string(),
+                port: a.port,
+                have: a.have,
+                total: a.total,
+                role: role.as_str(),
+                first_seen,
+                last_seen: now_s,
+            }));
+        }
+        if let Some(p) = torrent.peers.get_mut(&a.peer_id) {
+            // A heartbeat updates the entry in place: no new key, and the PEERS entry is
+            // re-serialized (into its own buffer) only when it changed.
+            let old_role = p.role();
+            let old_src = p.src;
+            if p.addr != addr || p.port != a.port || p.have != a.have || p.total != a.total {
+                if p.addr != addr {
+                    p.addr = addr.to_string();
+                }
+                p.port = a.port;
+                p.have = a.have;
+                p.total = a.total;
+                p.entry_json.clear();
+                serde_json::to_writer(
+                    &mut p.entry_json,
+                    &crate::proto::PeerEntryRef {
+                        peer_id: &a.peer_id,
+                        addr,
+                        port: a.port,
+                        have: a.have,
+                        total: a.total,
+                    },
+                )
+                .expect("peer entry serializes");
+            }
+            p.src = src;
+            p.last_seen_mono = now.mono_ms;
+            p.persisted_mono = persisted_mono;
+            match (old_role, role) {
+                (Role::Leecher, Role::Seeder) => torrent.seeders += 1,
+                (Role::Seeder, Role::Leecher) => torrent.seeders -= 1,
+                _ => {}
+            }
+            if old_src != src {
+                decrement(&mut self.live_by_src, old_src);
+                *self.live_by_src.entry(src).or_default() += 1;
+            }
+        } else {
+            torrent.insert(
+                &a.peer_id,
+                Peer {
+                    addr: addr.to_string(),
+                    src,
+                    port: a.port,
+                    have: a.have,
+                    total: a.total,
+                    first_seen,
+                    last_seen_mono: now.mono_ms,
+                    persisted_mono,
+                    entry_json: Peer::entry_json(&a.peer_id, addr, a.port, a.have, a.total),
+                },
+            );
+            *self.live_by_src.entry(src).or_default() += 1;
+        }
+        write_peers(torrent, &a.peer_id, role, numwant, peers_json);
+        Ok(())
     }
 
-    /// Remove every peer last heard from before `now_ms - ttl_ms`, with an `expired` event each.
-    pub fn prune(&mut self, now_ms: i64, ttl_ms: i64, changes: &mut Vec<Change>) -> usize {
+    /// Remove every peer not heard from for longer than `ttl_ms` of the monotonic clock, with an
+    /// `expired` event each; files left without a peer leave memory.
+    pub fn prune(&mut self, now: Now, ttl_ms: u64, changes: &mut Vec<Change>) -> usize {
         let mut n = 0;
-        for (info_hash, t) in &mut self.torrents {
+        let now_s = now.unix_s();
+        let live_by_src = &mut self.live_by_src;
+        let mut emptied = Vec::new();
+        for (key, t) in &mut self.torrents {
+            let before = t.peers.len();
+            let mut gone = Vec::new();
+            let mut hex_hash: Option<String> = None;
             t.peers.retain(|peer_id, p| {
-                if now_ms - p.last_seen_ms <= ttl_ms {
+                if now.mono_ms.saturating_sub(p.last_seen_mono) <= ttl_ms {
                     return true;
                 }
-                n += 1;
+                let info_hash = hex_hash.get_or_insert_with(|| hex::encode(key));
                 changes.push(Change::RemovePeer {
                     info_hash: info_hash.clone(),
                     peer_id: peer_id.clone(),
                 });
                 changes.push(Change::Event(EventRow {
-                    at: now_ms / 1000,
+                    at: now_s,
                     info_hash: info_hash.clone(),
                     peer_id: peer_id.clone(),
                     addr: p.addr.clone(),
@@ -239,46 +500,114 @@ impl Swarm {
                     have: p.have,
                     total: p.total,
                 }));
+                gone.push((peer_id.clone(), p.src, p.role()));
                 false
             });
+            n += before - t.peers.len();
+            if t.peers.is_empty() {
+                emptied.push(*key);
+            }
+            for (id, src, role) in gone {
+                t.order.remove(&id);
+                if role == Role::Seeder {
+                    t.seeders -= 1;
+                }
+                decrement(live_by_src, src);
+            }
         }
+        for key in emptied {
+            self.torrents.remove(&key);
+            self.order.remove(&key);
+        }
+        self.new_by_src
+            .retain(|_, w| now.mono_ms.saturating_sub(w.0) < MINUTE_MS);
         n
     }
 
-    /// Every file with at least one live peer.
-    pub fn files(&self) -> Vec<FileEntry> {
-        let mut files: Vec<FileEntry> = self
-            .torrents
-            .iter()
-            .filter(|(_, t)| !t.peers.is_empty())
-            .map(|(h, t)| {
-                let seeders = t
-                    .peers
-                    .values()
-                    .filter(|p| p.role() == Role::Seeder)
-                    .count() as u64;
-                FileEntry {
-                    info_hash: h.clone(),
-                    name: t.name.clone(),
-                    length: t.length,
-                    seeders,
-                    leechers: t.peers.len() as u64 - seeders,
-                }
-            })
-            .collect();
-        files.sort_by(|a, b| a.name.cmp(&b.name).then(a.info_hash.cmp(&b.info_hash)));
-        files
+    /// One page of the files with a live peer, in info-hash order, starting after the cursor
+    /// `after` (an info hash); returns the entries and the cursor of the next page, if any.
+    /// A page holds at most `limit` entries and [`crate::proto::PAGE_BUDGET_BYTES`] of JSON.
+    ///
+    /// # Errors
+    /// The cursor is not an info hash.
+    pub fn files(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<FileEntry>, Option<String>), String> {
+        let lower = match after {
+            Some(h) => Bound::Excluded(key_of(h).ok_or("bad FILES cursor")?),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for key in self.order.range((lower, Bound::Unbounded)) {
+            let t = &self.torrents[key];
+            let e = FileEntry {
+                info_hash: hex::encode(key),
+                name: t.name.clone(),
+                length: t.length,
+                seeders: t.seeders as u64,
+                leechers: (t.peers.len() - t.seeders) as u64,
+            };
+            bytes += entry_bytes(&e);
+            if out.len() >= limit || bytes > crate::proto::PAGE_BUDGET_BYTES {
+                let next = out.last().map(|e: &FileEntry| e.info_hash.clone());
+                return Ok((out, next));
+            }
+            out.push(e);
+        }
+        Ok((out, None))
     }
 
-    /// The live swarm, optionally of one file.
-    pub fn swarm(&self, only: Option<&str>) -> Vec<SwarmEntry> {
-        let mut out = Vec::new();
-        for (h, t) in &self.torrents {
-            if only.is_some_and(|o| o != h) {
-                continue;
+    /// One page of the live swarm (optionally of one file) in (info hash, peer id) order,
+    /// starting after the cursor `after` (64 hex digits of info hash, then the peer id).
+    ///
+    /// # Errors
+    /// The cursor is not one this tracker hands out.
+    pub fn swarm(
+        &self,
+        only: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<SwarmEntry>, Option<String>), String> {
+        let (start_hash, start_id) = match after {
+            Some(c) if c.len() >= 64 && c.is_char_boundary(64) && is_info_hash(&c[..64]) => {
+                (key_of(&c[..64]), Some(&c[64..]))
             }
-            for (id, p) in &t.peers {
-                out.push(SwarmEntry {
+            Some(_) => return Err("bad SWARM cursor".into()),
+            None => (None, None),
+        };
+        let only = match only {
+            Some(h) => match key_of(h) {
+                Some(k) => Some(k),
+                None => return Ok((Vec::new(), None)),
+            },
+            None => None,
+        };
+        let lower = match (only, start_hash) {
+            (Some(o), Some(h)) => Bound::Included(o.max(h)),
+            (Some(o), None) => Bound::Included(o),
+            (None, Some(h)) => Bound::Included(h),
+            (None, None) => Bound::Unbounded,
+        };
+        let mut out: Vec<SwarmEntry> = Vec::new();
+        let mut bytes = 0;
+        for key in self.order.range((lower, Bound::Unbounded)) {
+            if only.is_some_and(|o| o != *key) {
+                break;
+            }
+            let t = &self.torrents[key];
+            let h = hex::encode(key);
+            let ids = match start_id {
+                Some(id) if start_hash == Some(*key) => t
+                    .order
+                    .range::<str, _>((Bound::Excluded(id), Bound::Unbounded)),
+                _ => t.order.range::<str, _>(..),
+            };
+            for id in ids {
+                let p = &t.peers[id];
+                let e = SwarmEntry {
                     info_hash: h.clone(),
                     name: t.name.clone(),
                     peer_id: id.clone(),
@@ -287,19 +616,60 @@ impl Swarm {
                     have: p.have,
                     total: p.total,
                     role: p.role(),
-                });
+                };
+                bytes += entry_bytes(&e);
+                if out.len() >= limit || bytes > crate::proto::PAGE_BUDGET_BYTES {
+                    let next = out.last().map(|l| format!("{}{}", l.info_hash, l.peer_id));
+                    return Ok((out, next));
+                }
+                out.push(e);
             }
         }
-        out.sort_by(|a, b| {
-            (&a.name, &a.info_hash, &a.addr, a.port).cmp(&(&b.name, &b.info_hash, &b.addr, b.port))
-        });
-        out
+        Ok((out, None))
     }
+}
+
+/// Serialized size of one listing entry, with its separating comma.
+fn entry_bytes(e: &impl serde::Serialize) -> usize {
+    serde_json::to_vec(e).map_or(0, |v| v.len()) + 1
+}
+
+/// Write up to `numwant` peers of `t` other than `me` (and no seeders for a seeder) as a JSON
+/// array. Large swarms are sampled by random index, so the cost follows numwant, not the
+/// swarm's size.
+fn write_peers(t: &Torrent, me: &str, role: Role, numwant: usize, out: &mut Vec<u8>) {
+    out.push(b'[');
+    let wanted = |(id, p): &(&String, &Peer)| {
+        id.as_str() != me && !(role == Role::Seeder && p.role() == Role::Seeder)
+    };
+    let len = t.peers.len();
+    // Oversample so that skipping the asker and fellow seeders still fills the reply.
+    let draw = (numwant * 4 + 1).min(len);
+    let chosen: Box<dyn Iterator<Item = (&String, &Peer)>> = if numwant == 0 {
+        Box::new(std::iter::empty())
+    } else if draw == len {
+        Box::new(t.peers.iter())
+    } else {
+        Box::new(
+            rand::seq::index::sample(&mut rand::thread_rng(), len, draw)
+                .into_iter()
+                .map(|i| t.peers.get_index(i).expect("sampled below len")),
+        )
+    };
+    for (i, (_, p)) in chosen.filter(wanted).take(numwant).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&p.entry_json);
+    }
+    out.push(b']');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn ann(id: &str, event: Event, have: u64) -> Announce {
         Announce {
@@ -316,6 +686,10 @@ mod tests {
         }
     }
 
+    fn at(mono_ms: u64, unix_ms: i64) -> Now {
+        Now { mono_ms, unix_ms }
+    }
+
     fn events(changes: &[Change]) -> Vec<&'static str> {
         changes
             .iter()
@@ -326,92 +700,243 @@ mod tests {
             .collect()
     }
 
+    /// Announce from 127.0.0.1 at `t` ms on both clocks.
+    fn go(s: &mut Swarm, a: &Announce, t: u64, c: &mut Vec<Change>) -> Vec<PeerEntry> {
+        let mut j = Vec::new();
+        s.announce(a, "127.0.0.1", LOCAL, at(t, t as i64), 50, c, &mut j)
+            .unwrap();
+        parse_peer_list(&j)
+    }
+
     #[test]
     fn it_should_record_changes_of_state_not_heartbeats() {
         let mut s = Swarm::default();
         let mut c = Vec::new();
-        let mut j = Vec::new();
-        let local = "127.0.0.1";
-        s.announce(
-            &ann("a", Event::Started, 0),
-            local,
-            1000,
-            50,
-            &mut c,
-            &mut j,
-        );
+        go(&mut s, &ann("a", Event::Started, 0), 1000, &mut c);
         assert_eq!(events(&c), ["started"]);
         c.clear();
-        s.announce(
-            &ann("a", Event::Progress, 2),
-            local,
-            2000,
-            50,
-            &mut c,
-            &mut j,
-        );
+        go(&mut s, &ann("a", Event::Progress, 2), 2000, &mut c);
         assert!(events(&c).is_empty());
-        s.announce(
-            &ann("a", Event::Completed, 4),
-            local,
-            3000,
-            50,
-            &mut c,
-            &mut j,
-        );
+        go(&mut s, &ann("a", Event::Completed, 4), 3000, &mut c);
         assert_eq!(events(&c), ["completed"]);
         c.clear();
-        s.announce(
-            &ann("a", Event::Stopped, 4),
-            local,
-            4000,
-            50,
-            &mut c,
-            &mut j,
-        );
+        go(&mut s, &ann("a", Event::Stopped, 4), 4000, &mut c);
         assert_eq!(events(&c), ["stopped"]);
         assert_eq!(s.live_peers(), 0);
+        assert_eq!(
+            s.live_torrents(),
+            0,
+            "a file with no live peer leaves memory"
+        );
+    }
+
+    #[test]
+    fn it_should_write_one_started_for_a_retried_started() {
+        let mut s = Swarm::default();
+        let mut c = Vec::new();
+        for t in 0..5 {
+            go(&mut s, &ann("waiting", Event::Started, 0), t * 1000, &mut c);
+        }
+        assert_eq!(events(&c), ["started"]);
+        // A restart with other pieces is a real change.
+        c.clear();
+        go(&mut s, &ann("waiting", Event::Started, 2), 6000, &mut c);
+        assert_eq!(events(&c), ["started"]);
     }
 
     #[test]
     fn it_should_never_return_the_asker_and_prune_the_silent() {
         let mut s = Swarm::default();
         let mut c = Vec::new();
+        go(&mut s, &ann("a", Event::Started, 0), 0, &mut c);
         let mut j = Vec::new();
-        s.announce(
-            &ann("a", Event::Started, 0),
-            "127.0.0.1",
-            0,
-            50,
-            &mut c,
-            &mut j,
-        );
-        j.clear();
+        let b = IpAddr::from([127, 0, 0, 2]);
         s.announce(
             &ann("b", Event::Started, 4),
             "127.0.0.2",
-            0,
+            b,
+            at(0, 0),
             50,
             &mut c,
             &mut j,
-        );
-        j.clear();
-        s.announce(
-            &ann("a", Event::Progress, 1),
-            "127.0.0.1",
-            20_000,
-            50,
-            &mut c,
-            &mut j,
-        );
-        let peers = parse_peer_list(&j);
+        )
+        .unwrap();
+        let peers = go(&mut s, &ann("a", Event::Progress, 1), 20_000, &mut c);
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].peer_id, "b");
         assert_eq!(peers[0].addr, "127.0.0.2");
         c.clear();
-        assert_eq!(s.prune(31_000, 30_000, &mut c), 1);
+        assert_eq!(s.prune(at(31_000, 31_000), 30_000, &mut c), 1);
         assert_eq!(events(&c), ["expired"]);
-        assert_eq!(s.swarm(None).len(), 1);
-        assert_eq!(s.files()[0].leechers, 1);
+        assert_eq!(s.swarm(None, None, 100).unwrap().0.len(), 1);
+        assert_eq!(s.files(None, 100).unwrap().0[0].leechers, 1);
+    }
+
+    #[test]
+    fn it_should_persist_plain_heartbeats_at_most_once_per_period() {
+        let mut s = Swarm::new(SwarmLimits {
+            persist_every_ms: 10_000,
+            ..SwarmLimits::default()
+        });
+        let rows = |c: &[Change]| c.iter().filter(|c| matches!(c, Change::Peer(_))).count();
+        let mut c = Vec::new();
+        go(&mut s, &ann("a", Event::Started, 0), 0, &mut c);
+        assert_eq!(rows(&c), 1);
+        c.clear();
+        for t in 1..10 {
+            go(&mut s, &ann("a", Event::Progress, 1), t * 1000, &mut c);
+        }
+        assert_eq!(rows(&c), 0, "heartbeats within the period write nothing");
+        go(&mut s, &ann("a", Event::Progress, 2), 10_000, &mut c);
+        assert_eq!(rows(&c), 1);
+        // Completion is written at once.
+        c.clear();
+        go(&mut s, &ann("a", Event::Progress, 4), 11_000, &mut c);
+        assert_eq!((rows(&c), events(&c)), (1, vec!["completed"]));
+        let f = &s.files(None, 10).unwrap().0[0];
+        assert_eq!((f.seeders, f.leechers), (1, 0), "counted in place");
+    }
+
+    #[test]
+    fn it_should_expire_on_the_monotonic_clock_only() {
+        let mut s = Swarm::default();
+        let mut c = Vec::new();
+        let mut j = Vec::new();
+        s.announce(
+            &ann("a", Event::Started, 0),
+            "127.0.0.1",
+            LOCAL,
+            at(1_000, 1_000_000),
+            50,
+            &mut c,
+            &mut j,
+        )
+        .unwrap();
+        // The wall clock jumps a day ahead, 5 s pass: nobody expires.
+        assert_eq!(
+            s.prune(at(6_000, 1_000_000 + 86_400_000), 30_000, &mut c),
+            0
+        );
+        // The wall clock steps back an hour, 40 s pass: the peer expires, once.
+        assert_eq!(
+            s.prune(at(41_001, 1_000_000 - 3_600_000), 30_000, &mut c),
+            1
+        );
+        assert_eq!(s.live_peers(), 0);
+    }
+
+    #[test]
+    fn it_should_cap_live_entries_and_new_files_per_address() {
+        let limits = SwarmLimits {
+            max_live_per_addr: 3,
+            max_new_torrents_per_minute: 2,
+            persist_every_ms: 0,
+        };
+        let mut s = Swarm::new(limits);
+        let mut c = Vec::new();
+        let mut j = Vec::new();
+        let flood = IpAddr::from([127, 0, 0, 2]);
+        let mut a = ann("x", Event::Started, 0);
+        let mut send = |s: &mut Swarm, a: &Announce, src, t| {
+            j.clear();
+            s.announce(a, "h", src, at(t, 0), 50, &mut c, &mut j)
+        };
+        // Two new files a minute, the third is refused until the window passes.
+        for i in 0..2 {
+            a.info_hash = format!("{i:064x}");
+            send(&mut s, &a, flood, 0).unwrap();
+        }
+        a.info_hash = format!("{:064x}", 9);
+        let e = send(&mut s, &a, flood, 1_000).unwrap_err();
+        assert!(
+            matches!(e, Refusal::TooManyNewFiles { retry_s: 59, .. }),
+            "{e}"
+        );
+        // Existing files take more peers, up to the live cap of 3.
+        a.info_hash = format!("{:064x}", 0);
+        a.peer_id = "y".into();
+        send(&mut s, &a, flood, 1_000).unwrap();
+        a.peer_id = "z".into();
+        assert!(matches!(
+            send(&mut s, &a, flood, 1_000),
+            Err(Refusal::TooManyLive { max: 3, .. })
+        ));
+        // A heartbeat of a live entry still passes, and another address is not affected.
+        a.peer_id = "y".into();
+        a.event = Event::Progress;
+        send(&mut s, &a, flood, 2_000).unwrap();
+        a.peer_id = "z".into();
+        send(&mut s, &a, LOCAL, 2_000).unwrap();
+        // After a minute the window reopens; a stop frees a live slot.
+        a.info_hash = format!("{:064x}", 9);
+        a.peer_id = "x".into();
+        assert!(matches!(
+            send(&mut s, &a, flood, 61_000),
+            Err(Refusal::TooManyLive { .. })
+        ));
+        let mut stop = ann("y", Event::Stopped, 0);
+        stop.info_hash = format!("{:064x}", 0);
+        send(&mut s, &stop, flood, 61_000).unwrap();
+        send(&mut s, &a, flood, 61_000).unwrap();
+        assert_eq!(s.live_peers(), 4);
+    }
+
+    #[test]
+    fn it_should_page_the_swarm_and_the_files_exactly_once_each() {
+        let mut s = Swarm::default();
+        let mut c = Vec::new();
+        let mut a = ann("p", Event::Started, 0);
+        let mut want = Vec::new();
+        for f in 0..3 {
+            a.info_hash = format!("{f:064x}");
+            for p in 0..250 {
+                a.peer_id = format!("peer-{p}");
+                go(&mut s, &a, 0, &mut c);
+                want.push((a.info_hash.clone(), a.peer_id.clone()));
+            }
+        }
+        want.sort();
+        let mut got = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let (page, next) = s.swarm(None, after.as_deref(), 100).unwrap();
+            assert!(page.len() <= 100);
+            pages += 1;
+            got.extend(page.into_iter().map(|e| (e.info_hash, e.peer_id)));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!(pages, 8);
+        // One file only, paged too.
+        let one = format!("{:064x}", 1);
+        let (p1, next) = s.swarm(Some(&one), None, 200).unwrap();
+        let (p2, end) = s.swarm(Some(&one), next.as_deref(), 200).unwrap();
+        assert_eq!((p1.len(), p2.len(), end), (200, 50, None));
+        assert!(p1.iter().chain(&p2).all(|e| e.info_hash == one));
+        let (f1, next) = s.files(None, 2).unwrap();
+        let (f2, end) = s.files(next.as_deref(), 2).unwrap();
+        assert_eq!((f1.len(), f2.len(), end), (2, 1, None));
+        assert!(s.swarm(None, Some("zz"), 10).is_err());
+    }
+
+    #[test]
+    fn it_should_sample_large_swarms_without_the_asker() {
+        let mut s = Swarm::default();
+        let mut c = Vec::new();
+        let mut a = ann("p", Event::Started, 0);
+        for p in 0..1000 {
+            a.peer_id = format!("peer-{p}");
+            go(&mut s, &a, 0, &mut c);
+        }
+        a.peer_id = "peer-7".into();
+        let peers = go(&mut s, &a, 1, &mut c);
+        assert_eq!(peers.len(), 50);
+        assert!(peers.iter().all(|p| p.peer_id != "peer-7"));
+        let ids: std::collections::HashSet<_> = peers.iter().map(|p| &p.peer_id).collect();
+        assert_eq!(ids.len(), 50);
     }
 }
