@@ -229,20 +229,11 @@ where
     // <- e, ee, s, es + responder identity
     read_msg(&mut r, &mut inb).await?;
     let n = hs.read_message(&inb, &mut payload)?;
-    let remote_static = hs
-        .get_remote_static()
-        .ok_or_else(|| SecureError::Noise("no remote static key".into()))?
-        .to_vec();
-    let remote_id = check_payload(&payload[..n], &remote_static)?;
+    let remote_id = remote_identity(&hs, &payload[..n])?;
     // -> s, se + our identity
     let n = hs.write_message(&keys.payload, &mut out)?;
     write_msg(&mut w, &out[..n]).await?;
-    let ts = Arc::new(hs.into_stateless_transport_mode()?);
-    Ok(Channel {
-        reader: SecureRead::new(r, ts.clone()),
-        writer: SecureWrite::new(w, ts),
-        remote_id,
-    })
+    channel(hs, r, w, remote_id)
 }
 
 /// Accept side of the handshake (the caller bounds it with a timeout). A peer speaking the
@@ -286,11 +277,24 @@ where
     write_msg(&mut w, &out[..n]).await?;
     read_msg(&mut r, &mut inb).await?;
     let n = hs.read_message(&inb, &mut payload)?;
+    let remote_id = remote_identity(&hs, &payload[..n])?;
+    channel(hs, r, w, remote_id)
+}
+
+/// The remote's peer id, from its handshake payload checked against its Noise static key.
+fn remote_identity(hs: &snow::HandshakeState, payload: &[u8]) -> Result<String, SecureError> {
     let remote_static = hs
         .get_remote_static()
-        .ok_or_else(|| SecureError::Noise("no remote static key".into()))?
-        .to_vec();
-    let remote_id = check_payload(&payload[..n], &remote_static)?;
+        .ok_or_else(|| SecureError::Noise("no remote static key".into()))?;
+    check_payload(payload, remote_static)
+}
+
+fn channel<R, W>(
+    hs: snow::HandshakeState,
+    r: R,
+    w: W,
+    remote_id: String,
+) -> Result<Channel<R, W>, SecureError> {
     let ts = Arc::new(hs.into_stateless_transport_mode()?);
     Ok(Channel {
         reader: SecureRead::new(r, ts.clone()),

@@ -648,6 +648,21 @@ fn parked(mut rec: TorrentRecord, state: TorrentState, note: String, bits: Bitfi
     Opened::Parked { rec, bits }
 }
 
+/// A claimed piece failed the start-up spot check: the data changed since it was verified.
+fn changed_behind_our_back(rec: TorrentRecord, bad: u32, bits: Bitfield) -> Opened {
+    let hex = rec
+        .descriptor
+        .as_deref()
+        .and_then(|j| Metainfo::from_json(j.as_bytes()).ok())
+        .map_or_else(String::new, |m| m.info_hash_hex());
+    parked(
+        rec,
+        TorrentState::NeedsRecheck,
+        format!("piece {bad} no longer matches its hash: the data file changed; run `shoal recheck {hex}`"),
+        bits,
+    )
+}
+
 /// Open a torrent's data for a session (blocking: files, fallocate, spot-check hashing).
 fn open_data(hash: &Hash, meta: &Metainfo, mut rec: TorrentRecord, bits: Bitfield) -> Opened {
     let hex = hex::encode(hash);
@@ -688,12 +703,7 @@ fn open_data(hash: &Hash, meta: &Metainfo, mut rec: TorrentRecord, bits: Bitfiel
             Err(e) => return storage_err(rec, e, bits),
         };
         if let Some(bad) = spot_check(&storage, meta, &bits) {
-            return parked(
-                rec,
-                TorrentState::NeedsRecheck,
-                format!("piece {bad} no longer matches its hash: the data file changed; run `shoal recheck {hex}`"),
-                bits,
-            );
+            return changed_behind_our_back(rec, bad, bits);
         }
         return Opened::Session {
             storage: Arc::new(storage),
@@ -764,12 +774,7 @@ fn open_data(hash: &Hash, meta: &Metainfo, mut rec: TorrentRecord, bits: Bitfiel
         }
     };
     if let Some(bad) = spot_check(&storage, meta, &bits) {
-        return parked(
-            rec,
-            TorrentState::NeedsRecheck,
-            format!("piece {bad} no longer matches its hash: the data file changed; run `shoal recheck {hex}`"),
-            bits,
-        );
+        return changed_behind_our_back(rec, bad, bits);
     }
     Opened::Session {
         storage: Arc::new(storage),

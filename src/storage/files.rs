@@ -151,23 +151,23 @@ struct Dirs {
     parts: OwnedFd,
 }
 
-fn open_dirs(out_dir: &Path, create_parts: bool) -> Result<Dirs, StorageError> {
-    let p = out_dir.display().to_string();
-    let out = open_dir_at(None, out_dir.as_os_str().as_bytes()).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
-            StorageError::Unsafe {
-                path: p.clone(),
-                reason: "it is a symlink or not a directory; shoal does not follow it".into(),
-            }
-        } else if e.kind() == io::ErrorKind::NotFound {
-            StorageError::Missing { path: p.clone() }
-        } else {
-            StorageError::Io {
-                path: p.clone(),
-                source: e,
-            }
+/// What opening directory `path` without following symlinks failed with.
+fn dir_error(path: String, e: io::Error) -> StorageError {
+    if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+        StorageError::Unsafe {
+            path,
+            reason: "it is a symlink or not a directory; shoal does not follow it".into(),
         }
-    })?;
+    } else if e.kind() == io::ErrorKind::NotFound {
+        StorageError::Missing { path }
+    } else {
+        StorageError::Io { path, source: e }
+    }
+}
+
+fn open_dirs(out_dir: &Path, create_parts: bool) -> Result<Dirs, StorageError> {
+    let out = open_dir_at(None, out_dir.as_os_str().as_bytes())
+        .map_err(|e| dir_error(out_dir.display().to_string(), e))?;
     let pp = out_dir.join(PARTS_DIR).display().to_string();
     let io_err = |source| StorageError::Io {
         path: pp.clone(),
@@ -186,18 +186,8 @@ fn open_dirs(out_dir: &Path, create_parts: bool) -> Result<Dirs, StorageError> {
             }
         }
     }
-    let parts = open_dir_at(Some(&out), PARTS_DIR.as_bytes()).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
-            StorageError::Unsafe {
-                path: pp.clone(),
-                reason: "it is a symlink or not a directory; shoal does not follow it".into(),
-            }
-        } else if e.kind() == io::ErrorKind::NotFound {
-            StorageError::Missing { path: pp.clone() }
-        } else {
-            io_err(e)
-        }
-    })?;
+    let parts =
+        open_dir_at(Some(&out), PARTS_DIR.as_bytes()).map_err(|e| dir_error(pp.clone(), e))?;
     Ok(Dirs { out, parts })
 }
 
