@@ -32,7 +32,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Write the descriptor (.json) of a file.
+    /// Write the descriptor (.json) of a file or a folder tree.
     Create {
         file: PathBuf,
         /// Output path (default: <file name>.json in the current directory).
@@ -68,7 +68,7 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PeerCmd,
     },
-    /// Hash a file and seed it in place from the running peer.
+    /// Hash a file or a folder tree and seed it in place from the running peer.
     Publish {
         file: PathBuf,
         #[command(flatten)]
@@ -90,6 +90,22 @@ pub enum Cmd {
         /// With --wait: give up after this long (e.g. 10m).
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+        /// A tree: download only the files this glob matches (repeatable; a folder's name
+        /// selects what is below it). Change it later with `shoal select`.
+        #[arg(long = "only")]
+        only: Vec<String>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// A tree: change which files are downloaded (files already there stay).
+    Select {
+        info_hash: String,
+        /// Download the files this glob matches (repeatable).
+        #[arg(long = "only", required_unless_present = "all")]
+        only: Vec<String>,
+        /// Download every file.
+        #[arg(long, conflicts_with = "only")]
+        all: bool,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -306,6 +322,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             trackers,
             wait,
             timeout,
+            only,
             dir,
         } => {
             get(
@@ -315,9 +332,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 trackers,
                 wait,
                 timeout,
+                only,
             )
             .await
         }
+        Cmd::Select {
+            info_hash,
+            only,
+            all,
+            dir,
+        } => crate::cli_tree::select(&data_dir(&cfg, &dir), info_hash, only, all).await,
         Cmd::Status { json, watch, dir } => status(&data_dir(&cfg, &dir), json, watch).await,
         Cmd::Query { sql, json, dir } => query(&data_dir(&cfg, &dir), sql, json).await,
         Cmd::Pause { info_hash, dir } => {
@@ -428,11 +452,12 @@ async fn create(
 fn show(path: &Path, json: bool) -> anyhow::Result<()> {
     let m = Metainfo::load(path).with_context(|| format!("descriptor {}", path.display()))?;
     if json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "name": m.name, "length": m.length, "piece_length": m.piece_length,
             "pieces": m.piece_count(), "trackers": m.trackers, "created_at": m.created_at,
             "file_sha256": hex::encode(m.file_sha256), "info_hash": m.info_hash_hex(),
         });
+        crate::cli_tree::show_files_json(&m, &mut v);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -455,6 +480,7 @@ fn show(path: &Path, json: bool) -> anyhow::Result<()> {
     println!("created at: {}", m.created_at);
     println!("file sha256: {}", hex::encode(m.file_sha256));
     println!("info hash: {}", m.info_hash_hex());
+    crate::cli_tree::show_files(&m);
     Ok(())
 }
 
@@ -553,6 +579,7 @@ async fn get(
     trackers: Vec<String>,
     wait: bool,
     timeout: Option<Duration>,
+    only: Vec<String>,
 ) -> anyhow::Result<()> {
     let output = output.map(|o| std::path::absolute(&o)).transpose()?;
     let is_hash = what.len() == 64
@@ -564,6 +591,7 @@ async fn get(
             info_hash: Some(what.to_ascii_lowercase()),
             output,
             trackers,
+            only,
         }
     } else {
         let m = Metainfo::load(Path::new(what)).with_context(|| format!("descriptor {what}"))?;
@@ -572,6 +600,7 @@ async fn get(
             info_hash: None,
             output,
             trackers,
+            only,
         }
     };
     let CtlResponse::Added { info_hash } =

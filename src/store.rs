@@ -151,6 +151,12 @@ pub struct TorrentRecord {
     /// speaks of: it is never trusted.
     #[serde(default)]
     pub working_file: Option<FileId>,
+    /// A tree's working files by entry index (as `working_file` is for one file).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub working_files: std::collections::BTreeMap<u32, FileId>,
+    /// A tree's selection: `--only` globs (empty: every file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
 }
 
 /// Which file exactly: device, inode and length. Two different files, or the same file

@@ -16,3 +16,5 @@ mod status;
 mod demo;
 // The storage boundary: hostile files, failing syncs, one owner, bounded state, cuts.
 mod storage;
+// Folder trees (format 2): publish/get of trees, --only and select, kills, hostile paths.
+mod folders;
