@@ -719,6 +719,8 @@ mod tests {
             trackers: vec![],
             note: None,
             working_file: None,
+            working_files: Default::default(),
+            only: Vec::new(),
         }
     }
 
