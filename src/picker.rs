@@ -303,6 +303,36 @@ mod tests {
     }
 
     #[test]
+    fn it_should_never_pick_skipped_pieces_and_complete_without_them() {
+        let mut skip = Bitfield::new(6);
+        for i in [0, 2, 3, 5] {
+            skip.set(i);
+        }
+        let mut p = Picker::with_skip(Bitfield::new(6), skip, PieceSelection::RarestFirst, 0);
+        let all = Bitfield::full(6);
+        let mut r = rng();
+        let mut got = Vec::new();
+        while let Pick::Fresh(i) = p.pick(&all, |_| false, &mut r) {
+            got.push(i);
+        }
+        got.sort();
+        assert_eq!(got, vec![1, 4]);
+        // Endgame does not offer skipped pieces either.
+        assert!(matches!(
+            p.pick(&all, |_| false, &mut r),
+            Pick::Endgame(1 | 4)
+        ));
+        assert!(!p.is_complete());
+        for i in [1, 4] {
+            assert!(p.arrive_for_write(i));
+            assert!(p.mark_verified(i));
+        }
+        assert!(p.is_complete());
+        p.mark_missing(4);
+        assert!(!p.is_complete());
+    }
+
+    #[test]
     fn it_should_spread_ties_over_a_window_near_the_front() {
         let all = Bitfield::full(200);
         let mut r = rng();

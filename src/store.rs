@@ -205,7 +205,8 @@ impl TorrentRecord {
     /// The file the pieces of torrent `hash` live in right now: the final file once seeding
     /// (or paused from seeding), else the working file (`storage::files::working_path`).
     pub fn working_path_for(&self, hash: &Hash) -> PathBuf {
-        if self.is_final() {
+        // A tree's files appear below its folder one by one; its working files are many.
+        if self.is_final() || !self.working_files.is_empty() {
             self.data_path.clone()
         } else {
             crate::storage::files::working_path(
