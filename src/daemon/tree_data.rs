@@ -126,7 +126,8 @@ pub(super) fn open_tree(
         }
         let recorded = rec.working_files.get(&(i as u32)).copied();
         let name = tstore::working_name(hash, i);
-        let w: Working = match files::open_working_named(&out_dir, &name, f.length, recorded) {
+        let w: Working = match files::open_working_named(&out_dir, &name, f.length, recorded, false)
+        {
             Ok(w) => w,
             Err(e) => return storage_err(&hex, rec, e, bits),
         };
@@ -164,6 +165,12 @@ pub(super) fn open_tree(
             for i in f.first_piece..f.first_piece + f.piece_count {
                 bits.clear(i);
             }
+        }
+    }
+    // One fsync makes every new working file's name durable before any bit is set for it.
+    if !working_files.is_empty() {
+        if let Err(e) = tstore::sync_parts_dir(&out_dir) {
+            return storage_err(&hex, rec, e, bits);
         }
     }
     rec.working_files = working_files;
@@ -282,11 +289,15 @@ pub fn recheck_tree(
             &tstore::working_name(hash, i),
             f.length,
             recorded,
+            false,
         )?;
         rec.working_files.insert(i as u32, w.id);
         if w.note.is_none() {
             hash_file(w.file, true)?;
         }
+    }
+    if !rec.working_files.is_empty() {
+        tstore::sync_parts_dir(&out_dir)?;
     }
     if adopted > 0 {
         rec.note = Some(format!(

@@ -223,10 +223,12 @@ pub fn open_working(
     length: u64,
     recorded: Option<FileId>,
 ) -> Result<Working, StorageError> {
-    open_working_named(out_dir, &working_name(hash), length, recorded)
+    open_working_named(out_dir, &working_name(hash), length, recorded, true)
 }
 
 /// [`open_working`] for the working file `name` in the parts dir (a tree has one per file).
+/// Without `sync_dir` the caller fsyncs the parts dir itself (once for many files) before
+/// any bit is set for the new files' contents.
 ///
 /// # Errors
 /// As [`open_working`].
@@ -235,6 +237,7 @@ pub fn open_working_named(
     name: &str,
     length: u64,
     recorded: Option<FileId>,
+    sync_dir: bool,
 ) -> Result<Working, StorageError> {
     let dirs = open_dirs(out_dir, true)?;
     let path = out_dir.join(PARTS_DIR).join(name);
@@ -324,7 +327,7 @@ pub fn open_working_named(
         }
         return Err(io_err(e));
     }
-    if created {
+    if created && sync_dir {
         // The new name must survive a power cut before any bit is set for its contents.
         fsync_fd(&dirs.parts).map_err(io_err)?;
     }

@@ -30,6 +30,10 @@ use super::files::{
 use super::mmap::{Storage, StorageError};
 use crate::metainfo::{Hash, Metainfo};
 
+/// Above this many files written since the last sync, one `syncfs` replaces a `fdatasync` per
+/// file (every fdatasync of a newly written extent waits for its own journal commit).
+const SYNCFS_FROM_FILES: usize = 8;
+
 /// The working file name of entry `index` of tree `hash`.
 pub fn working_name(hash: &Hash, index: usize) -> String {
     format!("{}-{index}.part", hex::encode(hash))
@@ -89,12 +93,19 @@ impl PieceStore for TreeStorage {
         let _serial = self.sync_lock.lock().expect("sync lock");
         self.ledger.sync_with(|| {
             crate::testhook::fault_point("data-sync")?;
-            for (d, s) in self.dirty.iter().zip(&self.parts) {
-                if let Some(s) = s {
-                    if d.swap(false, Ordering::SeqCst) {
-                        s.sync_raw()?;
-                    }
-                }
+            let dirty: Vec<&Storage> = self
+                .dirty
+                .iter()
+                .zip(&self.parts)
+                .filter_map(|(d, s)| s.as_ref().filter(|_| d.swap(false, Ordering::SeqCst)))
+                .collect();
+            if dirty.len() > SYNCFS_FROM_FILES {
+                // Many small files: one syncfs (one journal commit, and it reports writeback
+                // errors of the file system) instead of one fdatasync, and commit, per file.
+                return dirty[0].sync_fs();
+            }
+            for s in dirty {
+                s.sync_raw()?;
             }
             Ok(())
         })
@@ -410,6 +421,16 @@ pub fn remove_working(out_dir: &Path, hash: &Hash) -> io::Result<usize> {
     // SAFETY: a plain syscall; failing (other downloads still there) is expected and fine.
     unsafe { libc::unlinkat(d.out.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
     Ok(n)
+}
+
+/// Make the parts dir's entries durable (one fsync after creating many working files, before
+/// any bit is set for their contents).
+///
+/// # Errors
+/// The dir cannot be opened or synced.
+pub fn sync_parts_dir(out_dir: &Path) -> Result<(), StorageError> {
+    let d = open_dirs(out_dir, false)?;
+    fsync_fd(&d.parts).map_err(|e| classify(e, out_dir.join(PARTS_DIR).display().to_string()))
 }
 
 /// Remove the parts dir of `out_dir` if nothing is left in it (best effort).
