@@ -34,6 +34,9 @@ pub enum CtlRequest {
         output: Option<PathBuf>,
         #[serde(default)]
         trackers: Vec<String>,
+        /// A tree: only the files these globs match.
+        #[serde(default)]
+        only: Vec<String>,
     },
     Status,
     Query {
@@ -51,6 +54,11 @@ pub enum CtlRequest {
     },
     Recheck {
         info_hash: String,
+    },
+    /// A tree: download only the files these globs match (empty: every file).
+    Select {
+        info_hash: String,
+        only: Vec<String>,
     },
     Shutdown,
 }
@@ -112,6 +120,20 @@ pub struct TorrentStatus {
     /// Per piece: [have, availability, in_flight]; only for `query` snapshots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub piece_states: Vec<(bool, u16, u8)>,
+    /// A tree's files; only for `query` snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileStatus>,
+}
+
+/// One entry of a tree, for `query`'s `files` table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FileStatus {
+    /// The path below the tree's folder, components joined with `/`.
+    pub path: String,
+    pub length: u64,
+    /// Verified bytes (equal to `length` when the file is complete).
+    pub have: u64,
+    pub selected: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //!
 //! Layout (dependencies point down the list, never up):
 //! - [`units`], [`fsutil`], [`bitfield`]: small helpers.
-//! - [`metainfo`]: the `.json` descriptor and the info hash.
+//! - [`metainfo`], [`tree`]: the `.json` descriptor and the info hash; folder trees.
 //! - [`peer_proto`]: peer-to-peer messages over the codec of [`shoal_tracker::wire`].
 //! - [`storage`]: piece I/O through memory maps (all `unsafe` lives there).
 //! - [`store`]: the sled state: torrents, durable bitfields, scores.
@@ -16,6 +16,7 @@
 
 pub mod bitfield;
 pub mod cli;
+pub mod cli_tree;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -35,4 +36,5 @@ pub mod secure;
 pub mod storage;
 pub mod store;
 pub mod testhook;
+pub mod tree;
 pub mod units;

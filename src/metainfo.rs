@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The descriptor format this build writes and reads.
+/// The descriptor format of one file.
 pub const FORMAT: u32 = 1;
+/// The descriptor format of a folder tree (see [`crate::tree`]).
+pub const FORMAT_TREE: u32 = 2;
 pub const MIN_PIECE_LENGTH: u32 = 16 * 1024;
 pub const MAX_PIECE_LENGTH: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_PIECE_LENGTH: u32 = 1024 * 1024;
@@ -25,6 +27,7 @@ pub const DEFAULT_PIECE_LENGTH: u32 = 1024 * 1024;
 pub const MAX_DESCRIPTOR_BYTES: usize = shoal_tracker::wire::MAX_PAYLOAD_BYTES;
 /// Domain separation for the info hash encoding.
 const INFO_HASH_TAG: &[u8] = b"shoal-info-v1\0";
+const INFO_HASH_TAG_TREE: &[u8] = b"shoal-info-v2\0";
 
 pub type Hash = [u8; 32];
 
@@ -64,6 +67,9 @@ pub struct Descriptor {
     pub trackers: Vec<String>,
     #[serde(default)]
     pub created_at: String,
+    /// Format 2 only: the tree's entries, in order (see [`crate::tree`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<crate::tree::FileJson>>,
 }
 
 /// A checked descriptor.
@@ -77,6 +83,8 @@ pub struct Metainfo {
     pub trackers: Vec<String>,
     pub created_at: String,
     pub info_hash: Hash,
+    /// Format 2: the tree's entries with their piece ranges; empty for one file.
+    pub files: Vec<crate::tree::TreeFile>,
 }
 
 /// Check that `name` is one plain file name.
@@ -95,6 +103,12 @@ pub fn check_name(name: &str) -> Result<(), MetainfoError> {
     }
     if name == "." || name == ".." || name.contains("..") {
         return Err(field("name", format!("{name:?} contains `..`")));
+    }
+    if name == crate::storage::files::PARTS_DIR {
+        return Err(field(
+            "name",
+            format!("{name:?} is shoal's working directory"),
+        ));
     }
     if name.chars().any(|c| c == '\0' || c.is_control()) {
         return Err(field("name", "contains NUL or a control character"));
@@ -151,18 +165,30 @@ impl Metainfo {
     /// # Errors
     /// A field that breaks a rule (the error names it).
     pub fn from_descriptor(d: Descriptor) -> Result<Metainfo, MetainfoError> {
-        if d.format != FORMAT {
+        if d.format != FORMAT && d.format != FORMAT_TREE {
             return Err(field(
                 "format",
-                format!("{} is not a format this shoal reads ({FORMAT})", d.format),
+                format!(
+                    "{} is not a format this shoal reads ({FORMAT} or {FORMAT_TREE})",
+                    d.format
+                ),
             ));
         }
         check_name(&d.name)?;
         check_piece_length(d.piece_length)?;
-        if d.length == 0 {
+        let files = match (d.format, &d.files) {
+            (FORMAT, None) => Vec::new(),
+            (FORMAT, Some(_)) => return Err(field("files", "is only allowed in format 2")),
+            (_, None) => return Err(field("files", "is missing (format 2 is a tree)")),
+            (_, Some(f)) => crate::tree::check_files(f, d.length, d.piece_length)?,
+        };
+        if d.length == 0 && files.is_empty() {
             return Err(field("length", "is 0; shoal distributes non-empty files"));
         }
-        let expected = piece_count(d.length, d.piece_length);
+        let expected = match files.last() {
+            Some(f) => u64::from(f.first_piece + f.piece_count),
+            None => piece_count(d.length, d.piece_length),
+        };
         if d.pieces.len() as u64 != expected {
             return Err(field(
                 "pieces",
@@ -194,6 +220,7 @@ impl Metainfo {
             trackers: d.trackers,
             created_at: d.created_at,
             info_hash: [0; 32],
+            files,
         };
         m.info_hash = m.compute_info_hash();
         Ok(m)
@@ -214,7 +241,12 @@ impl Metainfo {
     /// The info hash: SHA-256 over this encoding (all integers big-endian):
     /// `"shoal-info-v1\0"`, u32 name length, name (UTF-8), u64 length, u32 piece length,
     /// u32 piece count, each piece hash (32 bytes), the whole-file hash (32 bytes).
+    ///
+    /// A tree (format 2) is encoded as [`crate::tree::info_hash`] says.
     pub fn compute_info_hash(&self) -> Hash {
+        if self.is_tree() {
+            return crate::tree::info_hash(self, INFO_HASH_TAG_TREE);
+        }
         let mut h = Sha256::new();
         h.update(INFO_HASH_TAG);
         h.update((self.name.len() as u32).to_be_bytes());
@@ -237,15 +269,30 @@ impl Metainfo {
         self.pieces.len() as u32
     }
 
-    /// Byte length of piece `index` (the last one may be short).
+    /// Whether this is a folder tree (format 2).
+    pub fn is_tree(&self) -> bool {
+        !self.files.is_empty()
+    }
+
+    /// Byte length of piece `index` (the last one may be short; in a tree, the last of each
+    /// file may be).
     pub fn piece_size(&self, index: u32) -> u32 {
+        if self.is_tree() {
+            return crate::tree::locate(self, index).2;
+        }
         let start = u64::from(index) * u64::from(self.piece_length);
         (self.length - start).min(u64::from(self.piece_length)) as u32
     }
 
     pub fn to_descriptor(&self) -> Descriptor {
         Descriptor {
-            format: FORMAT,
+            format: if self.is_tree() { FORMAT_TREE } else { FORMAT },
+            files: self.is_tree().then(|| {
+                self.files
+                    .iter()
+                    .map(crate::tree::TreeFile::to_json)
+                    .collect()
+            }),
             name: self.name.clone(),
             length: self.length,
             piece_length: self.piece_length,
@@ -281,7 +328,7 @@ pub struct HashProgress {
     pub bytes: AtomicU64,
 }
 
-/// Hash a file: the piece hashes and the whole-file SHA-256 in one read of the data, on two
+/// Hash a file (or, for a folder, see [`crate::tree::create`]): the piece hashes and the whole-file SHA-256 in one read of the data, on two
 /// threads (each SHA-256 stream is sequential, so two streams use both cores).
 ///
 /// # Errors
@@ -293,6 +340,9 @@ pub fn create(
     progress: &HashProgress,
 ) -> Result<Metainfo, MetainfoError> {
     check_piece_length(piece_length)?;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return crate::tree::create(path, piece_length, trackers, progress);
+    }
     let io = |source| MetainfoError::Io {
         path: path.display().to_string(),
         source,
@@ -347,6 +397,7 @@ pub fn create(
         trackers,
         created_at: crate::fsutil::now_rfc3339(),
         info_hash: [0; 32],
+        files: Vec::new(),
     };
     m.info_hash = m.compute_info_hash();
     Ok(m)
@@ -366,6 +417,7 @@ mod tests {
             file_sha256: "11".repeat(32),
             trackers: vec!["127.0.0.1:5000".into()],
             created_at: "2026-11-24T10:00:00Z".into(),
+            files: None,
         }
     }
 
@@ -388,7 +440,8 @@ mod tests {
                 "piece_length",
                 Box::new(|d| d.piece_length = 32 * 1024 * 1024),
             ),
-            ("format", Box::new(|d| d.format = 2)),
+            ("format", Box::new(|d| d.format = 3)),
+            ("files", Box::new(|d| d.format = 2)),
         ];
         for (name, mutate) in cases {
             let mut d = sample();

@@ -41,7 +41,12 @@ pub struct Picker {
     writing: Bitfield,
     in_flight: Vec<u8>,
     availability: Vec<u16>,
-    /// Pieces neither had, written nor requested.
+    /// Pieces not wanted (files left out of a tree's selection): never picked, and not
+    /// needed for completion.
+    skip: Bitfield,
+    /// Wanted pieces not had yet (completion is when this is 0).
+    wanted_missing: u32,
+    /// Wanted pieces neither had, written nor requested.
     unrequested: u32,
     selection: PieceSelection,
     random_left: u32,
@@ -49,9 +54,25 @@ pub struct Picker {
 
 impl Picker {
     pub fn new(have: Bitfield, selection: PieceSelection, random_first: u32) -> Picker {
+        let skip = Bitfield::new(have.len());
+        Picker::with_skip(have, skip, selection, random_first)
+    }
+
+    /// A picker that leaves the pieces in `skip` alone (a tree's unselected files).
+    pub fn with_skip(
+        have: Bitfield,
+        skip: Bitfield,
+        selection: PieceSelection,
+        random_first: u32,
+    ) -> Picker {
         let n = have.len() as usize;
+        let missing = (0..have.len())
+            .filter(|&i| !have.get(i) && !skip.get(i))
+            .count() as u32;
         Picker {
-            unrequested: have.len() - have.count(),
+            skip,
+            wanted_missing: missing,
+            unrequested: missing,
             writing: Bitfield::new(have.len()),
             in_flight: vec![0; n],
             availability: vec![0; n],
@@ -65,8 +86,9 @@ impl Picker {
         &self.have
     }
 
+    /// Every wanted piece is had.
     pub fn is_complete(&self) -> bool {
-        self.have.is_complete()
+        self.wanted_missing == 0
     }
 
     pub fn availability(&self, i: u32) -> u16 {
@@ -120,7 +142,12 @@ impl Picker {
         let mut best: Option<u32> = None;
         for i in 0..self.have.len() {
             let f = self.in_flight[i as usize];
-            if self.have.get(i) || self.writing.get(i) || f == 0 || f >= MAX_REQUESTS_PER_PIECE {
+            if self.have.get(i)
+                || self.writing.get(i)
+                || self.skip.get(i)
+                || f == 0
+                || f >= MAX_REQUESTS_PER_PIECE
+            {
                 continue;
             }
             if !peer_has.get(i) || mine(i) {
@@ -161,6 +188,7 @@ impl Picker {
             let u = i as usize;
             if self.in_flight[u] > 0
                 || self.have.get(i)
+                || self.skip.get(i)
                 || self.writing.get(i)
                 || !peer_has.get(i)
                 || exclude(i)
@@ -225,13 +253,20 @@ impl Picker {
     /// The piece is verified and written. Returns false if it was already had.
     pub fn mark_verified(&mut self, i: u32) -> bool {
         self.writing.clear(i);
-        self.have.set(i)
+        let new = self.have.set(i);
+        if new && !self.skip.get(i) {
+            self.wanted_missing -= 1;
+        }
+        new
     }
 
     /// A recheck found piece `i` bad: back to missing.
     pub fn mark_missing(&mut self, i: u32) {
-        if self.have.clear(i) && self.in_flight[i as usize] == 0 {
-            self.unrequested += 1;
+        if self.have.clear(i) && !self.skip.get(i) {
+            self.wanted_missing += 1;
+            if self.in_flight[i as usize] == 0 {
+                self.unrequested += 1;
+            }
         }
     }
 }
@@ -265,6 +300,36 @@ mod tests {
             .collect();
         rest.sort();
         assert_eq!(rest, vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn it_should_never_pick_skipped_pieces_and_complete_without_them() {
+        let mut skip = Bitfield::new(6);
+        for i in [0, 2, 3, 5] {
+            skip.set(i);
+        }
+        let mut p = Picker::with_skip(Bitfield::new(6), skip, PieceSelection::RarestFirst, 0);
+        let all = Bitfield::full(6);
+        let mut r = rng();
+        let mut got = Vec::new();
+        while let Pick::Fresh(i) = p.pick(&all, |_| false, &mut r) {
+            got.push(i);
+        }
+        got.sort();
+        assert_eq!(got, vec![1, 4]);
+        // Endgame does not offer skipped pieces either.
+        assert!(matches!(
+            p.pick(&all, |_| false, &mut r),
+            Pick::Endgame(1 | 4)
+        ));
+        assert!(!p.is_complete());
+        for i in [1, 4] {
+            assert!(p.arrive_for_write(i));
+            assert!(p.mark_verified(i));
+        }
+        assert!(p.is_complete());
+        p.mark_missing(4);
+        assert!(!p.is_complete());
     }
 
     #[test]

@@ -25,6 +25,8 @@ CREATE TABLE pieces (info_hash TEXT, idx INTEGER, have INTEGER, availability INT
 CREATE TABLE peers (info_hash TEXT, peer_id TEXT, addr TEXT, port INTEGER, connected INTEGER,
   latency_ms REAL, score REAL, pieces_from INTEGER, pieces_to INTEGER, bytes_from INTEGER,
   bytes_to INTEGER, failures INTEGER, banned_until INTEGER);
+CREATE TABLE files (info_hash TEXT, idx INTEGER, path TEXT, length INTEGER, have INTEGER,
+  selected INTEGER, PRIMARY KEY (info_hash, idx));
 CREATE TABLE trackers (addr TEXT PRIMARY KEY, reachable INTEGER, last_ok INTEGER, last_error TEXT,
   failures INTEGER);
 ";
@@ -37,6 +39,7 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
             "INSERT INTO torrents VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
         )?;
         let mut p = tx.prepare("INSERT INTO pieces VALUES (?1,?2,?3,?4,?5)")?;
+        let mut fi = tx.prepare("INSERT INTO files VALUES (?1,?2,?3,?4,?5,?6)")?;
         let mut pe =
             tx.prepare("INSERT INTO peers VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)")?;
         for x in &r.torrents {
@@ -59,6 +62,16 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
             ])?;
             for (i, (have, avail, inflight)) in x.piece_states.iter().enumerate() {
                 p.execute(params![x.info_hash, i as i64, have, avail, inflight])?;
+            }
+            for (i, f) in x.files.iter().enumerate() {
+                fi.execute(params![
+                    x.info_hash,
+                    i as i64,
+                    f.path,
+                    f.length,
+                    f.have,
+                    f.selected
+                ])?;
             }
             for q in &x.peers {
                 pe.execute(params![

@@ -151,6 +151,12 @@ pub struct TorrentRecord {
     /// speaks of: it is never trusted.
     #[serde(default)]
     pub working_file: Option<FileId>,
+    /// A tree's working files by entry index (as `working_file` is for one file).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub working_files: std::collections::BTreeMap<u32, FileId>,
+    /// A tree's selection: `--only` globs (empty: every file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
 }
 
 /// Which file exactly: device, inode and length. Two different files, or the same file
@@ -199,7 +205,8 @@ impl TorrentRecord {
     /// The file the pieces of torrent `hash` live in right now: the final file once seeding
     /// (or paused from seeding), else the working file (`storage::files::working_path`).
     pub fn working_path_for(&self, hash: &Hash) -> PathBuf {
-        if self.is_final() {
+        // A tree's files appear below its folder one by one; its working files are many.
+        if self.is_final() || !self.working_files.is_empty() {
             self.data_path.clone()
         } else {
             crate::storage::files::working_path(
@@ -713,6 +720,8 @@ mod tests {
             trackers: vec![],
             note: None,
             working_file: None,
+            working_files: Default::default(),
+            only: Vec::new(),
         }
     }
 

@@ -22,3 +22,5 @@ mod storage;
 mod ops;
 // The command line as a newcomer meets it: help, errors, pipes, prefixes, --json, README.
 mod cli;
+// Folder trees (format 2): publish/get of trees, --only and select, kills, hostile paths.
+mod folders;

@@ -49,9 +49,9 @@ pub struct Target {
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Write the descriptor (.json) of a file.
+    /// Write the descriptor (.json) of a file or a folder tree.
     Create {
-        /// The file to describe (one regular file, not a folder).
+        /// The file or folder to describe.
         file: PathBuf,
         /// Output path [default: <file name>.json in the current directory].
         #[arg(short, long, value_name = "PATH")]
@@ -90,9 +90,9 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PeerCmd,
     },
-    /// Hash a file and seed it in place from the running peer.
+    /// Hash a file or a folder tree and seed it in place from the running peer.
     Publish {
-        /// The file to publish (one regular file, not a folder); it is seeded where it is.
+        /// The file or folder to publish; it is seeded where it is.
         file: PathBuf,
         #[command(flatten)]
         dir: DataDir,
@@ -115,10 +115,27 @@ pub enum Cmd {
         /// With --wait: stop waiting after this long, e.g. 10m (exit code 3; the daemon keeps downloading) [default: wait forever].
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         timeout: Option<Duration>,
+        /// A tree: download only the files this glob matches (repeatable; a folder's name
+        /// selects what is below it). Change it later with `shoal select` [default: every file].
+        #[arg(long = "only", value_name = "GLOB")]
+        only: Vec<String>,
         #[command(flatten)]
         dir: DataDir,
         #[command(flatten)]
         json: Json,
+    },
+    /// A tree: change which files are downloaded (files already there stay).
+    Select {
+        /// The torrent's info hash (or a unique prefix of 8+ hex digits).
+        info_hash: String,
+        /// Download the files this glob matches (repeatable).
+        #[arg(long = "only", required_unless_present = "all", value_name = "GLOB")]
+        only: Vec<String>,
+        /// Download every file.
+        #[arg(long, conflicts_with = "only")]
+        all: bool,
+        #[command(flatten)]
+        dir: DataDir,
     },
     /// Torrents with progress, state, rates, and who we trade with.
     Status {

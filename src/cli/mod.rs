@@ -130,6 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             trackers,
             wait,
             timeout,
+            only,
             dir,
             json,
         } => {
@@ -142,10 +143,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     wait,
                     timeout,
                     json: json.json,
+                    only,
                 },
             )
             .await
         }
+        Cmd::Select {
+            info_hash,
+            only,
+            all,
+            dir,
+        } => crate::cli_tree::select(&data_dir(&cfg, &dir), info_hash, only, all).await,
         Cmd::Status { json, watch, dir } => {
             peer::status(&data_dir(&cfg, &dir), json.json, watch).await
         }

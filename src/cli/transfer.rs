@@ -20,19 +20,19 @@ use crate::units::{fmt_bytes, parse_size};
 #[error("{0}")]
 pub struct TimedOut(pub String);
 
-/// The file a command is about to hash must be one regular file: say so plainly instead of
-/// the OS's "No such device" for a folder.
+/// What a command is about to hash must be a regular file or a folder tree: say so plainly
+/// instead of the OS's error.
 fn check_regular_file(path: &Path, verb: &str) -> anyhow::Result<()> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("cannot {verb} {}: no such file", path.display())
         }
         Err(e) => bail!("cannot {verb} {}: {e}", path.display()),
-        Ok(m) if m.is_dir() => bail!(
-            "cannot {verb} {}: it is a folder; shoal shares one file (pack the folder into one archive first)",
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if !m.is_file() => bail!(
+            "cannot {verb} {}: not a regular file or a folder",
             path.display()
         ),
-        Ok(m) if !m.is_file() => bail!("cannot {verb} {}: not a regular file", path.display()),
         Ok(_) => Ok(()),
     }
 }
@@ -99,11 +99,13 @@ pub async fn create(
 pub fn show(path: &Path, json: bool) -> anyhow::Result<()> {
     let m = load_descriptor(path)?;
     if json {
-        return out::json(&serde_json::json!({
+        let mut v = serde_json::json!({
             "name": m.name, "length": m.length, "piece_length": m.piece_length,
             "pieces": m.piece_count(), "trackers": m.trackers, "created_at": m.created_at,
             "file_sha256": hex::encode(m.file_sha256), "info_hash": m.info_hash_hex(),
-        }));
+        });
+        crate::cli_tree::show_files_json(&m, &mut v);
+        return out::json(&v);
     }
     let trackers = if m.trackers.is_empty() {
         "(none)".into()
@@ -123,6 +125,7 @@ pub fn show(path: &Path, json: bool) -> anyhow::Result<()> {
         hex::encode(m.file_sha256),
         m.info_hash_hex()
     ))?;
+    crate::cli_tree::show_files(&m);
     Ok(())
 }
 
@@ -167,6 +170,8 @@ pub struct GetArgs {
     pub wait: bool,
     pub timeout: Option<Duration>,
     pub json: bool,
+    /// A tree: only the files these globs match.
+    pub only: Vec<String>,
 }
 
 pub async fn get(dir: &Path, a: GetArgs) -> anyhow::Result<()> {
@@ -180,6 +185,7 @@ pub async fn get(dir: &Path, a: GetArgs) -> anyhow::Result<()> {
             info_hash: Some(a.what.to_ascii_lowercase()),
             output,
             trackers: a.trackers,
+            only: a.only,
         }
     } else {
         if !path.exists() {
@@ -194,6 +200,7 @@ pub async fn get(dir: &Path, a: GetArgs) -> anyhow::Result<()> {
             info_hash: None,
             output,
             trackers: a.trackers,
+            only: a.only,
         }
     };
     let CtlResponse::Added { info_hash } =

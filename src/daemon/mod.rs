@@ -18,6 +18,7 @@ pub mod net;
 pub mod owner;
 pub mod registry;
 pub mod torrent;
+pub mod tree_data;
 pub mod workers;
 
 use std::collections::HashMap;
@@ -392,7 +393,14 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
             info_hash,
             output,
             trackers,
-        } => add(d, descriptor, info_hash, output, trackers).await,
+            only,
+        } => add(d, descriptor, info_hash, output, trackers, only).await,
+        CtlRequest::Select { info_hash, only } => ok(d
+            .ctx
+            .registry
+            .resolve(&info_hash)?
+            .call(Cmd::Select { only })
+            .await?),
         CtlRequest::Pause { info_hash } => {
             ok(d.ctx.registry.resolve(&info_hash)?.call(Cmd::Pause).await?)
         }
@@ -455,9 +463,13 @@ async fn publish(d: &Arc<Daemon>, path: &Path) -> anyhow::Result<CtlResponse> {
         let meta =
             crate::metainfo::create(&p2, pl, trackers, &crate::metainfo::HashProgress::default())?;
         // The bits about to be committed vouch for these bytes: make them durable first.
-        crate::storage::files::open_complete(&p2, meta.length)?
-            .sync_all()
-            .with_context(|| format!("cannot sync {}", p2.display()))?;
+        if meta.is_tree() {
+            tree_data::sync_tree(&meta, &p2)?;
+        } else {
+            crate::storage::files::open_complete(&p2, meta.length)?
+                .sync_all()
+                .with_context(|| format!("cannot sync {}", p2.display()))?;
+        }
         Ok(meta)
     })
     .await??;
@@ -485,6 +497,8 @@ async fn publish(d: &Arc<Daemon>, path: &Path) -> anyhow::Result<CtlResponse> {
         trackers: Vec::new(),
         note: None,
         working_file: None,
+        working_files: Default::default(),
+        only: Vec::new(),
     };
     // Every piece was just hashed from this very file.
     if add_owner(d, meta.info_hash, rec, Bitfield::full(meta.piece_count())).await? {
@@ -502,7 +516,14 @@ async fn add(
     info_hash: Option<String>,
     output: Option<PathBuf>,
     trackers: Vec<String>,
+    only: Vec<String>,
 ) -> anyhow::Result<CtlResponse> {
+    // Globs that do not parse are refused before anything is written.
+    crate::tree::select(&[], &only)?;
+    // A descriptor is checked before anything is created: a hostile one writes nothing.
+    if let Some(json) = &descriptor {
+        Metainfo::from_json(json.as_bytes())?;
+    }
     let out_dir = output.unwrap_or_else(|| d.data_dir.join("downloads"));
     let od = out_dir.clone();
     let out_dir = tokio::task::spawn_blocking(move || -> anyhow::Result<PathBuf> {
@@ -513,6 +534,14 @@ async fn add(
     let (hash, rec, bits) = match (descriptor, info_hash) {
         (Some(json), _) => {
             let meta = Metainfo::from_json(json.as_bytes())?;
+            if !only.is_empty() {
+                if !meta.is_tree() {
+                    bail!("--only is for trees; {} is one file", meta.name);
+                }
+                if !crate::tree::select(&meta.files, &only)?.contains(&true) {
+                    bail!("--only {only:?} matches none of the files of {}", meta.name);
+                }
+            }
             let data_path = out_dir.join(&meta.name);
             if std::fs::symlink_metadata(&data_path).is_ok()
                 && d.ctx.registry.get(&meta.info_hash).is_none()
@@ -522,16 +551,15 @@ async fn add(
                     data_path.display()
                 );
             }
-            (
-                meta.info_hash,
-                new_download_record(Some(json), data_path, trackers),
-                Bitfield::new(meta.piece_count()),
-            )
+            let mut rec = new_download_record(Some(json), data_path, trackers);
+            rec.only = only;
+            (meta.info_hash, rec, Bitfield::new(meta.piece_count()))
         }
         (None, Some(h)) => {
             let hash = parse_hash(&h)?;
             let mut rec = new_download_record(None, out_dir, trackers);
             rec.state = TorrentState::FetchingMetadata;
+            rec.only = only;
             (hash, rec, Bitfield::new(0))
         }
         (None, None) => bail!("give a descriptor or an info hash"),
@@ -597,5 +625,7 @@ fn new_download_record(
         trackers,
         note: None,
         working_file: None,
+        working_files: Default::default(),
+        only: Vec::new(),
     }
 }

@@ -82,6 +82,9 @@ pub fn snapshot(hash: &Hash, rec: &TorrentRecord, bits: &Bitfield) -> TorrentSta
         note: rec.note.clone(),
         // Kept for `query` (the handle strips it for `status`).
         piece_states: (0..bits.len()).map(|i| (bits.get(i), 0, 0)).collect(),
+        files: meta.as_ref().map_or_else(Vec::new, |m| {
+            super::tree_data::file_states(m, rec, |i| i < bits.len() && bits.get(i))
+        }),
         ..Default::default()
     }
 }
@@ -131,7 +134,7 @@ struct Owner {
 }
 
 /// What opening a torrent's data found.
-enum Opened {
+pub(super) enum Opened {
     Session {
         storage: Arc<dyn PieceStore>,
         bits: Bitfield,
@@ -275,7 +278,14 @@ impl Owner {
             return;
         };
         let (hash, rec, bits, m) = (self.hash, self.rec.clone(), self.bits.clone(), meta.clone());
-        let opened = tokio::task::spawn_blocking(move || open_data(&hash, &m, rec, bits)).await;
+        let opened = tokio::task::spawn_blocking(move || {
+            if m.is_tree() {
+                super::tree_data::open_tree(&hash, &m, rec, bits)
+            } else {
+                open_data(&hash, &m, rec, bits)
+            }
+        })
+        .await;
         let opened = match opened {
             Ok(o) => o,
             Err(e) => {
@@ -320,18 +330,27 @@ impl Owner {
                 let cfg = &self.ctx.net.cfg;
                 let t = Torrent::new(SessionParts {
                     hash: self.hash,
-                    meta,
+                    meta: meta.clone(),
                     record: self.rec.clone(),
                     bits: self.bits.clone(),
                     storage,
                     working,
                     scores,
                     store: self.ctx.store.clone(),
-                    picker: Picker::new(
-                        self.bits.clone(),
-                        cfg.piece_selection,
-                        cfg.random_first_pieces,
-                    ),
+                    picker: if meta.is_tree() {
+                        Picker::with_skip(
+                            self.bits.clone(),
+                            super::tree_data::skip_bits(&meta, &self.rec),
+                            cfg.piece_selection,
+                            cfg.random_first_pieces,
+                        )
+                    } else {
+                        Picker::new(
+                            self.bits.clone(),
+                            cfg.piece_selection,
+                            cfg.random_first_pieces,
+                        )
+                    },
                     owner: self.events_tx.clone(),
                     cancel: self.ctx.root.child_token(),
                 });
@@ -414,7 +433,14 @@ impl Owner {
                 self.deactivate().await;
                 let (hash, rec) = (self.hash, self.rec.clone());
                 let m = meta.clone();
-                let r = tokio::task::spawn_blocking(move || recheck_data(&hash, &m, rec)).await;
+                let r = tokio::task::spawn_blocking(move || {
+                    if m.is_tree() {
+                        super::tree_data::recheck_tree(&hash, &m, rec)
+                    } else {
+                        recheck_data(&hash, &m, rec)
+                    }
+                })
+                .await;
                 let (bits, rec) = match r {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
@@ -467,6 +493,13 @@ impl Owner {
                                 msg.push_str(&format!("; deleted {}", rec.data_path.display()));
                             }
                         }
+                        // A tree's working files; its placed files are the user's now
+                        // (a published tree is the user's own folder) and are kept.
+                        if let Ok(n @ 1..) =
+                            crate::storage::tree::remove_working(&out_dir, &self.hash)
+                        {
+                            msg.push_str(&format!("; deleted {n} working files"));
+                        }
                         if let Ok(true) = files::remove_working(&out_dir, &self.hash) {
                             msg.push_str(&format!(
                                 "; deleted {}",
@@ -488,6 +521,7 @@ impl Owner {
                 self.ctx.registry.release(&self.handle);
                 (Ok(msg), true)
             }
+            Cmd::Select { only } => (self.select(only).await, false),
             Cmd::Shutdown => {
                 self.deactivate().await;
                 let r = self.commit().await.map(|_| "stopped".to_string());
@@ -499,6 +533,7 @@ impl Owner {
     async fn on_event(&mut self, ev: OwnerEvent) {
         match ev {
             OwnerEvent::AllVerified(whole) => self.finish(whole).await,
+            OwnerEvent::TreeVerified => self.finish_tree().await,
             OwnerEvent::Fault {
                 state,
                 note,
@@ -591,6 +626,78 @@ impl Owner {
         t.announce_now.notify_one();
     }
 
+    /// A tree's selected pieces are all verified: flush, place every finished selected file
+    /// (renamed in, never replacing anything), record SEEDING. The session goes on seeding.
+    async fn finish_tree(&mut self) {
+        let Some(t) = self.live.clone() else { return };
+        let guard = t.flush_guard().await;
+        if let Err(e) = t.flush_locked().await {
+            drop(guard);
+            t.report_fault(e);
+            return;
+        }
+        let (hash, meta, rec) = (self.hash, t.meta.clone(), t.record());
+        let placed =
+            tokio::task::spawn_blocking(move || super::tree_data::place_tree(&hash, &meta, &rec))
+                .await;
+        match placed {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                drop(guard);
+                let note = format!(
+                    "cannot place the finished files: {e}; move it away, then run `shoal recheck {}` (the verified data is kept)",
+                    self.hex
+                );
+                self.park(TorrentState::Failed, note).await;
+                return;
+            }
+            Err(e) => {
+                error!(info_hash = %self.hex, cause = %e, "placing panicked");
+                return;
+            }
+        }
+        crate::testhook::crash_point("after-rename");
+        t.update_record(|r| {
+            r.state = TorrentState::Seeding;
+            r.completed_at = Some(crate::fsutil::unix_ms());
+            r.note = None;
+        });
+        if let Err(e) = t.flush_locked().await {
+            drop(guard);
+            t.report_fault(e);
+            return;
+        }
+        drop(guard);
+        info!(info_hash = %self.hex, name = %t.name(), "tree complete and verified");
+        t.announce_now.notify_one();
+    }
+
+    /// Change a tree's selection: stop, record the globs, start again (a session downloads
+    /// what the new selection lacks; files already placed stay).
+    async fn select(&mut self, only: Vec<String>) -> anyhow::Result<String> {
+        let Some(meta) = self.meta() else {
+            anyhow::bail!("{} has no descriptor yet: nothing to select from", self.hex);
+        };
+        if !meta.is_tree() {
+            anyhow::bail!("{} is one file, not a tree: nothing to select", self.hex);
+        }
+        let sel = crate::tree::select(&meta.files, &only)?;
+        let chosen = sel.iter().filter(|s| **s).count();
+        if chosen == 0 {
+            anyhow::bail!("--only {only:?} matches none of the {} files", sel.len());
+        }
+        let state = self.record().state;
+        self.deactivate().await;
+        self.rec.only = only;
+        if matches!(state, TorrentState::Seeding | TorrentState::Downloading) {
+            self.rec.state = TorrentState::Downloading;
+            self.rec.completed_at = None;
+        }
+        self.commit().await?;
+        self.activate().await;
+        Ok(format!("selected {chosen} of {} entries", sel.len()))
+    }
+
     /// Stop the session and park the torrent in `state` with `note`.
     async fn park(&mut self, state: TorrentState, note: String) {
         self.deactivate().await;
@@ -632,7 +739,7 @@ impl Owner {
     }
 }
 
-fn out_dir_of(rec: &TorrentRecord) -> PathBuf {
+pub(super) fn out_dir_of(rec: &TorrentRecord) -> PathBuf {
     rec.data_path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
@@ -642,7 +749,12 @@ fn is_plain_file(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file())
 }
 
-fn parked(mut rec: TorrentRecord, state: TorrentState, note: String, bits: Bitfield) -> Opened {
+pub(super) fn parked(
+    mut rec: TorrentRecord,
+    state: TorrentState,
+    note: String,
+    bits: Bitfield,
+) -> Opened {
     rec.state = state;
     rec.note = Some(note);
     Opened::Parked { rec, bits }

@@ -23,6 +23,10 @@ pub enum Cmd {
     },
     /// The daemon stops: stop the torrent's tasks, persist, end.
     Shutdown,
+    /// A tree: download only the files these globs match (empty: every file).
+    Select {
+        only: Vec<String>,
+    },
 }
 
 pub struct Envelope {
@@ -100,6 +104,7 @@ impl TorrentHandle {
                 let mut s = self.snapshot.lock().expect("snapshot lock").clone();
                 if !with_pieces {
                     s.piece_states.clear();
+                    s.files.clear();
                 }
                 s
             }

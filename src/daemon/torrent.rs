@@ -64,6 +64,9 @@ pub enum TorrentEvent {
 pub enum OwnerEvent {
     /// Every piece is verified; the whole-file hash (None when stopped first).
     AllVerified(Option<Hash>),
+    /// A tree: every selected piece is verified (each piece's hash is in the info hash, and a
+    /// selection may leave files out, so there is no whole-content hash to wait for).
+    TreeVerified,
     /// The data can no longer be trusted or written: go to `state` with `note`.
     Fault {
         state: TorrentState,
@@ -404,7 +407,8 @@ impl Torrent {
     /// The session's maintenance task: flush every interval, rates every second, and the
     /// whole-file hash behind the download. Reports faults and completion to the owner.
     pub async fn maintain(self: Arc<Self>, flush_interval: Duration) {
-        let mut prefix = self.is_downloading().then(|| {
+        let mut tree_wait = self.is_downloading() && self.meta.is_tree();
+        let mut prefix = (self.is_downloading() && !self.meta.is_tree()).then(|| {
             let storage = self.storage.clone();
             let meta = self.meta.clone();
             let signal = self.signal.clone();
@@ -426,6 +430,11 @@ impl Torrent {
                     }
                 }
                 _ = rate_tick.tick() => self.update_rates(),
+                _ = self.complete.notified(), if tree_wait => {
+                    tree_wait = false;
+                    info!(info_hash = %self.hex, "every selected piece verified");
+                    let _ = self.owner.send(OwnerEvent::TreeVerified);
+                }
                 _ = self.complete.notified(), if prefix.is_some() => {
                     let handle = prefix.take().expect("checked");
                     let whole = handle.await.ok().flatten();
@@ -628,6 +637,11 @@ impl Torrent {
                         )
                     })
                     .collect()
+            } else {
+                Vec::new()
+            },
+            files: if with_pieces {
+                super::tree_data::file_states(&self.meta, &s.record, |i| s.picker.have().get(i))
             } else {
                 Vec::new()
             },

@@ -349,6 +349,7 @@ impl Demo {
             info_hash: by_hash.then(|| self.hash.clone()),
             output: Some(self.nodes[i].out_dir.clone()),
             trackers: Vec::new(),
+            only: Vec::new(),
         };
         self.call(i, req).await?;
         Ok(())

@@ -122,6 +122,9 @@ struct AddBody {
     output: Option<PathBuf>,
     #[serde(default)]
     trackers: Vec<String>,
+    /// A tree: only the files these globs match.
+    #[serde(default)]
+    only: Vec<String>,
 }
 
 async fn add(State(h): State<Handler>, Json(b): Json<AddBody>) -> Response {
@@ -130,6 +133,7 @@ async fn add(State(h): State<Handler>, Json(b): Json<AddBody>) -> Response {
         info_hash: b.info_hash,
         output: b.output,
         trackers: b.trackers,
+        only: b.only,
     })
     .await
     {

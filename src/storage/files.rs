@@ -38,11 +38,11 @@ fn working_name(hash: &Hash) -> String {
     format!("{}.part", hex::encode(hash))
 }
 
-fn cstr(s: &[u8]) -> io::Result<CString> {
+pub(super) fn cstr(s: &[u8]) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
 }
 
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+pub(super) fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -51,7 +51,7 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// Open a directory without following a symlink at its last component.
-fn open_dir_at(parent: Option<&OwnedFd>, name: &[u8]) -> io::Result<OwnedFd> {
+pub(super) fn open_dir_at(parent: Option<&OwnedFd>, name: &[u8]) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
     let dirfd = parent.map_or(libc::AT_FDCWD, |p| p.as_raw_fd());
     // SAFETY: a plain syscall with a valid C string; the result is checked.
@@ -66,12 +66,12 @@ fn open_dir_at(parent: Option<&OwnedFd>, name: &[u8]) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn fsync_fd(fd: &OwnedFd) -> io::Result<()> {
+pub(super) fn fsync_fd(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: a plain syscall on a descriptor we own.
     cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(|_| ())
 }
 
-fn fstatat_nofollow(dir: &OwnedFd, name: &[u8]) -> io::Result<libc::stat> {
+pub(super) fn fstatat_nofollow(dir: &OwnedFd, name: &[u8]) -> io::Result<libc::stat> {
     let c = cstr(name)?;
     // SAFETY: `st` is written by the kernel before we read it; the result is checked.
     unsafe {
@@ -86,13 +86,13 @@ fn fstatat_nofollow(dir: &OwnedFd, name: &[u8]) -> io::Result<libc::stat> {
     }
 }
 
-fn unlink_at(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+pub(super) fn unlink_at(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: a plain syscall with a valid C string.
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }).map(|_| ())
 }
 
-fn open_file_at(dir: &OwnedFd, name: &[u8], flags: libc::c_int) -> io::Result<File> {
+pub(super) fn open_file_at(dir: &OwnedFd, name: &[u8], flags: libc::c_int) -> io::Result<File> {
     let c = cstr(name)?;
     // SAFETY: a plain syscall with a valid C string; the result is checked.
     let fd = cvt(unsafe {
@@ -107,7 +107,7 @@ fn open_file_at(dir: &OwnedFd, name: &[u8], flags: libc::c_int) -> io::Result<Fi
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-fn id_of(f: &File) -> io::Result<FileId> {
+pub(super) fn id_of(f: &File) -> io::Result<FileId> {
     let m = f.metadata()?;
     Ok(FileId {
         dev: m.dev(),
@@ -146,9 +146,9 @@ pub fn free_space(dir: &Path) -> Option<u64> {
 }
 
 /// The output dir and its parts dir, opened without following symlinks.
-struct Dirs {
-    out: OwnedFd,
-    parts: OwnedFd,
+pub(super) struct Dirs {
+    pub(super) out: OwnedFd,
+    pub(super) parts: OwnedFd,
 }
 
 /// What opening directory `path` without following symlinks failed with.
@@ -165,7 +165,7 @@ fn dir_error(path: String, e: io::Error) -> StorageError {
     }
 }
 
-fn open_dirs(out_dir: &Path, create_parts: bool) -> Result<Dirs, StorageError> {
+pub(super) fn open_dirs(out_dir: &Path, create_parts: bool) -> Result<Dirs, StorageError> {
     let out = open_dir_at(None, out_dir.as_os_str().as_bytes())
         .map_err(|e| dir_error(out_dir.display().to_string(), e))?;
     let pp = out_dir.join(PARTS_DIR).display().to_string();
@@ -213,9 +213,24 @@ pub fn open_working(
     length: u64,
     recorded: Option<FileId>,
 ) -> Result<Working, StorageError> {
+    open_working_named(out_dir, &working_name(hash), length, recorded, true)
+}
+
+/// [`open_working`] for the working file `name` in the parts dir (a tree has one per file).
+/// Without `sync_dir` the caller fsyncs the parts dir itself (once for many files) before
+/// any bit is set for the new files' contents.
+///
+/// # Errors
+/// As [`open_working`].
+pub fn open_working_named(
+    out_dir: &Path,
+    name: &str,
+    length: u64,
+    recorded: Option<FileId>,
+    sync_dir: bool,
+) -> Result<Working, StorageError> {
     let dirs = open_dirs(out_dir, true)?;
-    let name = working_name(hash);
-    let path = working_path(out_dir, hash);
+    let path = out_dir.join(PARTS_DIR).join(name);
     let p = path.display().to_string();
     let io_err = |source| StorageError::Io {
         path: p.clone(),
@@ -302,7 +317,7 @@ pub fn open_working(
         }
         return Err(io_err(e));
     }
-    if created {
+    if created && sync_dir {
         // The new name must survive a power cut before any bit is set for its contents.
         fsync_fd(&dirs.parts).map_err(io_err)?;
     }

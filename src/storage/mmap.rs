@@ -286,6 +286,21 @@ impl Storage {
         self.file.sync_data()
     }
 
+    /// Make every dirty page of the whole file system holding this file durable (`syncfs`),
+    /// reporting write-back errors of that file system (Linux 5.8 and later).
+    ///
+    /// # Errors
+    /// The kernel reports a write-back failure.
+    pub fn sync_fs(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on our own descriptor.
+        if unsafe { libc::syncfs(self.file.as_raw_fd()) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Start writing pieces `[from, to)` back to the disk without waiting for it, so that the
     /// next [`Storage::sync`] has less to do. Purely a hint: a failure only costs speed, and
     /// [`Storage::sync`] is still what makes data durable.

@@ -8,6 +8,8 @@
 //!   receipt; [`durable::PieceStore::sync`] yields a [`durable::Synced`] token; a bit can be
 //!   set only by presenting both ([`durable::Durable::commit`]). A failed sync poisons the
 //!   store for good: it is never retried and trusted.
+//! - [`tree`]: a folder tree's working files, its piece store over them, and placing
+//!   finished files below the output folder without following a symlink.
 //! - [`fault`]: a fault-injecting piece store (failing or no-op syncs, power cuts) that proves
 //!   the tests can fail.
 
@@ -15,6 +17,7 @@ pub mod durable;
 pub mod fault;
 pub mod files;
 pub mod mmap;
+pub mod tree;
 
 pub use durable::{Durable, PieceStore, SyncFailed, Synced, Written};
 pub use mmap::{map_read_only, prefetch_mapped, release_mapped, OpenMode, Storage, StorageError};

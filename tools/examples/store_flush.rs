@@ -27,6 +27,8 @@ fn main() -> anyhow::Result<()> {
         trackers: vec![],
         note: None,
         working_file: None,
+        working_files: Default::default(),
+        only: Vec::new(),
     };
     let mut bits = Bitfield::new(1024);
     let mut ms = Vec::with_capacity(n);
