@@ -793,6 +793,10 @@ fn it_should_let_the_demo_serve_a_dashboard() {
             "2",
             "--size",
             "8MiB",
+            // 32 pieces, so the saboteur always gets its threshold of chances before the
+            // download ends (with 8 pieces it once did not, and the demo's check failed).
+            "--piece-size",
+            "256KiB",
             "--upload-rate",
             "4MiB",
             "--http",
