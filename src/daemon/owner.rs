@@ -478,46 +478,13 @@ impl Owner {
                         false,
                     );
                 }
-                let mut msg = format!("removed {name}");
-                let rec = self.rec.clone();
-                let out_dir = out_dir_of(&rec);
-                if delete_data {
-                    if rec.descriptor.is_some() {
-                        if rec.is_complete() && is_plain_file(&rec.data_path) {
-                            if let Err(e) = std::fs::remove_file(&rec.data_path) {
-                                msg.push_str(&format!(
-                                    "; cannot delete {}: {e}",
-                                    rec.data_path.display()
-                                ));
-                            } else {
-                                msg.push_str(&format!("; deleted {}", rec.data_path.display()));
-                            }
-                        }
-                        // A tree's working files; its placed files are the user's now
-                        // (a published tree is the user's own folder) and are kept.
-                        if let Ok(n @ 1..) =
-                            crate::storage::tree::remove_working(&out_dir, &self.hash)
-                        {
-                            msg.push_str(&format!("; deleted {n} working files"));
-                        }
-                        if let Ok(true) = files::remove_working(&out_dir, &self.hash) {
-                            msg.push_str(&format!(
-                                "; deleted {}",
-                                files::working_path(&out_dir, &self.hash).display()
-                            ));
-                        }
-                    }
-                } else if rec.descriptor.is_some() {
-                    msg.push_str(&format!(
-                        "; data kept at {}",
-                        rec.working_path_for(&self.hash).display()
-                    ));
-                } else {
-                    msg = format!(
-                        "removed {} (its descriptor was still being fetched)",
-                        self.hex
-                    );
-                }
+                let (rec, hash, hex) = (self.rec.clone(), self.hash, self.hex.clone());
+                // Deleting files blocks: off the runtime.
+                let msg = tokio::task::spawn_blocking(move || {
+                    removal_message(name, &rec, &hash, &hex, delete_data)
+                })
+                .await
+                .unwrap_or_else(|e| format!("removed (deleting its data failed: {e})"));
                 self.ctx.registry.release(&self.handle);
                 (Ok(msg), true)
             }
@@ -737,6 +704,48 @@ impl Owner {
         }
         self.activate().await;
     }
+}
+
+/// Delete what `remove --delete-data` deletes (blocking), and say what was done.
+fn removal_message(
+    name: String,
+    rec: &TorrentRecord,
+    hash: &Hash,
+    hex: &str,
+    delete_data: bool,
+) -> String {
+    let mut msg = format!("removed {name}");
+    let out_dir = out_dir_of(rec);
+    if delete_data {
+        if rec.descriptor.is_some() {
+            if rec.is_complete() && is_plain_file(&rec.data_path) {
+                if let Err(e) = std::fs::remove_file(&rec.data_path) {
+                    msg.push_str(&format!("; cannot delete {}: {e}", rec.data_path.display()));
+                } else {
+                    msg.push_str(&format!("; deleted {}", rec.data_path.display()));
+                }
+            }
+            // A tree's working files; its placed files are the user's now
+            // (a published tree is the user's own folder) and are kept.
+            if let Ok(n @ 1..) = crate::storage::tree::remove_working(&out_dir, hash) {
+                msg.push_str(&format!("; deleted {n} working files"));
+            }
+            if let Ok(true) = files::remove_working(&out_dir, hash) {
+                msg.push_str(&format!(
+                    "; deleted {}",
+                    files::working_path(&out_dir, hash).display()
+                ));
+            }
+        }
+    } else if rec.descriptor.is_some() {
+        msg.push_str(&format!(
+            "; data kept at {}",
+            rec.working_path_for(hash).display()
+        ));
+    } else {
+        msg = format!("removed {} (its descriptor was still being fetched)", hex);
+    }
+    msg
 }
 
 pub(super) fn out_dir_of(rec: &TorrentRecord) -> PathBuf {
