@@ -576,21 +576,8 @@ impl Owner {
                 return;
             }
         }
-        crate::testhook::crash_point("after-rename");
-        t.update_record(|r| {
-            r.state = TorrentState::Seeding;
-            r.completed_at = Some(crate::fsutil::unix_ms());
-            r.working_file = None;
-            r.note = None;
-        });
-        if let Err(e) = t.flush_locked().await {
-            drop(guard);
-            t.report_fault(e);
-            return;
-        }
-        drop(guard);
+        seed_placed(&t, guard).await;
         info!(info_hash = %self.hex, name = %t.name(), path = %rec.data_path.display(), "download complete and verified");
-        t.announce_now.notify_one();
     }
 
     /// A tree's selected pieces are all verified: flush, place every finished selected file
@@ -623,20 +610,8 @@ impl Owner {
                 return;
             }
         }
-        crate::testhook::crash_point("after-rename");
-        t.update_record(|r| {
-            r.state = TorrentState::Seeding;
-            r.completed_at = Some(crate::fsutil::unix_ms());
-            r.note = None;
-        });
-        if let Err(e) = t.flush_locked().await {
-            drop(guard);
-            t.report_fault(e);
-            return;
-        }
-        drop(guard);
+        seed_placed(&t, guard).await;
         info!(info_hash = %self.hex, name = %t.name(), "tree complete and verified");
-        t.announce_now.notify_one();
     }
 
     /// Change a tree's selection: stop, record the globs, start again (a session downloads
@@ -746,6 +721,24 @@ fn removal_message(
         msg = format!("removed {} (its descriptor was still being fetched)", hex);
     }
     msg
+}
+
+/// The finished data is in place (renamed, durably): record SEEDING with a flush still under
+/// `guard`, so no flush in between can commit a state that disagrees with the disk.
+async fn seed_placed(t: &Torrent, guard: tokio::sync::MutexGuard<'_, ()>) {
+    crate::testhook::crash_point("after-rename");
+    t.update_record(|r| {
+        r.state = TorrentState::Seeding;
+        r.completed_at = Some(crate::fsutil::unix_ms());
+        r.working_file = None;
+        r.note = None;
+    });
+    let flushed = t.flush_locked().await;
+    drop(guard);
+    match flushed {
+        Ok(()) => t.announce_now.notify_one(),
+        Err(e) => t.report_fault(e),
+    }
 }
 
 pub(super) fn out_dir_of(rec: &TorrentRecord) -> PathBuf {

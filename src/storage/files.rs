@@ -468,20 +468,27 @@ pub fn open_complete(path: &Path, length: u64) -> Result<File, StorageError> {
         });
     }
     // SAFETY: `fd` is a fresh descriptor we own.
-    let f = unsafe { File::from_raw_fd(fd) };
+    check_complete(unsafe { File::from_raw_fd(fd) }, p, length)
+}
+
+/// An opened complete file must be a regular file of at least `length` bytes.
+///
+/// # Errors
+/// Not a regular file, too short, or not examinable; each names `path`.
+pub(super) fn check_complete(f: File, path: String, length: u64) -> Result<File, StorageError> {
     let m = f.metadata().map_err(|source| StorageError::Io {
-        path: p.clone(),
+        path: path.clone(),
         source,
     })?;
     if !m.file_type().is_file() {
         return Err(StorageError::Unsafe {
-            path: p,
+            path,
             reason: "not a regular file".into(),
         });
     }
     if m.len() < length {
         return Err(StorageError::TooShort {
-            path: p,
+            path,
             found: m.len(),
             expected: length,
         });

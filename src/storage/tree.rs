@@ -220,21 +220,7 @@ pub fn open_final(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(classify(e, shown)),
     };
-    let m = f.metadata().map_err(|e| classify(e, shown.clone()))?;
-    if !m.file_type().is_file() {
-        return Err(StorageError::Unsafe {
-            path: shown,
-            reason: "not a regular file".into(),
-        });
-    }
-    if m.len() < length {
-        return Err(StorageError::TooShort {
-            path: shown,
-            found: m.len(),
-            expected: length,
-        });
-    }
-    Ok(Some(f))
+    super::files::check_complete(f, shown, length).map(Some)
 }
 
 /// Whether working file `index` of tree `hash` exists in `out_dir`'s parts dir.
