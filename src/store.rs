@@ -6,10 +6,11 @@
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `meta` | `format` | store format, u32 BE |
-//! | `meta` | `peer_id` | this peer's id (UTF-8) |
+//! | `meta` | `peer_id` | unused since peer ids are keys (`identity.key`); left as found |
 //! | `torrents` | info hash (32 bytes) | [`TorrentRecord`] as JSON |
 //! | `bitfields` | info hash | the durable bitfield, MSB first |
 //! | `scores` | info hash + peer id | [`crate::scorer::PeerScore`] as JSON |
+//! | `bans` | `key:<id>`, `ip4:<a.b.c.d>` or `ip6:<prefix>::/64` | ban end, unix ms, i64 BE |
 //!
 //! The bitfield is the crash-safety invariant's other half: a bit is written here only after
 //! the piece's bytes were made durable (see `daemon::torrent::flush`), and the store is flushed
@@ -302,6 +303,7 @@ pub struct Store {
     torrents: sled::Tree,
     bitfields: sled::Tree,
     scores: sled::Tree,
+    bans: sled::Tree,
     path: String,
     dir: PathBuf,
     synced: Arc<Mutex<Synced>>,
@@ -359,6 +361,7 @@ impl Store {
             torrents: tree("torrents")?,
             bitfields: tree("bitfields")?,
             scores: tree("scores")?,
+            bans: tree("bans")?,
             db,
             path: path.clone(),
             dir: dir.clone(),
@@ -411,20 +414,35 @@ impl Store {
         &self.path
     }
 
-    /// This peer's id, made once and kept.
+    /// Record a ban (see `daemon::bans`); expired ones are dropped on load. Not flushed:
+    /// a ban lost to a power cut is only a peer given another chance.
     ///
     /// # Errors
     /// sled failing.
-    pub fn peer_id(&self) -> Result<String, StoreError> {
-        if let Some(v) = self.meta.get("peer_id").map_err(|e| self.err(e))? {
-            return Ok(String::from_utf8_lossy(&v).into_owned());
-        }
-        let id = format!("shoal-{:016x}", rand::random::<u64>());
-        self.meta
-            .insert("peer_id", id.as_bytes())
+    pub fn put_ban(&self, key: &str, until_ms: i64) -> Result<(), StoreError> {
+        self.bans
+            .insert(key.as_bytes(), &until_ms.to_be_bytes())
             .map_err(|e| self.err(e))?;
-        self.flush()?;
-        Ok(id)
+        Ok(())
+    }
+
+    /// Every unexpired ban; expired ones are removed.
+    ///
+    /// # Errors
+    /// sled failing.
+    pub fn bans(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let now = crate::fsutil::unix_ms();
+        let mut out = Vec::new();
+        for kv in self.bans.iter() {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            let until = <[u8; 8]>::try_from(&v[..]).map(i64::from_be_bytes).unwrap_or(0);
+            if until > now {
+                out.push((String::from_utf8_lossy(&k).into_owned(), until));
+            } else {
+                self.bans.remove(&k).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(out)
     }
 
     /// Make every update applied before this call durable (see the module doc for the
@@ -726,19 +744,20 @@ mod tests {
     }
 
     #[test]
-    fn it_should_keep_records_bits_and_id_across_reopen() {
+    fn it_should_keep_records_bits_and_bans_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let h = [7u8; 32];
-        let id;
+        let until = crate::fsutil::unix_ms() + 60_000;
         {
             let s = Store::open(dir.path(), true).unwrap();
-            id = s.peer_id().unwrap();
+            s.put_ban("ip4:10.0.0.1", until).unwrap();
+            s.put_ban("ip4:10.0.0.2", 1).unwrap();
             let mut b = Bitfield::new(20);
             b.set(3);
             s.commit_progress(&h, &b, &rec()).unwrap();
         }
         let s = Store::open(dir.path(), false).unwrap();
-        assert_eq!(s.peer_id().unwrap(), id);
+        assert_eq!(s.bans().unwrap(), vec![("ip4:10.0.0.1".to_string(), until)]);
         assert_eq!(
             s.bitfield(&h, 20)
                 .unwrap()

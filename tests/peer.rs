@@ -1,4 +1,3 @@
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
@@ -103,17 +102,21 @@ fn forger(
     let a2 = asked.clone();
     std::thread::spawn(move || {
         for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":"forger","port":addr.port()});
-            while let Some((h, _)) = read_frame(&mut s) {
+            let Ok(s) = s else { continue };
+            // A forger with a key of its own: the handshake proves who it is, not what it says.
+            let id = shoal::secure::Identity::generate();
+            let Ok(mut s) = crate::common::wire::Wire::accept(s, &id) else {
+                continue;
+            };
+            let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":addr.port()});
+            while let Some((h, _)) = s.read_frame() {
                 match h["type"].as_str().unwrap() {
                     "HELLO" => {
-                        let _ = s.write_all(&frame(&hello, &[]));
+                        let _ = s.write(&frame(&hello, &[]));
                     }
                     "GET_METADATA" => {
                         a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let _ = s.write_all(&frame(
+                        let _ = s.write(&frame(
                             &json!({"type":"METADATA","len":forged_json.len()}),
                             &forged_json,
                         ));
@@ -317,14 +320,16 @@ fn it_should_drop_a_misbehaving_peer_and_go_on_serving() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (t, [mut seeder], hash, desc) = seeded(d, 4, [("seeder", &[])]);
+    // Each attacker has a key of its own and a valid channel; what it sends inside is hostile.
+    let id = shoal::secure::Identity::generate();
+    let me = id.peer_id();
     let hello = |id: &str| json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id,"port":1});
     let expect_error = |bytes: Vec<u8>| {
-        let mut s = std::net::TcpStream::connect(seeder.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(&bytes).unwrap();
+        let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
+        s.write(&bytes).unwrap();
         // Skip the seeder's own HELLO and BITFIELD; an ERROR (or a close) must follow.
         loop {
-            match read_frame(&mut s) {
+            match s.read_frame() {
                 None => return,
                 Some((h, _)) if h["type"] == "ERROR" => return,
                 Some(_) => continue,
@@ -333,13 +338,13 @@ fn it_should_drop_a_misbehaving_peer_and_go_on_serving() {
     };
     // An oversize header, a piece index out of range, a bitfield of the wrong size, garbage.
     expect_error((1u32 << 30).to_be_bytes().to_vec());
-    let mut b = frame(&hello("evil-1"), &[]);
+    let mut b = frame(&hello(&me), &[]);
     b.extend(frame(&json!({"type":"REQUEST","index": 999_999}), &[]));
     expect_error(b);
-    let mut b = frame(&hello("evil-2"), &[]);
+    let mut b = frame(&hello(&me), &[]);
     b.extend(frame(&json!({"type":"BITFIELD","len": 3}), &[1, 2, 3]));
     expect_error(b);
-    let mut b = frame(&hello("evil-3"), &[]);
+    let mut b = frame(&hello(&me), &[]);
     b.extend(frame(
         &json!({"type":"PIECE","index":0,"len": 17 << 20}),
         &[],

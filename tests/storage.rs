@@ -1,8 +1,7 @@
 //! The storage boundary: files nobody can trick, one owner per torrent, durability that a
 //! failing disk cannot fake, bounded state, and completion that survives a cut.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -234,23 +233,22 @@ fn it_should_keep_scores_bounded_under_10000_fresh_peer_ids() {
     let (_t, [mut seeder], hash, _desc) = seeded(d, 1, [("seeder", &[])]);
     let addr = seeder.addr;
     let threads: Vec<_> = (0..8)
-        .map(|k| {
+        .map(|_| {
             let hash = hash.clone();
             std::thread::spawn(move || {
-                for i in 0..1250 {
-                    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                    else {
+                for _ in 0..1250 {
+                    // A fresh key each time: the real handshake, then a HELLO under it.
+                    let id = shoal::secure::Identity::generate();
+                    let Ok(mut s) = crate::common::wire::Wire::connect(addr, &id) else {
                         continue;
                     };
-                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                     let hello = serde_json::json!({"type":"HELLO","v":1,"info_hash":hash,
-                        "peer_id":format!("fresh-{k}-{i}"),"port":1});
-                    if s.write_all(&frame(&hello, &[])).is_err() {
+                        "peer_id":id.peer_id(),"port":1});
+                    if s.write(&frame(&hello, &[])).is_err() {
                         continue;
                     }
                     // Wait for its HELLO, so the connection was registered.
-                    let mut b = [0u8; 1];
-                    let _ = s.read(&mut b);
+                    let _ = s.read_frame();
                 }
             })
         })

@@ -33,6 +33,7 @@ use crate::metainfo::Hash;
 use crate::peer_proto::{PeerMsg, VERSION};
 use crate::picker::Pick;
 use crate::sabotage::Action;
+use crate::secure::{SecureRead, SecureWrite};
 
 /// Consecutive request timeouts after which a peer is dropped.
 const MAX_CONSECUTIVE_TIMEOUTS: u32 = 5;
@@ -47,6 +48,10 @@ pub enum ConnError {
     Frame(#[from] FrameError),
     #[error("closed during the handshake")]
     Closed,
+    #[error("{0}")]
+    Secure(#[from] crate::secure::SecureError),
+    #[error("timed out in the handshake")]
+    HandshakeTimeout,
     #[error("refused: {0}")]
     Refused(String),
     #[error("protocol violation: {0}")]
@@ -69,8 +74,8 @@ fn hello_of(d: &Net, hash: &Hash) -> PeerMsg {
     }
 }
 
-/// Read and check the remote HELLO.
-async fn read_hello(reader: &mut FrameReader<OwnedReadHalf>) -> Result<Hello, ConnError> {
+/// Read and check the remote HELLO: it must name the key the channel authenticated.
+async fn read_hello(reader: &mut Reader, remote_id: &str) -> Result<Hello, ConnError> {
     let frame = reader.read_frame().await?.ok_or(ConnError::Closed)?;
     match frame.parse::<PeerMsg>() {
         Ok(PeerMsg::Hello {
@@ -88,8 +93,12 @@ async fn read_hello(reader: &mut FrameReader<OwnedReadHalf>) -> Result<Hello, Co
                 .ok()
                 .and_then(|v| Hash::try_from(v).ok())
                 .ok_or_else(|| ConnError::Protocol(format!("bad info hash {info_hash:?}")))?;
-            if peer_id.is_empty() || peer_id.len() > 64 {
-                return Err(ConnError::Protocol("peer_id must be 1 to 64 bytes".into()));
+            if peer_id != remote_id {
+                return Err(ConnError::Protocol(format!(
+                    "HELLO names peer id {}, but the channel authenticated {}",
+                    crate::secure::fingerprint(&peer_id),
+                    crate::secure::fingerprint(remote_id)
+                )));
             }
             Ok(Hello {
                 info_hash: hash,
@@ -109,17 +118,33 @@ async fn read_hello(reader: &mut FrameReader<OwnedReadHalf>) -> Result<Hello, Co
     }
 }
 
-fn split(d: &Net, stream: TcpStream) -> (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
+type Reader = FrameReader<SecureRead<OwnedReadHalf>>;
+type Writer = FrameWriter<SecureWrite<OwnedWriteHalf>>;
+
+/// Run the Noise handshake on a fresh stream, bounded by the connect timeout. Returns the
+/// framed halves and the remote's authenticated peer id.
+async fn secure(d: &Net, stream: TcpStream, outgoing: bool) -> Result<(Reader, Writer, String), ConnError> {
     let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
     let (r, w) = stream.into_split();
+    let hs = async {
+        if outgoing {
+            crate::secure::initiate(r, w, &d.noise).await
+        } else {
+            crate::secure::respond(r, w, &d.noise).await
+        }
+    };
+    let ch = tokio::time::timeout(d.cfg.connect_timeout, hs)
+        .await
+        .map_err(|_| ConnError::HandshakeTimeout)??;
     let t = Timeouts {
         idle: d.cfg.connect_timeout,
         read: d.cfg.read_timeout,
     };
-    (
-        FrameReader::new(r, Limits::default(), t),
-        FrameWriter::new(w, d.cfg.read_timeout),
-    )
+    Ok((
+        FrameReader::new(ch.reader, Limits::default(), t),
+        FrameWriter::new(ch.writer, d.cfg.read_timeout),
+        ch.remote_id,
+    ))
 }
 
 /// Connect to `addr` from our listening address.
@@ -147,23 +172,33 @@ pub type Lookup = Arc<dyn Fn(&Hash) -> Option<Arc<Torrent>> + Send + Sync>;
 
 /// Accept a connection: the remote names the torrent in its HELLO.
 pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: SocketAddr) {
-    let (mut reader, mut writer) = split(&d, stream);
-    let hello = match read_hello(&mut reader).await {
-        Ok(h) => h,
+    if let Some(why) = d.bans.address_banned(addr.ip()) {
+        debug!(%addr, %why, "refused a banned address");
+        return;
+    }
+    let Ok(half_open) = d.half_open.clone().try_acquire_owned() else {
+        debug!(%addr, "too many connections in their handshake; closing");
+        return;
+    };
+    let secured = secure(&d, stream, false).await;
+    drop(half_open);
+    let (mut reader, mut writer, remote_id) = match secured {
+        Ok(c) => c,
         Err(e) => {
+            // Nothing can be said on a channel that failed; a plaintext peer was told why.
             debug!(%addr, cause = %e, "incoming handshake failed");
-            let _ = writer
-                .send(
-                    &PeerMsg::Error {
-                        reason: e.to_string(),
-                    },
-                    &[],
-                )
-                .await; // Best effort.
             return;
         }
     };
     let refuse = |reason: String| PeerMsg::Error { reason };
+    let hello = match read_hello(&mut reader, &remote_id).await {
+        Ok(h) => h,
+        Err(e) => {
+            debug!(%addr, cause = %e, "incoming HELLO refused");
+            let _ = writer.send(&refuse(e.to_string()), &[]).await; // Best effort.
+            return;
+        }
+    };
     let Some(t) = lookup(&hello.info_hash) else {
         let _ = writer
             .send(
@@ -179,8 +214,8 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
     if hello.peer_id == d.peer_id {
         return; // Ourselves, through a tracker's list.
     }
-    if t.is_banned(&hello.peer_id) {
-        let _ = writer.send(&refuse("you are banned".into()), &[]).await;
+    if let Some(why) = d.bans.banned(&hello.peer_id, addr.ip()) {
+        let _ = writer.send(&refuse(why), &[]).await;
         return;
     }
     if writer.send(&hello_of(&d, &t.hash), &[]).await.is_err() {
@@ -196,18 +231,21 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
 /// # Errors
 /// Connection and handshake failures; a session that ran returns Ok whatever ended it.
 pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Result<(), ConnError> {
-    let stream = connect(&d, addr).await?;
-    let (mut reader, mut writer) = split(&d, stream);
-    writer.send(&hello_of(&d, &t.hash), &[]).await?;
-    let hello = read_hello(&mut reader).await?;
-    if hello.info_hash != t.hash {
-        return Err(ConnError::Protocol("HELLO for another torrent".into()));
+    if let Some(why) = d.bans.address_banned(addr.ip()) {
+        return Err(ConnError::Refused(why));
     }
-    if hello.peer_id == d.peer_id {
+    let stream = connect(&d, addr).await?;
+    let (mut reader, mut writer, remote_id) = secure(&d, stream, true).await?;
+    if remote_id == d.peer_id {
         return Err(ConnError::Refused("that is ourselves".into()));
     }
-    if t.is_banned(&hello.peer_id) {
-        return Err(ConnError::Refused("peer is banned".into()));
+    if let Some(why) = d.bans.banned(&remote_id, addr.ip()) {
+        return Err(ConnError::Refused(why));
+    }
+    writer.send(&hello_of(&d, &t.hash), &[]).await?;
+    let hello = read_hello(&mut reader, &remote_id).await?;
+    if hello.info_hash != t.hash {
+        return Err(ConnError::Protocol("HELLO for another torrent".into()));
     }
     session(d, t, reader, writer, hello.peer_id, addr, true).await;
     Ok(())
@@ -223,10 +261,16 @@ pub async fn fetch_metadata(
     addr: SocketAddr,
     hash: &Hash,
 ) -> Result<crate::metainfo::Metainfo, ConnError> {
+    if let Some(why) = d.bans.address_banned(addr.ip()) {
+        return Err(ConnError::Refused(why));
+    }
     let stream = connect(d, addr).await?;
-    let (mut reader, mut writer) = split(d, stream);
+    let (mut reader, mut writer, remote_id) = secure(d, stream, true).await?;
+    if let Some(why) = d.bans.banned(&remote_id, addr.ip()) {
+        return Err(ConnError::Refused(why));
+    }
     writer.send(&hello_of(d, hash), &[]).await?;
-    let hello = read_hello(&mut reader).await?;
+    let hello = read_hello(&mut reader, &remote_id).await?;
     if hello.info_hash != *hash {
         return Err(ConnError::Protocol("HELLO for another torrent".into()));
     }
@@ -310,6 +354,7 @@ struct Session {
     d: Arc<Net>,
     t: Arc<Torrent>,
     remote: String,
+    addr: SocketAddr,
     out: mpsc::Sender<Out>,
     shared: Arc<Shared>,
     peer_bits: Option<Bitfield>,
@@ -337,8 +382,8 @@ enum End {
 async fn session(
     d: Arc<Net>,
     t: Arc<Torrent>,
-    mut reader: FrameReader<OwnedReadHalf>,
-    mut writer: FrameWriter<OwnedWriteHalf>,
+    mut reader: Reader,
+    mut writer: Writer,
     remote: String,
     addr: SocketAddr,
     outgoing: bool,
@@ -396,6 +441,7 @@ async fn session(
         d: d.clone(),
         t: t.clone(),
         remote: remote.clone(),
+        addr,
         out: out_tx,
         shared,
         peer_bits: None,
@@ -612,12 +658,18 @@ impl Session {
         // exactly `ban_threshold` corrupt pieces, never more.
         if digest != self.t.meta.pieces[index as usize] {
             let cfg = &self.d.cfg;
-            let banned =
-                self.t
-                    .on_hash_failed(index, &self.remote, cfg.ban_threshold, cfg.ban_duration);
+            // Banned by key and by address: the key was proven by the handshake and the
+            // address answered TCP's, so this peer is the one that sent the bytes.
+            let until = self.d.bans.on_corrupt(
+                &self.remote,
+                self.addr.ip(),
+                cfg.ban_threshold,
+                cfg.ban_duration,
+            );
+            self.t.on_hash_failed(index, &self.remote, until);
             // Don't take the same piece from the same peer again right away.
             self.avoid.insert(index);
-            if banned {
+            if until.is_some() {
                 return Err(End::Tell(format!(
                     "banned: piece {index} failed its hash and you reached the limit of corrupt pieces"
                 )));
@@ -767,7 +819,7 @@ impl Session {
 async fn write_loop(
     d: Arc<Net>,
     t: Arc<Torrent>,
-    mut w: FrameWriter<OwnedWriteHalf>,
+    mut w: Writer,
     mut rx: mpsc::Receiver<Out>,
     shared: Arc<Shared>,
     remote: String,

@@ -13,6 +13,7 @@
 //! No module below this one sees the daemon: connections get [`net::Net`] and a lookup.
 
 pub mod announce;
+pub mod bans;
 pub mod conn;
 pub mod net;
 pub mod owner;
@@ -51,6 +52,9 @@ pub use torrent::Torrent;
 pub const LOCK_NAME: &str = "daemon.lock";
 
 /// How long shutdown waits for each torrent to stop and persist.
+/// Incoming connections allowed in their handshake at once; more are closed at accept. Each
+/// costs a socket and a few kilobytes for at most the connect timeout.
+const MAX_HALF_OPEN: usize = 64;
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(15);
 
 struct Daemon {
@@ -108,8 +112,23 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&data_dir)?;
     let dd = data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dd, true)).await??;
+    let dd = data_dir.clone();
+    let identity = Arc::new(
+        tokio::task::spawn_blocking(move || crate::secure::Identity::load_or_create(&dd)).await??,
+    );
+    let peer_id = identity.peer_id();
     let s2 = store.clone();
-    let peer_id = tokio::task::spawn_blocking(move || s2.peer_id()).await??;
+    let saved_bans = tokio::task::spawn_blocking(move || s2.bans()).await??;
+    let s2 = store.clone();
+    let persist_ban: bans::Persist = Arc::new(move |key, until| {
+        let s = s2.clone();
+        // A ban that fails to persist still holds until the daemon stops.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = s.put_ban(&key, until) {
+                warn!(cause = %e, %key, "cannot persist a ban");
+            }
+        });
+    });
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -133,12 +152,16 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         verify_limit: Arc::new(Semaphore::new(cfg.max_pieces_verifying)),
         writers: workers::Workers::per_core("shoal-write"),
         upload_limit: cfg.upload_rate().map(RateLimiter::new),
+        noise: crate::secure::NoiseKeys::new(&identity),
+        half_open: Arc::new(Semaphore::new(MAX_HALF_OPEN)),
+        identity,
         cfg,
         peer_id: peer_id.clone(),
         listen,
         bind_ip,
         sabotage,
         trackers: Mutex::new(HashMap::new()),
+        bans: bans::Bans::new(saved_bans, Some(persist_ban)),
     });
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

@@ -9,14 +9,23 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use super::bans::Bans;
 use super::workers::Workers;
 use crate::config::PeerConfig;
 use crate::control::TrackerStatus;
 use crate::sabotage::Sabotage;
+use crate::secure::{Identity, NoiseKeys};
 
 pub struct Net {
     pub cfg: PeerConfig,
+    /// Our key; the peer id is its public half.
+    pub identity: Arc<Identity>,
+    /// This start's Noise static key, signed by `identity`.
+    pub noise: NoiseKeys,
     pub peer_id: String,
+    /// Incoming connections still in their handshake: a bound, so half-open sockets cannot
+    /// take every connection slot.
+    pub half_open: Arc<Semaphore>,
     pub listen: SocketAddr,
     /// Outgoing sockets bind here, so trackers and peers see the address we listen on.
     pub bind_ip: Option<IpAddr>,
@@ -28,6 +37,8 @@ pub struct Net {
     pub sabotage: Sabotage,
     pub upload_limit: Option<RateLimiter>,
     pub trackers: Mutex<HashMap<String, TrackerHealth>>,
+    /// Who may not connect: by key and by address, across torrents.
+    pub bans: Bans,
 }
 
 impl Net {

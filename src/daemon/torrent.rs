@@ -364,8 +364,9 @@ impl Torrent {
         }
     }
 
-    /// A piece from `peer_id` failed its hash. Returns whether the peer is now banned.
-    pub fn on_hash_failed(&self, index: u32, peer_id: &str, threshold: u32, ban: Duration) -> bool {
+    /// A piece from `peer_id` failed its hash; `banned_until` (unix ms) when the daemon's
+    /// bans now hold it.
+    pub fn on_hash_failed(&self, index: u32, peer_id: &str, banned_until: Option<i64>) {
         let mut s = self.lock();
         s.picker.mark_failed(index);
         s.rejected_pieces += 1;
@@ -374,14 +375,11 @@ impl Torrent {
         let score = s.score(peer_id);
         score.failures += 1;
         warn!(info_hash = %hex, peer = %peer_id, piece = index, failures = score.failures, "piece failed its hash; rejected");
-        let now = crate::fsutil::unix_ms();
-        if score.failures >= threshold && !score.is_banned(now) {
-            score.banned_until = now + ban.as_millis() as i64;
+        if let Some(until) = banned_until {
+            score.banned_until = until;
             crate::metrics::peer().bans.inc();
-            warn!(info_hash = %hex, peer = %peer_id, until_ms = score.banned_until, "peer banned for sending corrupt pieces");
-            return true;
+            warn!(info_hash = %hex, peer = %peer_id, until_ms = until, "peer banned (key and address) for sending corrupt pieces");
         }
-        score.is_banned(now)
     }
 
     pub fn on_uploaded(&self, peer_id: &str, bytes: u64) {
@@ -393,13 +391,6 @@ impl Torrent {
         let score = s.score(peer_id);
         score.pieces_to += 1;
         score.bytes_to += bytes;
-    }
-
-    pub fn is_banned(&self, peer_id: &str) -> bool {
-        self.lock()
-            .peers
-            .get(peer_id)
-            .is_some_and(|p| p.is_banned(crate::fsutil::unix_ms()))
     }
 
     // === MAINTENANCE ===

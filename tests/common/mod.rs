@@ -2,6 +2,8 @@
 //! and bounded waits everywhere.
 #![allow(dead_code)]
 
+pub mod wire;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
