@@ -25,6 +25,8 @@ pub const MAX_PIECE_LENGTH: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_PIECE_LENGTH: u32 = 1024 * 1024;
 /// A descriptor must fit in one METADATA payload.
 pub const MAX_DESCRIPTOR_BYTES: usize = shoal_tracker::wire::MAX_PAYLOAD_BYTES;
+/// Trackers a descriptor may name.
+pub const MAX_TRACKERS: usize = 64;
 /// Domain separation for the info hash encoding.
 const INFO_HASH_TAG: &[u8] = b"shoal-info-v1\0";
 const INFO_HASH_TAG_TREE: &[u8] = b"shoal-info-v2\0";
@@ -70,6 +72,10 @@ pub struct Descriptor {
     /// Format 2 only: the tree's entries, in order (see [`crate::tree`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<Vec<crate::tree::FileJson>>,
+    /// A private swarm's authority (an Ed25519 key, 64 hex): only the members it signs in may
+    /// join. Covered by the info hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
 }
 
 /// A checked descriptor.
@@ -85,6 +91,8 @@ pub struct Metainfo {
     pub info_hash: Hash,
     /// Format 2: the tree's entries with their piece ranges; empty for one file.
     pub files: Vec<crate::tree::TreeFile>,
+    /// A private swarm's authority key (64 hex); `None` for a public swarm.
+    pub authority: Option<String>,
 }
 
 /// Check that `name` is one plain file name.
@@ -206,6 +214,23 @@ impl Metainfo {
             .map(|p| parse_hash(p, "pieces"))
             .collect::<Result<Vec<_>, _>>()?;
         let file_sha256 = parse_hash(&d.file_sha256, "file_sha256")?;
+        if d.trackers.len() > MAX_TRACKERS {
+            return Err(field(
+                "trackers",
+                format!(
+                    "lists {}, over the limit of {MAX_TRACKERS}",
+                    d.trackers.len()
+                ),
+            ));
+        }
+        if let Some(a) = &d.authority {
+            if !shoal_tracker::keys::is_key(a) {
+                return Err(field(
+                    "authority",
+                    "is not an Ed25519 public key (64 lower-case hex)",
+                ));
+            }
+        }
         for t in &d.trackers {
             if t.is_empty() || t.len() > 255 || t.chars().any(char::is_whitespace) {
                 return Err(field("trackers", format!("{t:?} is not HOST:PORT")));
@@ -221,6 +246,7 @@ impl Metainfo {
             created_at: d.created_at,
             info_hash: [0; 32],
             files,
+            authority: d.authority,
         };
         m.info_hash = m.compute_info_hash();
         Ok(m)
@@ -244,6 +270,17 @@ impl Metainfo {
     ///
     /// A tree (format 2) is encoded as [`crate::tree::info_hash`] says.
     pub fn compute_info_hash(&self) -> Hash {
+        match &self.authority {
+            Some(a) => shoal_tracker::roster::private_info_hash(&self.content_hash(), a)
+                .expect("the authority was checked on load"),
+            None => self.content_hash(),
+        }
+    }
+
+    /// The content's own hash: the info hash of the same descriptor made public. A private
+    /// swarm's info hash is [`shoal_tracker::roster::private_info_hash`] of this and the
+    /// authority, so a tracker can check the pair against the info hash.
+    pub fn content_hash(&self) -> Hash {
         if self.is_tree() {
             return crate::tree::info_hash(self, INFO_HASH_TAG_TREE);
         }
@@ -300,7 +337,28 @@ impl Metainfo {
             file_sha256: hex::encode(self.file_sha256),
             trackers: self.trackers.clone(),
             created_at: self.created_at.clone(),
+            authority: self.authority.clone(),
         }
+    }
+
+    /// Make this a private swarm of `authority` (a key, 64 hex): the info hash changes.
+    ///
+    /// # Errors
+    /// `authority` is not a key.
+    pub fn make_private(&mut self, authority: &str) -> Result<(), MetainfoError> {
+        if !shoal_tracker::keys::is_key(authority) {
+            return Err(field(
+                "authority",
+                "is not an Ed25519 public key (64 lower-case hex)",
+            ));
+        }
+        self.authority = Some(authority.to_string());
+        self.info_hash = self.compute_info_hash();
+        Ok(())
+    }
+
+    pub fn is_private(&self) -> bool {
+        self.authority.is_some()
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -398,6 +456,7 @@ pub fn create(
         created_at: crate::fsutil::now_rfc3339(),
         info_hash: [0; 32],
         files: Vec::new(),
+        authority: None,
     };
     m.info_hash = m.compute_info_hash();
     Ok(m)
@@ -418,6 +477,7 @@ mod tests {
             trackers: vec!["127.0.0.1:5000".into()],
             created_at: "2026-11-24T10:00:00Z".into(),
             files: None,
+            authority: None,
         }
     }
 

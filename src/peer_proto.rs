@@ -4,6 +4,10 @@
 //! either side may send BITFIELD (once, with the bits as payload), HAVE, REQUEST, CANCEL,
 //! GET_METADATA and KEEPALIVE, and answer with PIECE (payload), REJECT and METADATA (payload).
 //! Several REQUESTs may be outstanding on one connection.
+//!
+//! Private swarms: HELLO carries the version of the roster the sender holds (0: none); a side
+//! holding a newer roster sends it in a ROSTER frame right after the HELLOs, and again
+//! whenever it learns a newer one, so rosters spread through the swarm.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +22,9 @@ pub enum PeerMsg {
         info_hash: String,
         peer_id: String,
         port: u16,
+        /// A private swarm: the version of the roster the sender holds.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        roster: u64,
     },
     /// Payload: the sender's bitfield, MSB first.
     Bitfield {
@@ -47,9 +54,18 @@ pub enum PeerMsg {
         len: u32,
     },
     Keepalive,
+    /// Payload: a private swarm's roster JSON, signed by its authority.
+    Roster {
+        len: u32,
+    },
     Error {
         reason: String,
     },
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl PeerMsg {
@@ -65,6 +81,7 @@ impl PeerMsg {
             PeerMsg::GetMetadata => "GET_METADATA",
             PeerMsg::Metadata { .. } => "METADATA",
             PeerMsg::Keepalive => "KEEPALIVE",
+            PeerMsg::Roster { .. } => "ROSTER",
             PeerMsg::Error { .. } => "ERROR",
         }
     }
@@ -83,7 +100,16 @@ mod tests {
                 info_hash: "ab".repeat(32),
                 peer_id: "p".into(),
                 port: 7,
+                roster: 0,
             },
+            PeerMsg::Hello {
+                v: 1,
+                info_hash: "ab".repeat(32),
+                peer_id: "p".into(),
+                port: 7,
+                roster: 3,
+            },
+            PeerMsg::Roster { len: 0 },
             PeerMsg::Have { index: 3 },
             PeerMsg::Request { index: 4 },
             PeerMsg::Reject {

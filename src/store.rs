@@ -10,6 +10,7 @@
 //! | `torrents` | info hash (32 bytes) | [`TorrentRecord`] as JSON |
 //! | `bitfields` | info hash | the durable bitfield, MSB first |
 //! | `scores` | info hash + peer id | [`crate::scorer::PeerScore`] as JSON |
+//! | `rosters` | info hash | a private swarm's roster ([`shoal_tracker::roster::Roster`]) as JSON |
 //! | `bans` | `key:<id>`, `ip4:<a.b.c.d>` or `ip6:<prefix>::/64` | ban end, unix ms, i64 BE |
 //!
 //! The bitfield is the crash-safety invariant's other half: a bit is written here only after
@@ -304,6 +305,7 @@ pub struct Store {
     bitfields: sled::Tree,
     scores: sled::Tree,
     bans: sled::Tree,
+    rosters: sled::Tree,
     path: String,
     dir: PathBuf,
     synced: Arc<Mutex<Synced>>,
@@ -362,6 +364,7 @@ impl Store {
             bitfields: tree("bitfields")?,
             scores: tree("scores")?,
             bans: tree("bans")?,
+            rosters: tree("rosters")?,
             db,
             path: path.clone(),
             dir: dir.clone(),
@@ -414,6 +417,34 @@ impl Store {
         &self.path
     }
 
+    /// Keep a private swarm's roster, durably: a revocation lost to a crash would bring the
+    /// member back.
+    ///
+    /// # Errors
+    /// sled or the flush failing.
+    pub fn put_roster(
+        &self,
+        hash: &Hash,
+        r: &shoal_tracker::roster::Roster,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(r).expect("a roster serializes");
+        self.rosters.insert(hash, json).map_err(|e| self.err(e))?;
+        self.flush()
+    }
+
+    /// The roster kept for `hash`; one that does not parse is treated as absent (the swarm's
+    /// peers and trackers hold it too).
+    ///
+    /// # Errors
+    /// sled failing.
+    pub fn roster(&self, hash: &Hash) -> Result<Option<shoal_tracker::roster::Roster>, StoreError> {
+        Ok(self
+            .rosters
+            .get(hash)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
     /// Record a ban (see `daemon::bans`); expired ones are dropped on load. Not flushed:
     /// a ban lost to a power cut is only a peer given another chance.
     ///
@@ -435,7 +466,9 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.bans.iter() {
             let (k, v) = kv.map_err(|e| self.err(e))?;
-            let until = <[u8; 8]>::try_from(&v[..]).map(i64::from_be_bytes).unwrap_or(0);
+            let until = <[u8; 8]>::try_from(&v[..])
+                .map(i64::from_be_bytes)
+                .unwrap_or(0);
             if until > now {
                 out.push((String::from_utf8_lossy(&k).into_owned(), until));
             } else {
@@ -590,6 +623,7 @@ impl Store {
     pub fn remove_torrent(&self, hash: &Hash) -> Result<(), StoreError> {
         self.torrents.remove(hash).map_err(|e| self.err(e))?;
         self.bitfields.remove(hash).map_err(|e| self.err(e))?;
+        self.rosters.remove(hash).map_err(|e| self.err(e))?;
         let mut batch = sled::Batch::default();
         for item in self.scores.scan_prefix(hash) {
             let (k, _) = item.map_err(|e| self.err(e))?;

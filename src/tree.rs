@@ -442,6 +442,7 @@ pub fn create(
         created_at: crate::fsutil::now_rfc3339(),
         info_hash: [0; 32],
         files,
+        authority: None,
     };
     m.info_hash = m.compute_info_hash();
     Ok(m)

@@ -12,6 +12,7 @@ mod tracker_flood;
 mod peer;
 // Crashes, restarts, sabotage, banning and Smart Swarm scoring.
 mod faults;
+mod identity;
 // `status`, `query`, pause/resume/remove and the usual mistakes.
 mod status;
 // `shoal demo`: the whole emulated swarm.

@@ -124,10 +124,11 @@ fn it_should_refuse_a_second_daemon_on_the_same_data_dir() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(dd) && err.contains("already running"), "{err}");
     // The first one is unharmed.
-    assert!(status(d, &first.data_dir)["peer_id"]
-        .as_str()
-        .unwrap()
-        .starts_with("shoal-"));
+    assert_eq!(
+        status(d, &first.data_dir)["peer_id"],
+        first.peer_id.as_str()
+    );
+    assert_eq!(first.peer_id.len(), 64, "the peer id is the key, in hex");
 }
 
 #[test]

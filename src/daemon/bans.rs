@@ -96,7 +96,13 @@ impl Bans {
 
     /// Count a corrupt piece from `peer_id` at `ip`. When the key or the address reaches
     /// `threshold`, both are banned for `ban`; returns the ban's end (unix ms) then.
-    pub fn on_corrupt(&self, peer_id: &str, ip: IpAddr, threshold: u32, ban: Duration) -> Option<i64> {
+    pub fn on_corrupt(
+        &self,
+        peer_id: &str,
+        ip: IpAddr,
+        threshold: u32,
+        ban: Duration,
+    ) -> Option<i64> {
         let now = crate::fsutil::unix_ms();
         let keys = [key_of(peer_id), addr_key(ip)];
         let mut map = self.inner.lock().expect("bans lock");
@@ -185,7 +191,10 @@ mod tests {
         assert!(b.on_corrupt("k3", ip, 3, MIN).is_some());
         assert!(b.banned("k4", ip).is_some(), "a fresh key from the host");
         assert!(b.banned("k1", "10.0.0.8".parse().unwrap()).is_none());
-        assert!(b.banned("k3", "10.0.0.8".parse().unwrap()).is_some(), "the key, elsewhere");
+        assert!(
+            b.banned("k3", "10.0.0.8".parse().unwrap()).is_some(),
+            "the key, elsewhere"
+        );
     }
 
     #[test]
@@ -195,8 +204,12 @@ mod tests {
         for k in ["a", "b", "c"] {
             b.on_corrupt(k, ip, 3, MIN);
         }
-        assert!(b.address_banned("2001:db8:1:2:ffff::1".parse().unwrap()).is_some());
-        assert!(b.address_banned("2001:db8:1:3::5".parse().unwrap()).is_none());
+        assert!(b
+            .address_banned("2001:db8:1:2:ffff::1".parse().unwrap())
+            .is_some());
+        assert!(b
+            .address_banned("2001:db8:1:3::5".parse().unwrap())
+            .is_none());
         let mapped: IpAddr = "::ffff:10.1.1.1".parse().unwrap();
         assert_eq!(addr_key(mapped), "ip4:10.1.1.1");
     }
@@ -213,7 +226,10 @@ mod tests {
             b.on_corrupt(&format!("k{i}"), ip, 100, MIN);
         }
         assert!(b.inner.lock().unwrap().len() <= MAX_ENTRIES);
-        assert!(b.address_banned(ip).is_some(), "the ban outlived the counters");
+        assert!(
+            b.address_banned(ip).is_some(),
+            "the ban outlived the counters"
+        );
     }
 
     #[test]

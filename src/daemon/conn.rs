@@ -63,15 +63,71 @@ pub struct Hello {
     pub peer_id: String,
     /// The port the remote listens on.
     pub port: u16,
+    /// The version of the private swarm's roster the remote holds.
+    pub roster: u64,
 }
 
-fn hello_of(d: &Net, hash: &Hash) -> PeerMsg {
+fn hello_of(d: &Net, hash: &Hash, roster: u64) -> PeerMsg {
     PeerMsg::Hello {
         v: VERSION,
         info_hash: hex::encode(hash),
         peer_id: d.peer_id.clone(),
         port: d.listen.port(),
+        roster,
     }
+}
+
+/// A private swarm's gate, after the HELLOs: the side holding the newer roster sends it, the
+/// other adopts it (if it checks), then each side refuses a peer its roster does not admit,
+/// before any BITFIELD, metadata or piece.
+async fn admit(
+    t: &Torrent,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    hello: &Hello,
+) -> Result<(), ConnError> {
+    let Some(m) = &t.membership else {
+        return Ok(());
+    };
+    let ours = m.roster();
+    if let Some(r) = ours.as_ref().filter(|r| r.version > hello.roster) {
+        let json = serde_json::to_vec(&**r).expect("a roster serializes");
+        let msg = PeerMsg::Roster {
+            len: json.len() as u32,
+        };
+        writer.send(&msg, &json).await?;
+    }
+    if hello.roster > ours.map_or(0, |r| r.version) {
+        let frame = reader.read_frame().await?.ok_or(ConnError::Closed)?;
+        match frame.parse::<PeerMsg>() {
+            Ok(PeerMsg::Roster { .. }) => {
+                let r = serde_json::from_slice(&frame.payload)
+                    .map_err(|e| ConnError::Protocol(format!("bad ROSTER: {e}")))?;
+                t.adopt_roster(r)
+                    .await
+                    .map_err(|e| ConnError::Protocol(format!("ROSTER refused: {e}")))?;
+            }
+            Ok(PeerMsg::Error { reason }) => return Err(ConnError::Refused(reason)),
+            _ => {
+                return Err(ConnError::Protocol(
+                    "a newer roster was announced but not sent".into(),
+                ))
+            }
+        }
+    }
+    if !m.admits(&hello.peer_id) {
+        let reason = format!("not a member of private swarm {}", t.hex);
+        let _ = writer
+            .send(
+                &PeerMsg::Error {
+                    reason: reason.clone(),
+                },
+                &[],
+            )
+            .await; // Best effort.
+        return Err(ConnError::Refused(reason));
+    }
+    Ok(())
 }
 
 /// Read and check the remote HELLO: it must name the key the channel authenticated.
@@ -83,6 +139,7 @@ async fn read_hello(reader: &mut Reader, remote_id: &str) -> Result<Hello, ConnE
             info_hash,
             peer_id,
             port,
+            roster,
         }) => {
             if v != VERSION {
                 return Err(ConnError::Refused(format!(
@@ -104,6 +161,7 @@ async fn read_hello(reader: &mut Reader, remote_id: &str) -> Result<Hello, ConnE
                 info_hash: hash,
                 peer_id,
                 port,
+                roster,
             })
         }
         Ok(PeerMsg::Error { reason }) => Err(ConnError::Refused(reason)),
@@ -123,7 +181,11 @@ type Writer = FrameWriter<SecureWrite<OwnedWriteHalf>>;
 
 /// Run the Noise handshake on a fresh stream, bounded by the connect timeout. Returns the
 /// framed halves and the remote's authenticated peer id.
-async fn secure(d: &Net, stream: TcpStream, outgoing: bool) -> Result<(Reader, Writer, String), ConnError> {
+async fn secure(
+    d: &Net,
+    stream: TcpStream,
+    outgoing: bool,
+) -> Result<(Reader, Writer, String), ConnError> {
     let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
     let (r, w) = stream.into_split();
     let hs = async {
@@ -218,12 +280,20 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
         let _ = writer.send(&refuse(why), &[]).await;
         return;
     }
-    if writer.send(&hello_of(&d, &t.hash), &[]).await.is_err() {
+    if writer
+        .send(&hello_of(&d, &t.hash, t.roster_version()), &[])
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if let Err(e) = admit(&t, &mut reader, &mut writer, &hello).await {
+        debug!(%addr, cause = %e, "incoming peer not admitted");
         return;
     }
     // Known by the address it listens on, so the dialer does not call it again.
     let listen_addr = SocketAddr::new(addr.ip(), hello.port);
-    session(d, t, reader, writer, hello.peer_id, listen_addr, false).await;
+    session(d, t, reader, writer, &hello, listen_addr, false).await;
 }
 
 /// Dial `addr` for torrent `t`.
@@ -242,12 +312,15 @@ pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Res
     if let Some(why) = d.bans.banned(&remote_id, addr.ip()) {
         return Err(ConnError::Refused(why));
     }
-    writer.send(&hello_of(&d, &t.hash), &[]).await?;
+    writer
+        .send(&hello_of(&d, &t.hash, t.roster_version()), &[])
+        .await?;
     let hello = read_hello(&mut reader, &remote_id).await?;
     if hello.info_hash != t.hash {
         return Err(ConnError::Protocol("HELLO for another torrent".into()));
     }
-    session(d, t, reader, writer, hello.peer_id, addr, true).await;
+    admit(&t, &mut reader, &mut writer, &hello).await?;
+    session(d, t, reader, writer, &hello, addr, true).await;
     Ok(())
 }
 
@@ -269,7 +342,7 @@ pub async fn fetch_metadata(
     if let Some(why) = d.bans.banned(&remote_id, addr.ip()) {
         return Err(ConnError::Refused(why));
     }
-    writer.send(&hello_of(d, hash), &[]).await?;
+    writer.send(&hello_of(d, hash, 0), &[]).await?;
     let hello = read_hello(&mut reader, &remote_id).await?;
     if hello.info_hash != *hash {
         return Err(ConnError::Protocol("HELLO for another torrent".into()));
@@ -280,7 +353,13 @@ pub async fn fetch_metadata(
         let frame = reader.read_frame().await?.ok_or(ConnError::Closed)?;
         match frame.parse::<PeerMsg>() {
             Ok(PeerMsg::Metadata { .. }) => {
-                let meta = crate::metainfo::Metainfo::from_json(&frame.payload)
+                // Only the content (what the info hash covers) is believed: a stranger's
+                // tracker list is dropped before anything reads it.
+                let mut desc: crate::metainfo::Descriptor = serde_json::from_slice(&frame.payload)
+                    .map_err(|e| ConnError::Protocol(format!("descriptor refused: {e}")))?;
+                desc.trackers.clear();
+                desc.created_at.clear();
+                let meta = crate::metainfo::Metainfo::from_descriptor(desc)
                     .map_err(|e| ConnError::Protocol(format!("descriptor refused: {e}")))?;
                 if meta.info_hash != *hash {
                     return Err(ConnError::Protocol(format!(
@@ -355,6 +434,8 @@ struct Session {
     t: Arc<Torrent>,
     remote: String,
     addr: SocketAddr,
+    /// The version of the private swarm's roster the peer holds, as far as we know.
+    remote_roster: u64,
     out: mpsc::Sender<Out>,
     shared: Arc<Shared>,
     peer_bits: Option<Bitfield>,
@@ -384,10 +465,11 @@ async fn session(
     t: Arc<Torrent>,
     mut reader: Reader,
     mut writer: Writer,
-    remote: String,
+    hello: &Hello,
     addr: SocketAddr,
     outgoing: bool,
 ) {
+    let remote = hello.peer_id.clone();
     let Some((conn_id, token)) = register(&d, &t, &remote, addr, outgoing) else {
         let _ = writer
             .send(
@@ -442,6 +524,7 @@ async fn session(
         t: t.clone(),
         remote: remote.clone(),
         addr,
+        remote_roster: hello.roster.max(t.roster_version()),
         out: out_tx,
         shared,
         peer_bits: None,
@@ -633,6 +716,16 @@ impl Session {
                     .map_err(|_| End::Quiet)?;
             }
             PeerMsg::Keepalive | PeerMsg::Metadata { .. } => {}
+            PeerMsg::Roster { .. } => {
+                let r: shoal_tracker::roster::Roster = serde_json::from_slice(&frame.payload)
+                    .map_err(|e| End::Tell(format!("bad ROSTER: {e}")))?;
+                self.remote_roster = self.remote_roster.max(r.version);
+                // Adopting tells every connection (this one too), which closes the revoked.
+                self.t
+                    .adopt_roster(r)
+                    .await
+                    .map_err(|e| End::Tell(format!("ROSTER refused: {e}")))?;
+            }
             PeerMsg::Error { reason } => {
                 info!(peer = %self.remote, %reason, "peer closed with an error");
                 return Err(End::Quiet);
@@ -657,6 +750,10 @@ impl Session {
         // frame is handled: a bad piece never touches the file, and a saboteur is banned after
         // exactly `ban_threshold` corrupt pieces, never more.
         if digest != self.t.meta.pieces[index as usize] {
+            // Banned meanwhile (another connection from this host): counted once, not again.
+            if let Some(why) = self.d.bans.banned(&self.remote, self.addr.ip()) {
+                return Err(End::Tell(why));
+            }
             let cfg = &self.d.cfg;
             // Banned by key and by address: the key was proven by the handshake and the
             // address answered TCP's, so this peer is the one that sent the bytes.
@@ -702,16 +799,43 @@ impl Session {
     ) -> Result<(), End> {
         match ev {
             Ok(TorrentEvent::Have(i)) => self.on_have(i).await,
+            Ok(TorrentEvent::Roster(r)) => self.on_roster(&r).await,
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                // Missed some: tell the peer about everything we have that it has not heard.
+                // Missed some: tell the peer about everything we have that it has not heard,
+                // and the roster we hold.
                 let have = self.t.lock().picker.have().clone();
                 for i in have.ones() {
                     self.on_have(i).await?;
+                }
+                if let Some(r) = self.t.membership.as_ref().and_then(|m| m.roster()) {
+                    self.on_roster(&r).await?;
                 }
                 Ok(())
             }
             Err(broadcast::error::RecvError::Closed) => Err(End::Quiet),
         }
+    }
+
+    /// A newer roster: close if it no longer admits the peer, else pass it on.
+    async fn on_roster(&mut self, r: &shoal_tracker::roster::Roster) -> Result<(), End> {
+        if !r.admits(&self.remote) {
+            return Err(End::Tell(format!(
+                "not a member of private swarm {} (roster version {})",
+                self.t.hex, r.version
+            )));
+        }
+        if r.version > self.remote_roster {
+            self.remote_roster = r.version;
+            let json = Bytes::from(serde_json::to_vec(r).expect("a roster serializes"));
+            let m = PeerMsg::Roster {
+                len: json.len() as u32,
+            };
+            self.out
+                .send(Out::Payload(m, json))
+                .await
+                .map_err(|_| End::Quiet)?;
+        }
+        Ok(())
     }
 
     async fn on_have(&mut self, i: u32) -> Result<(), End> {

@@ -15,6 +15,7 @@
 pub mod announce;
 pub mod bans;
 pub mod conn;
+pub mod membership;
 pub mod net;
 pub mod owner;
 pub mod registry;

@@ -322,11 +322,11 @@ impl Owner {
                 }
                 let store = self.ctx.store.clone();
                 let hash = self.hash;
-                let scores = tokio::task::spawn_blocking(move || store.scores(&hash))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+                let (scores, roster) =
+                    tokio::task::spawn_blocking(move || (store.scores(&hash), store.roster(&hash)))
+                        .await
+                        .map(|(s, r)| (s.unwrap_or_default(), r.ok().flatten()))
+                        .unwrap_or_default();
                 let cfg = &self.ctx.net.cfg;
                 let t = Torrent::new(SessionParts {
                     hash: self.hash,
@@ -337,6 +337,7 @@ impl Owner {
                     working,
                     scores,
                     store: self.ctx.store.clone(),
+                    roster,
                     picker: if meta.is_tree() {
                         Picker::with_skip(
                             self.bits.clone(),

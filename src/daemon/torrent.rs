@@ -53,10 +53,13 @@ pub const MAX_KNOWN: usize = 1024;
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Broadcast to the torrent's connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum TorrentEvent {
     /// We verified this piece: tell peers, cancel duplicate requests.
     Have(u32),
+    /// A newer roster of this private swarm: pass it on, and close connections to peers it
+    /// no longer admits.
+    Roster(Arc<shoal_tracker::roster::Roster>),
 }
 
 /// What a session tells its owner.
@@ -213,6 +216,8 @@ pub struct Torrent {
     complete: Notify,
     signal: Arc<VerifiedSignal>,
     next_conn_id: std::sync::atomic::AtomicU64,
+    /// Who may join, for a private swarm; `None` for a public one.
+    pub membership: Option<super::membership::Membership>,
 }
 
 /// Everything a session is built from.
@@ -228,6 +233,8 @@ pub struct SessionParts {
     pub picker: Picker,
     pub owner: mpsc::UnboundedSender<OwnerEvent>,
     pub cancel: CancellationToken,
+    /// A private swarm's stored roster.
+    pub roster: Option<shoal_tracker::roster::Roster>,
 }
 
 impl Torrent {
@@ -242,7 +249,9 @@ impl Torrent {
             v.truncate(MAX_SCORES);
             peers = v.into_iter().collect();
         }
+        let membership = super::membership::Membership::of(&p.meta, p.roster);
         Arc::new(Torrent {
+            membership,
             hash: p.hash,
             hex: hex::encode(p.hash),
             signal: Arc::new(VerifiedSignal {
@@ -391,6 +400,46 @@ impl Torrent {
         let score = s.score(peer_id);
         score.pieces_to += 1;
         score.bytes_to += bytes;
+    }
+
+    // === MEMBERSHIP ===
+
+    /// Whether `peer_id` may take part: anyone in a public swarm.
+    pub fn admits(&self, peer_id: &str) -> bool {
+        self.membership.as_ref().is_none_or(|m| m.admits(peer_id))
+    }
+
+    /// The held roster's version (0: none, or a public swarm).
+    pub fn roster_version(&self) -> u64 {
+        self.membership
+            .as_ref()
+            .map_or(0, super::membership::Membership::version)
+    }
+
+    /// Keep a roster learnt from a peer, a tracker or the authority's command if it is newer
+    /// and checks; then persist it and tell every connection. Returns whether it was kept.
+    ///
+    /// # Errors
+    /// A public swarm, or a roster that is not this swarm's or does not check.
+    pub async fn adopt_roster(&self, r: shoal_tracker::roster::Roster) -> Result<bool, String> {
+        let m = self
+            .membership
+            .as_ref()
+            .ok_or("a roster for a public swarm")?;
+        if !m.adopt(r)? {
+            return Ok(false);
+        }
+        let held = m.roster().expect("just adopted");
+        let (store, hash, r) = (self.store.clone(), self.hash, held.clone());
+        match tokio::task::spawn_blocking(move || store.put_roster(&hash, &r)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(info_hash = %self.hex, cause = %e, "cannot persist the roster"),
+            Err(e) => warn!(info_hash = %self.hex, cause = %e, "cannot persist the roster"),
+        }
+        info!(info_hash = %self.hex, version = held.version, members = held.members.len(), "new roster");
+        let _ = self.events.send(TorrentEvent::Roster(held));
+        self.announce_now.notify_one();
+        Ok(true)
     }
 
     // === MAINTENANCE ===

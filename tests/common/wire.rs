@@ -30,10 +30,24 @@ fn runtime() -> tokio::runtime::Runtime {
 impl Wire {
     /// Dial `addr` and run the handshake as `id`.
     pub fn connect(addr: SocketAddr, id: &Identity) -> Result<Wire, String> {
+        Self::connect_from(addr, None, id)
+    }
+
+    /// Dial `addr` from the local address `from` (another loopback address: another host).
+    pub fn connect_from(
+        addr: SocketAddr,
+        from: Option<std::net::IpAddr>,
+        id: &Identity,
+    ) -> Result<Wire, String> {
         let rt = runtime();
         let keys = NoiseKeys::new(id);
         let ch = rt.block_on(async {
-            let s = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr))
+            let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            if let Some(ip) = from {
+                sock.bind(SocketAddr::new(ip, 0))
+                    .map_err(|e| e.to_string())?;
+            }
+            let s = tokio::time::timeout(LIMIT, sock.connect(addr))
                 .await
                 .map_err(|_| "connect timed out".to_string())?
                 .map_err(|e| e.to_string())?;
@@ -99,7 +113,10 @@ impl Wire {
                 let mut h = vec![0u8; n];
                 r.read_exact(&mut h).await.ok()?;
                 let v: serde_json::Value = serde_json::from_slice(&h).ok()?;
-                let plen = v.get("len").and_then(serde_json::Value::as_u64).unwrap_or(0);
+                let plen = v
+                    .get("len")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
                 if plen > 64 << 20 {
                     return None;
                 }
