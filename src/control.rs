@@ -26,6 +26,9 @@ pub enum CtlRequest {
     /// Hash a file and seed it in place.
     Publish {
         path: PathBuf,
+        /// A private swarm with this peer as its authority.
+        #[serde(default)]
+        private: bool,
     },
     /// Download: from descriptor JSON, or from an info hash alone.
     Add {
@@ -59,6 +62,14 @@ pub enum CtlRequest {
     Select {
         info_hash: String,
         only: Vec<String>,
+    },
+    /// A private swarm: list its roster, or add and revoke members (the authority only).
+    Swarm {
+        info_hash: String,
+        #[serde(default)]
+        add: Vec<String>,
+        #[serde(default)]
+        revoke: Vec<String>,
     },
     Shutdown,
 }
@@ -116,6 +127,12 @@ pub struct TorrentStatus {
     pub data_path: String,
     pub note: Option<String>,
     pub rejected_pieces: u64,
+    /// A private swarm (only its authority's members may join).
+    #[serde(default)]
+    pub private: bool,
+    /// The private swarm's roster version we hold (0: none).
+    #[serde(default)]
+    pub roster_version: u64,
     pub peers: Vec<PeerStatus>,
     /// Per piece: [have, availability, in_flight]; only for `query` snapshots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -139,6 +156,12 @@ pub struct FileStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub peer_id: String,
+    /// The short form of the peer's key (its id's first 16 hex digits).
+    #[serde(default)]
+    pub fingerprint: String,
+    /// A private swarm: whether the roster we hold admits this peer (`None`: public swarm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<bool>,
     pub addr: String,
     pub port: u16,
     pub connected: bool,

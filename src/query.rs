@@ -24,7 +24,7 @@ CREATE TABLE pieces (info_hash TEXT, idx INTEGER, have INTEGER, availability INT
   PRIMARY KEY (info_hash, idx));
 CREATE TABLE peers (info_hash TEXT, peer_id TEXT, addr TEXT, port INTEGER, connected INTEGER,
   latency_ms REAL, score REAL, pieces_from INTEGER, pieces_to INTEGER, bytes_from INTEGER,
-  bytes_to INTEGER, failures INTEGER, banned_until INTEGER);
+  bytes_to INTEGER, failures INTEGER, banned_until INTEGER, fingerprint TEXT, member INTEGER);
 CREATE TABLE files (info_hash TEXT, idx INTEGER, path TEXT, length INTEGER, have INTEGER,
   selected INTEGER, PRIMARY KEY (info_hash, idx));
 CREATE TABLE trackers (addr TEXT PRIMARY KEY, reachable INTEGER, last_ok INTEGER, last_error TEXT,
@@ -40,8 +40,9 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
         )?;
         let mut p = tx.prepare("INSERT INTO pieces VALUES (?1,?2,?3,?4,?5)")?;
         let mut fi = tx.prepare("INSERT INTO files VALUES (?1,?2,?3,?4,?5,?6)")?;
-        let mut pe =
-            tx.prepare("INSERT INTO peers VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)")?;
+        let mut pe = tx.prepare(
+            "INSERT INTO peers VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
+        )?;
         for x in &r.torrents {
             t.execute(params![
                 x.info_hash,
@@ -87,7 +88,9 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
                     q.bytes_from,
                     q.bytes_to,
                     q.failures,
-                    q.banned_until
+                    q.banned_until,
+                    q.fingerprint,
+                    q.member
                 ])?;
             }
         }

@@ -110,6 +110,11 @@ impl Identity {
         hex::encode(self.key.verifying_key().to_bytes())
     }
 
+    /// The key itself, for what signs with it (rosters, announces).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.key.sign(msg).to_bytes()
     }

@@ -13,6 +13,7 @@ mod peer;
 // Crashes, restarts, sabotage, banning and Smart Swarm scoring.
 mod faults;
 mod identity;
+mod private;
 // `status`, `query`, pause/resume/remove and the usual mistakes.
 mod status;
 // `shoal demo`: the whole emulated swarm.

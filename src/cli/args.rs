@@ -94,6 +94,10 @@ pub enum Cmd {
     Publish {
         /// The file or folder to publish; it is seeded where it is.
         file: PathBuf,
+        /// A private swarm with this peer as its authority: only the members it adds with
+        /// `shoal swarm add` may join (the info hash covers the authority).
+        #[arg(long)]
+        private: bool,
         #[command(flatten)]
         dir: DataDir,
         #[command(flatten)]
@@ -123,6 +127,11 @@ pub enum Cmd {
         dir: DataDir,
         #[command(flatten)]
         json: Json,
+    },
+    /// A private swarm's members: list them, or (on the authority's peer) add and revoke.
+    Swarm {
+        #[command(subcommand)]
+        cmd: SwarmCmd,
     },
     /// A tree: change which files are downloaded (files already there stay).
     Select {
@@ -276,6 +285,34 @@ pub enum PeerCmd {
     },
     /// Ask the running peer to stop cleanly.
     Stop {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SwarmCmd {
+    /// Show the swarm's authority and roster.
+    List {
+        /// The torrent's info hash (or a unique prefix of 8+ hex digits).
+        info_hash: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Admit peers (their peer ids, as `shoal status` shows them): a new roster version.
+    Add {
+        info_hash: String,
+        #[arg(required = true, value_name = "PEER_ID")]
+        peers: Vec<String>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Revoke peers: a new roster version without them; peers that learn it close their
+    /// connections to them and refuse the next ones.
+    Revoke {
+        info_hash: String,
+        #[arg(required = true, value_name = "PEER_ID")]
+        peers: Vec<String>,
         #[command(flatten)]
         dir: DataDir,
     },

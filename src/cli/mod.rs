@@ -17,7 +17,7 @@ pub mod transfer;
 
 use std::io::IsTerminal;
 
-pub use args::{Cli, Cmd, PeerCmd, TrackerCmd};
+pub use args::{Cli, Cmd, PeerCmd, SwarmCmd, TrackerCmd};
 pub use transfer::TimedOut;
 
 use crate::config::Config;
@@ -121,8 +121,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 peer::simple(&data_dir(&cfg, &dir), CtlRequest::Shutdown, false).await
             }
         },
-        Cmd::Publish { file, dir, json } => {
-            transfer::publish(&data_dir(&cfg, &dir), &file, json.json).await
+        Cmd::Publish {
+            file,
+            private,
+            dir,
+            json,
+        } => transfer::publish(&data_dir(&cfg, &dir), &file, private, json.json).await,
+        Cmd::Swarm { cmd } => {
+            let (info_hash, add, revoke, dir) = match cmd {
+                SwarmCmd::List { info_hash, dir } => (info_hash, vec![], vec![], dir),
+                SwarmCmd::Add {
+                    info_hash,
+                    peers,
+                    dir,
+                } => (info_hash, peers, vec![], dir),
+                SwarmCmd::Revoke {
+                    info_hash,
+                    peers,
+                    dir,
+                } => (info_hash, vec![], peers, dir),
+            };
+            let req = CtlRequest::Swarm {
+                info_hash,
+                add,
+                revoke,
+            };
+            peer::simple(&data_dir(&cfg, &dir), req, false).await
         }
         Cmd::Get {
             what,

@@ -38,22 +38,34 @@ pub fn status(r: &StatusReport) -> String {
         if let Some(n) = &t.note {
             s.push_str(&format!("  note: {n}\n"));
         }
+        if t.private {
+            s.push_str(&format!(
+                "  private swarm, roster version {}\n",
+                t.roster_version
+            ));
+        }
         if !t.peers.is_empty() {
             s.push_str(&format!(
-                "  {:<24} {:<22} {:>9} {:>7} {:>7} {:>7} {}\n",
-                "PEER", "ADDRESS", "LATENCY", "SCORE", "FROM", "TO", "STATE"
+                "  {:<17} {:<22} {:>9} {:>7} {:>7} {:>7} {}\n",
+                "PEER KEY", "ADDRESS", "LATENCY", "SCORE", "FROM", "TO", "STATE"
             ));
             for p in &t.peers {
-                let st = if p.banned_until.is_some() {
+                let mut st = if p.banned_until.is_some() {
                     "banned"
                 } else if p.connected {
                     "connected"
                 } else {
                     "-"
-                };
+                }
+                .to_string();
+                match p.member {
+                    Some(true) => st.push_str(", member"),
+                    Some(false) => st.push_str(", NOT A MEMBER"),
+                    None => {}
+                }
                 s.push_str(&format!(
-                    "  {:<24} {:<22} {:>7.1}ms {:>7.2} {:>7} {:>7} {}\n",
-                    p.peer_id,
+                    "  {:<17} {:<22} {:>7.1}ms {:>7.2} {:>7} {:>7} {}\n",
+                    crate::secure::fingerprint(&p.peer_id),
                     format!("{}:{}", p.addr, p.port),
                     p.latency_ms,
                     p.score,

@@ -138,9 +138,10 @@ fn load_descriptor(path: &Path) -> anyhow::Result<Metainfo> {
     Ok(Metainfo::load(path)?)
 }
 
-pub async fn publish(dir: &Path, file: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn publish(dir: &Path, file: &Path, private: bool, json: bool) -> anyhow::Result<()> {
     check_regular_file(file, "publish")?;
     let req = CtlRequest::Publish {
+        private,
         path: std::path::absolute(file)
             .with_context(|| format!("cannot publish {}", file.display()))?,
     };

@@ -88,6 +88,59 @@ impl Membership {
     }
 }
 
+/// The roster after the authority adds and revokes members: one version above `held`.
+///
+/// # Errors
+/// An id that is not a key, or more members than a roster may list.
+pub fn next_roster(
+    authority: &ed25519_dalek::SigningKey,
+    info_hash: &str,
+    held: Option<&Roster>,
+    add: &[String],
+    revoke: &[String],
+) -> Result<Roster, String> {
+    for id in add.iter().chain(revoke) {
+        if !shoal_tracker::keys::is_key(id) {
+            return Err(format!(
+                "{id:?} is not a peer id (64 hex digits, as `shoal status` shows)"
+            ));
+        }
+    }
+    let mut members: Vec<String> = held.map(|r| r.members.clone()).unwrap_or_default();
+    members.extend(add.iter().cloned());
+    members.retain(|m| !revoke.contains(m));
+    members.sort();
+    members.dedup();
+    if members.len() > shoal_tracker::roster::MAX_MEMBERS {
+        return Err(format!(
+            "{} members, over the limit of {}",
+            members.len(),
+            shoal_tracker::roster::MAX_MEMBERS
+        ));
+    }
+    let version = held.map_or(0, |r| r.version) + 1;
+    Ok(Roster::sign(authority, info_hash, version, members))
+}
+
+/// What `shoal swarm list` prints.
+pub fn describe(info_hash: &str, authority: &str, roster: Option<&Roster>) -> String {
+    let mut s = format!("private swarm {info_hash}\nauthority: {authority}\n");
+    match roster {
+        None => s.push_str("roster: none yet (only the authority is admitted)"),
+        Some(r) => {
+            s.push_str(&format!(
+                "roster version {}: {} member(s)",
+                r.version,
+                r.members.len()
+            ));
+            for m in &r.members {
+                s.push_str(&format!("\n  {m}"));
+            }
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +154,22 @@ mod tests {
         m.make_private(&hex::encode(key.verifying_key().to_bytes()))
             .unwrap();
         m
+    }
+
+    #[test]
+    fn it_should_add_and_revoke_one_version_at_a_time() {
+        let auth = SigningKey::generate(&mut rand::rngs::OsRng);
+        let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+        let h = "cd".repeat(32);
+        let v1 = next_roster(&auth, &h, None, &[b.clone(), a.clone()], &[]).unwrap();
+        assert_eq!(
+            (v1.version, v1.members.clone()),
+            (1, vec![a.clone(), b.clone()])
+        );
+        let v2 = next_roster(&auth, &h, Some(&v1), &[], &[a.clone()]).unwrap();
+        assert_eq!((v2.version, v2.members.clone()), (2, vec![b]));
+        v2.verify().unwrap();
+        assert!(next_roster(&auth, &h, Some(&v2), &["nope".into()], &[]).is_err());
     }
 
     #[test]

@@ -411,7 +411,17 @@ async fn handle_control(d: &Arc<Daemon>, req: CtlRequest) -> anyhow::Result<CtlR
                 tokio::task::spawn_blocking(move || crate::query::run(&report, &sql)).await??;
             Ok(CtlResponse::Rows { columns, rows })
         }
-        CtlRequest::Publish { path } => publish(d, &path).await,
+        CtlRequest::Publish { path, private } => publish(d, &path, private).await,
+        CtlRequest::Swarm {
+            info_hash,
+            add,
+            revoke,
+        } => ok(d
+            .ctx
+            .registry
+            .resolve(&info_hash)?
+            .call(Cmd::Swarm { add, revoke })
+            .await?),
         CtlRequest::Add {
             descriptor,
             info_hash,
@@ -477,15 +487,19 @@ async fn add_owner(
     }
 }
 
-async fn publish(d: &Arc<Daemon>, path: &Path) -> anyhow::Result<CtlResponse> {
+async fn publish(d: &Arc<Daemon>, path: &Path, private: bool) -> anyhow::Result<CtlResponse> {
     let path = std::fs::canonicalize(path)
         .with_context(|| format!("cannot publish {}", path.display()))?;
     let trackers = d.ctx.net.cfg.trackers.clone();
     let pl = d.ctx.net.cfg.piece_length();
     let p2 = path.clone();
+    let authority = private.then(|| d.ctx.net.peer_id.clone());
     let meta = tokio::task::spawn_blocking(move || -> anyhow::Result<Metainfo> {
-        let meta =
+        let mut meta =
             crate::metainfo::create(&p2, pl, trackers, &crate::metainfo::HashProgress::default())?;
+        if let Some(a) = &authority {
+            meta.make_private(a)?;
+        }
         // The bits about to be committed vouch for these bytes: make them durable first.
         if meta.is_tree() {
             tree_data::sync_tree(&meta, &p2)?;

@@ -490,6 +490,7 @@ impl Owner {
                 (Ok(msg), true)
             }
             Cmd::Select { only } => (self.select(only).await, false),
+            Cmd::Swarm { add, revoke } => (self.swarm(add, revoke).await, false),
             Cmd::Shutdown => {
                 self.deactivate().await;
                 let r = self.commit().await.map(|_| "stopped".to_string());
@@ -613,6 +614,64 @@ impl Owner {
         }
         seed_placed(&t, guard).await;
         info!(info_hash = %self.hex, name = %t.name(), "tree complete and verified");
+    }
+
+    /// A private swarm's roster: shown, or (by its authority) changed. The new roster is
+    /// durable before the reply, then live connections and trackers hear of it.
+    async fn swarm(&mut self, add: Vec<String>, revoke: Vec<String>) -> anyhow::Result<String> {
+        let Some(meta) = self.meta() else {
+            anyhow::bail!("{} has no descriptor yet", self.hex);
+        };
+        let Some(authority) = meta.authority.clone() else {
+            anyhow::bail!(
+                "{} is a public swarm: anyone may join (publish or create with --private to name its members)",
+                self.hex
+            );
+        };
+        let live = self.handle.live();
+        let (store, hash) = (self.ctx.store.clone(), self.hash);
+        let held = match live.as_ref().and_then(|t| t.membership.as_ref()?.roster()) {
+            Some(r) => Some((*r).clone()),
+            None => tokio::task::spawn_blocking(move || store.roster(&hash)).await??,
+        };
+        if add.is_empty() && revoke.is_empty() {
+            return Ok(super::membership::describe(
+                &self.hex,
+                &authority,
+                held.as_ref(),
+            ));
+        }
+        let net = &self.ctx.net;
+        if net.peer_id != authority {
+            anyhow::bail!(
+                "only the swarm's authority ({}) can change its members; this peer is {}",
+                crate::secure::fingerprint(&authority),
+                crate::secure::fingerprint(&net.peer_id)
+            );
+        }
+        let next = super::membership::next_roster(
+            net.identity.signing_key(),
+            &self.hex,
+            held.as_ref(),
+            &add,
+            &revoke,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let (store, r) = (self.ctx.store.clone(), next.clone());
+        tokio::task::spawn_blocking(move || store.put_roster(&hash, &r))
+            .await?
+            .context("cannot record the roster")?;
+        if let Some(t) = live {
+            t.adopt_roster(next.clone())
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+        info!(info_hash = %self.hex, version = next.version, members = next.members.len(), "roster changed");
+        Ok(super::membership::describe(
+            &self.hex,
+            &authority,
+            Some(&next),
+        ))
     }
 
     /// Change a tree's selection: stop, record the globs, start again (a session downloads

@@ -27,6 +27,11 @@ pub enum Cmd {
     Select {
         only: Vec<String>,
     },
+    /// A private swarm: list its roster, or (the authority) add and revoke members.
+    Swarm {
+        add: Vec<String>,
+        revoke: Vec<String>,
+    },
 }
 
 pub struct Envelope {

@@ -624,6 +624,8 @@ impl Torrent {
             .map(|(id, p)| {
                 let conn = s.conns.get(id);
                 PeerStatus {
+                    fingerprint: crate::secure::fingerprint(id),
+                    member: self.membership.as_ref().map(|m| m.admits(id)),
                     peer_id: id.clone(),
                     addr: conn.map_or(p.addr.clone(), |c| c.addr.ip().to_string()),
                     port: conn.map_or(p.port, |c| c.addr.port()),
@@ -666,6 +668,8 @@ impl Torrent {
             data_path: s.record.working_path_for(&self.hash).display().to_string(),
             note: s.record.note.clone(),
             rejected_pieces: s.rejected_pieces,
+            private: self.meta.is_private(),
+            roster_version: self.roster_version(),
             peers,
             piece_states: if with_pieces {
                 (0..n)

@@ -323,6 +323,7 @@ impl Demo {
                 i,
                 CtlRequest::Publish {
                     path: self.file.clone(),
+                    private: false,
                 },
             )
             .await?
