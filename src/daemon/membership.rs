@@ -166,7 +166,7 @@ mod tests {
             (v1.version, v1.members.clone()),
             (1, vec![a.clone(), b.clone()])
         );
-        let v2 = next_roster(&auth, &h, Some(&v1), &[], &[a.clone()]).unwrap();
+        let v2 = next_roster(&auth, &h, Some(&v1), &[], std::slice::from_ref(&a)).unwrap();
         assert_eq!((v2.version, v2.members.clone()), (2, vec![b]));
         v2.verify().unwrap();
         assert!(next_roster(&auth, &h, Some(&v2), &["nope".into()], &[]).is_err());
