@@ -293,9 +293,51 @@ fn main() {
     let (mut base_cpu, mut leech_cpu, mut seed_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ours_http, mut leech_http_cpu) = (Vec::new(), Vec::new());
     let ours_bin = common::shoal_bin();
-    // Another build's leecher (e.g. the previous commit's), measured in turn in this run.
+    // Another build (e.g. the previous commit's), measured in turn in this run: its own
+    // tracker, seeder and leechers, since builds may not speak to each other (the plaintext
+    // protocol before encryption).
     let compare = std::env::var("SHOAL_BENCH_COMPARE_BIN").ok();
-    let (mut theirs, mut theirs_cpu) = (Vec::new(), Vec::new());
+    let (mut theirs, mut theirs_cpu, mut theirs_seed_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let other_swarm = compare.as_ref().map(|other| {
+        let t = common::spawn_bin(
+            other,
+            d,
+            &[
+                "tracker",
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                "t-cmp.db",
+            ],
+        );
+        let taddr = common::addr_of(&t.line);
+        let s = common::spawn_bin(
+            other,
+            d,
+            &[
+                "peer",
+                "run",
+                "--data-dir",
+                "seeder-cmp",
+                "--listen",
+                "127.0.0.1:0",
+                "--tracker",
+                &taddr,
+            ],
+        );
+        let out = shoal_with(
+            other,
+            d,
+            &["publish", "file.bin", "--data-dir", "seeder-cmp"],
+        );
+        let desc = out
+            .lines()
+            .find_map(|l| l.strip_prefix("descriptor: "))
+            .unwrap()
+            .to_string();
+        (t, taddr, s, desc)
+    });
     // Each measurement starts with no dirty pages left by the previous one, or the kernel's
     // writeback throttling lands in whichever run comes next.
     let settle = || {
@@ -345,18 +387,12 @@ fn main() {
             }
             settle();
         }
-        if let Some(other) = &compare {
-            let (secs, lc, _, _) = download(
-                other,
-                d,
-                &taddr,
-                &desc,
-                &seeder,
-                &format!("leecher-cmp{r}"),
-                false,
-            );
+        if let (Some(other), Some((_, ot, os, odesc))) = (&compare, &other_swarm) {
+            let (secs, lc, sc, _) =
+                download(other, d, ot, odesc, os, &format!("leecher-cmp{r}"), false);
             theirs.push(secs);
             theirs_cpu.push(lc);
+            theirs_seed_cpu.push(sc);
             settle();
         }
     }
@@ -374,10 +410,17 @@ fn main() {
     println!("  shoal (hash, mmap, durable, renamed): median {o:.3} s  runs {ours:.3?}");
     if let Some(other) = &compare {
         let t = common::median(theirs.clone());
+        let gib = mib as f64 / 1024.0;
         println!(
-            "  compare leecher {other}: median {t:.3} s  runs {theirs:.3?}  leecher CPU {:.2} s; this build / that: {:.3}",
-            common::median(theirs_cpu),
+            "  compare build {other}: median {t:.3} s  runs {theirs:.3?}; this build / that: {:.3}",
             o / t
+        );
+        println!(
+            "  CPU s per GiB (medians), this build: leecher {:.2} seeder {:.2}; that build: leecher {:.2} seeder {:.2}",
+            common::median(leech_cpu.clone()) / gib,
+            common::median(seed_cpu.clone()) / gib,
+            common::median(theirs_cpu) / gib,
+            common::median(theirs_seed_cpu) / gib
         );
     }
     let oh = common::median(ours_http.clone());

@@ -239,7 +239,10 @@ fn it_should_ban_a_saboteur_among_three_seeders_after_the_threshold() {
             ("s1", &["--sabotage", "delay=30ms"]),
             ("s2", &["--sabotage", "delay=30ms"]),
             // Another host: it is banned by address too, and the honest ones must not be.
-            ("bad", &["--sabotage", "corrupt=1.0", "--listen", "127.0.0.66:0"]),
+            (
+                "bad",
+                &["--sabotage", "corrupt=1.0", "--listen", "127.0.0.66:0"],
+            ),
         ],
     );
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);

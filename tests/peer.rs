@@ -288,7 +288,10 @@ fn it_should_refetch_a_corrupt_piece_from_another_peer() {
         16,
         [
             ("good", &[]),
-            ("bad", &["--sabotage", "corrupt=1.0", "--listen", "127.0.0.67:0"]),
+            (
+                "bad",
+                &["--sabotage", "corrupt=1.0", "--listen", "127.0.0.67:0"],
+            ),
         ],
     );
     let leecher = start_peer(d, "leecher", &[t.addr], &[]);
