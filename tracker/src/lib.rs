@@ -7,6 +7,7 @@
 //! - [`store`]: SQLite persistence and the schema migrations from `migrations/`.
 //! - [`server`]: the tokio server, the prune task and the writer thread.
 //! - [`client`]: a tracker client with bounded waits.
+//! - [`keys`], [`roster`]: peer keys and private-swarm rosters, shared with the peer crate.
 //! - [`http`], [`metrics`]: `/metrics`, the JSON API and the dashboard (off by default).
 //! - [`config`]: the `[tracker]` section of `config.toml`.
 //!
@@ -15,8 +16,10 @@
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod keys;
 pub mod metrics;
 pub mod proto;
+pub mod roster;
 pub mod server;
 pub mod store;
 pub mod swarm;
