@@ -113,6 +113,11 @@ impl Identity {
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.key.sign(msg).to_bytes()
     }
+
+    /// The key itself (the tracker client signs announces with it).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
 }
 
 /// The short form of a peer id (or any key) for tables: its first 16 hex digits.

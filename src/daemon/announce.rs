@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_tracker::client::TrackerClient;
-use shoal_tracker::proto::{Announce, Event, PeerEntry, Request, Response};
+use shoal_tracker::client::{AnnounceReply, TrackerClient};
+use shoal_tracker::proto::{Announce, Event, PeerEntry};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -58,13 +58,15 @@ async fn announce_one(
     }
     let res = async {
         let mut c = TrackerClient::connect(addr, d.bind_ip, d.cfg.tracker_timeout).await?;
-        c.request(&Request::Announce(req.clone())).await
+        c.announce(req, Some(&d.tracker_signer)).await
     }
     .await;
     let mut trackers = d.trackers.lock().expect("trackers lock");
     let h = trackers.entry(addr.to_string()).or_default();
     match res {
-        Ok(Response::Peers { interval, peers }) => {
+        Ok(AnnounceReply {
+            interval, peers, ..
+        }) => {
             if h.failures > 0 {
                 info!(tracker = %addr, "tracker reachable again");
             }
@@ -73,10 +75,6 @@ async fn announce_one(
             h.last_ok = Some(crate::fsutil::unix_ms());
             h.last_error = None;
             Some((peers, interval))
-        }
-        Ok(other) => {
-            h.last_error = Some(format!("unexpected reply {other:?}"));
-            None
         }
         Err(e) => {
             if h.failures == 0 {
@@ -131,6 +129,7 @@ fn announce_of(d: &Net, t: &Torrent, event: Event) -> Announce {
         length: t.meta.length,
         numwant: None,
         addr: None,
+        ..Announce::default()
     }
 }
 
@@ -291,6 +290,7 @@ pub async fn fetch_metadata_task(
             length: 0,
             numwant: None,
             addr: None,
+            ..Announce::default()
         };
         let (peers, iv) = announce_all(&d, &trackers, &req, false).await;
         if iv.is_some() {

@@ -108,8 +108,11 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&data_dir)?;
     let dd = data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dd, true)).await??;
-    let s2 = store.clone();
-    let peer_id = tokio::task::spawn_blocking(move || s2.peer_id()).await??;
+    let dd = data_dir.clone();
+    let identity = Arc::new(
+        tokio::task::spawn_blocking(move || crate::secure::Identity::load_or_create(&dd)).await??,
+    );
+    let peer_id = identity.peer_id();
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -135,6 +138,8 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         upload_limit: cfg.upload_rate().map(RateLimiter::new),
         cfg,
         peer_id: peer_id.clone(),
+        tracker_signer: shoal_tracker::auth::Signer::new(identity.signing_key().clone()),
+        identity,
         listen,
         bind_ip,
         sabotage,

@@ -16,7 +16,11 @@ use crate::sabotage::Sabotage;
 
 pub struct Net {
     pub cfg: PeerConfig,
+    /// The peer id: `identity`'s public key in hex.
     pub peer_id: String,
+    pub identity: Arc<crate::secure::Identity>,
+    /// Signs announces with `identity`'s key and holds the session with each tracker.
+    pub tracker_signer: shoal_tracker::auth::Signer,
     pub listen: SocketAddr,
     /// Outgoing sockets bind here, so trackers and peers see the address we listen on.
     pub bind_ip: Option<IpAddr>,
