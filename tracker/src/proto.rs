@@ -195,6 +195,8 @@ pub fn is_info_hash(s: &str) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+// One request at a time is parsed and handled, never stored in bulk: the size is harmless.
+#[allow(clippy::large_enum_variant)]
 pub enum Request {
     Announce(Announce),
     /// Paged: `after` is the `next` cursor of the previous page (absent for the first page).
