@@ -1,10 +1,13 @@
 //! Tracker load, in one run, against real `shoal tracker run` processes with their SQLite
 //! databases on disk (a fresh tracker per phase, so each peak RSS is its own):
 //!
-//! 1. the cost of one Ed25519 verify (what signed announces will add per announce);
+//! 1. the cost of one Ed25519 verify, and of the HMAC that replaces it on session announces;
 //! 2. for each scale of live peers (default 1,000 / 100,000 / 1,000,000, spread over 10,000
-//!    swarms): the swarm is populated, then persistent connections heart-beat as fast as they
-//!    can for a fixed time. Printed: announces/s, p50/p99 latency, the tracker's CPU per announce
+//!    swarms): the swarm is populated (legacy unsigned ids, `allow_unsigned`, so that a million
+//!    peers do not need a million signatures to set up), then SHOAL_BENCH_KEYS peers with real
+//!    Ed25519 keys join signed (opening sessions) and heart-beat with session MACs on persistent
+//!    connections, as fast as they can for a fixed time: every measured announce is
+//!    authenticated. Printed: announces/s, p50/p99 latency, the tracker's CPU per announce
 //!    (from /proc/PID/stat), its peak RSS (VmHWM from /proc/PID/status), the database size, and
 //!    after a kill -9 how many live peers the database holds;
 //! 3. a flood of 1,000,000 announces for random info hashes from one address (127.0.0.2) with
@@ -15,7 +18,8 @@
 //! runs with the defaults, which are what bound it.
 //!
 //! Run: `cargo bench --bench tracker_load`. Vary with SHOAL_BENCH_SCALES (comma-separated live
-//! peer counts), SHOAL_BENCH_SWARMS, SHOAL_BENCH_CLIENTS, SHOAL_BENCH_SECS, SHOAL_BENCH_FLOOD.
+//! peer counts), SHOAL_BENCH_SWARMS, SHOAL_BENCH_CLIENTS, SHOAL_BENCH_SECS, SHOAL_BENCH_FLOOD,
+//! SHOAL_BENCH_KEYS.
 
 #[path = "common.rs"]
 mod common;
@@ -26,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shoal_tracker::auth::Signer;
 use shoal_tracker::client::TrackerClient;
 use shoal_tracker::proto::{Announce, Event, Request, Response};
 
@@ -41,6 +46,7 @@ fn main() {
     let clients = common::env_or("SHOAL_BENCH_CLIENTS", 64);
     let secs = common::env_or("SHOAL_BENCH_SECS", 5);
     let flood = common::env_or("SHOAL_BENCH_FLOOD", 1_000_000);
+    let keys = common::env_or("SHOAL_BENCH_KEYS", 4096);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,7 +56,7 @@ fn main() {
         "tracker load: {clients} persistent connections heart-beating for {secs} s per scale, live peers spread over up to {swarms} swarms, numwant 50"
     );
     for peers in scales {
-        rt.block_on(scale(peers, swarms.min(peers), clients, secs));
+        rt.block_on(scale(peers, swarms.min(peers), clients, secs, keys));
     }
     rt.block_on(flood_phase(flood));
 }
@@ -70,8 +76,16 @@ fn ed25519_verify_cost() {
             .unwrap();
     }
     let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    use hmac::Mac;
+    let t = Instant::now();
+    for _ in 0..n {
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&[9u8; 32]).unwrap();
+        m.update(std::hint::black_box(msg));
+        std::hint::black_box(m.finalize());
+    }
+    let mac_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     println!(
-        "ed25519 verify (ed25519-dalek 2, one core): {us:.1} us each -> {:.0} per core-second (not yet on the announce path: signed announces need the identity issue)",
+        "ed25519 verify (ed25519-dalek 2, one core): {us:.1} us each -> {:.0} per core-second; HMAC-SHA256 of a session announce: {mac_us:.2} us",
         1e6 / us
     );
 }
@@ -148,6 +162,7 @@ fn announce_of(p: u64, swarms: u64, event: Event, have: u64, numwant: Option<u32
         length: 1 << 30,
         numwant,
         addr: None,
+        ..Announce::default()
     }
 }
 
@@ -185,12 +200,13 @@ fn pct(lat: &[f64], p: f64) -> f64 {
 }
 
 /// Phase 2 at one scale.
-async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64) {
+async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
     let dir = common::bench_dir();
     let (tracker, addr) = start_tracker(
         dir.path(),
         "ttl = \"10m\"\ninterval = \"5m\"\nmax_live_per_addr = 100000000\n\
-         max_new_files_per_minute = 100000000\nmax_connections_per_addr = 100000\n",
+         max_new_files_per_minute = 100000000\nmax_connections_per_addr = 100000\n\
+         allow_unsigned = true\n",
     );
     let pid = tracker.child.id();
     // Populate: a few connections, 1000 announces pipelined at a time.
@@ -235,17 +251,47 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64) {
     if count_rows() < peers as i64 {
         println!("    (the writer had not caught up with the population after 300 s: the run below overlaps it)");
     }
+    // The authenticated peers: keys made here, each joins signed (opening its session).
+    let keys = keys.max(clients);
+    let signers: Arc<Vec<Signer>> = Arc::new(
+        (0..keys)
+            .map(|_| Signer::new(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng)))
+            .collect(),
+    );
+    let t_join = Instant::now();
+    let cpu_join0 = common::proc_cpu(pid);
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let addr = addr.clone();
+        let signers = signers.clone();
+        set.spawn(async move {
+            let mut client = TrackerClient::connect(&addr, None, TIMEOUT).await.unwrap();
+            for k in (c..keys).step_by(clients as usize) {
+                let a = announce_of(k, swarms, Event::Started, 0, Some(0));
+                client
+                    .announce(&a, Some(&signers[k as usize]))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    let join_cpu = common::proc_cpu(pid) - cpu_join0;
+    let join_s = t_join.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    // Measure: closed-loop heartbeats on persistent connections.
+    // Measure: closed-loop authenticated heartbeats (session MACs) on persistent connections.
     let cpu0 = common::proc_cpu(pid);
     let start = Instant::now() + Duration::from_millis(300);
     let stop = start + Duration::from_secs(secs);
     let mut set = tokio::task::JoinSet::new();
     for c in 0..clients {
         let addr = addr.clone();
+        let signers = signers.clone();
         set.spawn(async move {
             let mut client = TrackerClient::connect(&addr, None, TIMEOUT).await.unwrap();
-            let mine: Vec<u64> = (c..peers).step_by(clients as usize).collect();
+            let mine: Vec<u64> = (c..keys).step_by(clients as usize).collect();
             tokio::time::sleep_until(start.into()).await;
             let (mut lat, mut n, mut k, mut busy) = (Vec::new(), 0u64, 0usize, 0u64);
             while Instant::now() < stop && !mine.is_empty() {
@@ -253,12 +299,16 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64) {
                 k += 1;
                 let a = announce_of(p, swarms, Event::Progress, (k % 1000) as u64, None);
                 let t = Instant::now();
-                let r = client.request_many(&[Request::Announce(a)]).await.unwrap();
+                let r = client.announce(&a, Some(&signers[p as usize])).await;
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                match &r[0] {
-                    Response::Peers { .. } => n += 1,
-                    Response::Error { reason } if reason.starts_with("busy") => busy += 1,
-                    other => panic!("{other:?}"),
+                match r {
+                    Ok(_) => n += 1,
+                    Err(shoal_tracker::client::ClientError::Refused { reason, .. })
+                        if reason.starts_with("busy") =>
+                    {
+                        busy += 1
+                    }
+                    Err(other) => panic!("{other:?}"),
                 }
             }
             (n, lat, busy)
@@ -283,7 +333,7 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64) {
     let (db_len, wal_len) = db_bytes(&db);
     drop(tracker);
     let rows = count_rows();
-    println!("- {peers} live peers in {swarms} swarms (populated in {fill_s:.1} s, all durable after {fill_durable_s:.1} s, {busy} busy replies retried)");
+    println!("- {peers} live peers in {swarms} swarms (populated in {fill_s:.1} s, all durable after {fill_durable_s:.1} s, {busy} busy replies retried), plus {keys} keyed peers that joined signed in {join_s:.1} s ({:.0} us tracker CPU per signed session opening)", join_cpu * 1e6 / keys as f64);
     println!(
         "    {:.0} announces/s ({count} in {secs} s, {busy_run} answered busy)  latency ms p50 {:.2}  p99 {:.2}  max {:.2}",
         count as f64 / secs as f64,
@@ -306,7 +356,9 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64) {
 async fn flood_phase(n: u64) {
     let dir = common::bench_dir();
     // Retention of 5 s so that "after retention" is reached within the run.
-    let (tracker, addr) = start_tracker(dir.path(), "retention = \"5s\"\n");
+    // Legacy unsigned ids for the flood (a signed flood costs the attacker a signature each);
+    // the honest peers are keyed and authenticated.
+    let (tracker, addr) = start_tracker(dir.path(), "retention = \"5s\"\nallow_unsigned = true\n");
     let pid = tracker.child.id();
     let done = Arc::new(AtomicBool::new(false));
     // The honest peers run on a thread and runtime of their own, so their latency is the
@@ -326,6 +378,11 @@ async fn flood_phase(n: u64) {
                     .unwrap();
                 let mut lat = Vec::new();
                 let mut k = 0u64;
+                let honest: Vec<Signer> = (0..10)
+                    .map(|_| {
+                        Signer::new(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng))
+                    })
+                    .collect();
                 while !done.load(Ordering::Relaxed) {
                     let p = k % 10;
                     let ev = if k < 10 {
@@ -335,12 +392,9 @@ async fn flood_phase(n: u64) {
                     };
                     let a = announce_of(p, 3, ev, k % 1000, None);
                     let t = Instant::now();
-                    let r = c.request(&Request::Announce(a)).await;
+                    let r = c.announce(&a, Some(&honest[p as usize])).await;
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    assert!(
-                        matches!(r, Ok(Response::Peers { .. })),
-                        "honest refused: {r:?}"
-                    );
+                    assert!(r.is_ok(), "honest refused: {r:?}");
                     k += 1;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }

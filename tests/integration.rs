@@ -8,6 +8,8 @@ mod descriptor;
 mod tracker;
 // The tracker under floods and at scale: bounds per address, huge listings, poison values.
 mod tracker_flood;
+// Keys and private swarms on the tracker: signed announces, replays, members only.
+mod tracker_auth;
 // `shoal peer run`: publish, swarm downloads, metadata from the swarm, failover, corruption.
 mod peer;
 // Crashes, restarts, sabotage, banning and Smart Swarm scoring.

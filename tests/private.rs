@@ -42,10 +42,10 @@ fn it_should_let_members_in_and_keep_strangers_and_revoked_members_out() {
         &["publish", "file.bin", "--private", "--json"],
         T,
     );
-    let hash = serde_json::from_str::<serde_json::Value>(&out).unwrap()["info_hash"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let published = serde_json::from_str::<serde_json::Value>(&out).unwrap();
+    let hash = published["info_hash"].as_str().unwrap().to_string();
+    // Members join with the descriptor (it names the authority, whose key the info hash covers).
+    let desc = published["descriptor"].as_str().unwrap().to_string();
     let member = start_peer(d, "member", &[t.addr], &[]);
     let stranger = start_peer(d, "stranger", &[t.addr], &[]);
     // A member key held by the test, to knock before and after its revocation.
@@ -63,8 +63,8 @@ fn it_should_let_members_in_and_keep_strangers_and_revoked_members_out() {
         T,
     );
     assert!(listed.contains("roster version 1: 2 member(s)"), "{listed}");
-    // A member fetches by info hash alone: descriptor and pieces from the authority.
-    let got = get_wait(d, &member, &hash, "member-out");
+    // A member fetches: the tracker lists the authority to it, the authority lets it in.
+    let got = get_wait(d, &member, &desc, "member-out");
     assert!(
         got.status.success(),
         "{}",

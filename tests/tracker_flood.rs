@@ -72,6 +72,7 @@ fn ann(info_hash: &str, peer_id: &str, event: Event, have: u64, total: u64) -> A
         length: total * 1024,
         numwant: Some(0),
         addr: None,
+        ..Announce::default()
     }
 }
 

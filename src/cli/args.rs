@@ -245,10 +245,14 @@ pub enum TrackerCmd {
         /// Heartbeat interval handed to peers, e.g. 10s [default: tracker.interval from config, 10s].
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         interval: Option<Duration>,
+        /// Accept unsigned announces from legacy peer ids (never for an id that is a key)
+        /// [default: tracker.allow_unsigned from config, false].
+        #[arg(long)]
+        allow_unsigned: bool,
         #[command(flatten)]
         http: Http,
     },
-    /// The live swarm table: file, peer, %, role.
+    /// The live swarm table: file, peer, key fingerprint, %, role.
     Monitor {
         /// Tracker HOST:PORT to watch.
         #[arg(long = "tracker", required = true, value_name = "HOST:PORT")]

@@ -80,9 +80,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 db,
                 ttl,
                 interval,
+                allow_unsigned,
                 http,
             } => {
-                let tc = overlay::tracker(
+                let mut tc = overlay::tracker(
                     &cfg,
                     overlay::TrackerFlags {
                         listen,
@@ -92,6 +93,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         http,
                     },
                 );
+                tc.allow_unsigned |= allow_unsigned;
                 tracker::run(tc).await
             }
             TrackerCmd::Monitor {

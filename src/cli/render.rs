@@ -91,17 +91,27 @@ pub fn status(r: &StatusReport) -> String {
 
 /// The tracker's live swarm, the seed's figure 7: file, peer, %, role.
 pub fn monitor_table(peers: &[shoal_tracker::proto::SwarmEntry]) -> String {
-    let mut s = format!("{:<24} {:<22} {:>7}  {}\n", "FILE", "PEER", "%", "ROLE");
+    let mut s = format!(
+        "{:<24} {:<22} {:<16} {:>7}  {}\n",
+        "FILE", "PEER", "KEY", "%", "ROLE"
+    );
     for p in peers {
         let pct = if p.total == 0 {
             0.0
         } else {
             100.0 * p.have as f64 / p.total as f64
         };
+        // The key's fingerprint; a legacy tracker sends none, then the id's start.
+        let key = if p.fingerprint.is_empty() {
+            shoal_tracker::keys::fingerprint(&p.peer_id)
+        } else {
+            p.fingerprint.clone()
+        };
         s.push_str(&format!(
-            "{:<24} {:<22} {:>6.1}%  {}\n",
+            "{:<24} {:<22} {:<16} {:>6.1}%  {}\n",
             p.name,
             format!("{}:{}", p.addr, p.port),
+            key,
             pct,
             p.role.as_str()
         ));

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_tracker::client::TrackerClient;
-use shoal_tracker::proto::{Announce, Event, PeerEntry, Request, Response};
+use shoal_tracker::client::{AnnounceReply, TrackerClient};
+use shoal_tracker::proto::{Announce, Event, PeerEntry};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -46,7 +46,7 @@ async fn announce_one(
     addr: &str,
     req: &Announce,
     force: bool,
-) -> Option<(Vec<PeerEntry>, u64)> {
+) -> Option<AnnounceReply> {
     if !force {
         let h = d.trackers.lock().expect("trackers lock");
         if h.get(addr)
@@ -58,13 +58,13 @@ async fn announce_one(
     }
     let res = async {
         let mut c = TrackerClient::connect(addr, d.bind_ip, d.cfg.tracker_timeout).await?;
-        c.request(&Request::Announce(req.clone())).await
+        c.announce(req, Some(&d.tracker_signer)).await
     }
     .await;
     let mut trackers = d.trackers.lock().expect("trackers lock");
     let h = trackers.entry(addr.to_string()).or_default();
     match res {
-        Ok(Response::Peers { interval, peers }) => {
+        Ok(reply) => {
             if h.failures > 0 {
                 info!(tracker = %addr, "tracker reachable again");
             }
@@ -72,11 +72,7 @@ async fn announce_one(
             h.next_try = None;
             h.last_ok = Some(crate::fsutil::unix_ms());
             h.last_error = None;
-            Some((peers, interval))
-        }
-        Ok(other) => {
-            h.last_error = Some(format!("unexpected reply {other:?}"));
-            None
+            Some(reply)
         }
         Err(e) => {
             if h.failures == 0 {
@@ -92,14 +88,21 @@ async fn announce_one(
     }
 }
 
-/// Announce to all `trackers` at once; returns every peer any of them gave and the shortest
-/// interval they asked for.
-async fn announce_all(
-    d: &Arc<Net>,
-    trackers: &[String],
-    req: &Announce,
-    force: bool,
-) -> (Vec<PeerEntry>, Option<u64>) {
+/// What a round of announces brought back.
+#[derive(Default)]
+struct Round {
+    /// Every peer any tracker gave.
+    peers: Vec<PeerEntry>,
+    /// The shortest interval they asked for; `None` when none answered.
+    interval: Option<u64>,
+    /// The lowest roster version a tracker that answered holds (a private swarm).
+    roster_version: Option<u64>,
+    /// The newest roster a tracker sent.
+    roster: Option<shoal_tracker::roster::Roster>,
+}
+
+/// Announce to all `trackers` at once.
+async fn announce_all(d: &Arc<Net>, trackers: &[String], req: &Announce, force: bool) -> Round {
     let mut set = JoinSet::new();
     for addr in trackers {
         let d = d.clone();
@@ -107,20 +110,30 @@ async fn announce_all(
         let req = req.clone();
         set.spawn(async move { announce_one(&d, &addr, &req, force).await });
     }
-    let mut peers = Vec::new();
-    let mut interval: Option<u64> = None;
+    let mut round = Round::default();
     while let Some(r) = set.join_next().await {
-        if let Ok(Some((p, i))) = r {
-            peers.extend(p);
-            interval = Some(interval.map_or(i, |x| x.min(i)));
+        if let Ok(Some(reply)) = r {
+            round.peers.extend(reply.peers);
+            round.interval = Some(round.interval.map_or(reply.interval, |x| x.min(reply.interval)));
+            round.roster_version = Some(
+                round
+                    .roster_version
+                    .map_or(reply.roster_version, |x| x.min(reply.roster_version)),
+            );
+            if let Some(r) = reply.roster {
+                if round.roster.as_ref().is_none_or(|h| h.version < r.version) {
+                    round.roster = Some(r);
+                }
+            }
         }
     }
-    (peers, interval)
+    round
 }
 
-fn announce_of(d: &Net, t: &Torrent, event: Event) -> Announce {
+/// `tracker_roster`: the lowest roster version the trackers answered last time.
+fn announce_of(d: &Net, t: &Torrent, event: Event, tracker_roster: u64) -> Announce {
     let have = t.lock().picker.have().count();
-    Announce {
+    let mut a = Announce {
         info_hash: t.hex.clone(),
         peer_id: d.peer_id.clone(),
         port: d.listen.port(),
@@ -131,7 +144,20 @@ fn announce_of(d: &Net, t: &Torrent, event: Event) -> Announce {
         length: t.meta.length,
         numwant: None,
         addr: None,
+        ..Announce::default()
+    };
+    // A private swarm: the proof that it is one, the roster version we hold, and the roster
+    // itself while some tracker holds an older one.
+    if let Some(m) = &t.membership {
+        a.authority = Some(m.authority().to_string());
+        a.content = Some(m.content_hex());
+        let held = m.roster();
+        a.roster_version = Some(held.as_ref().map_or(0, |r| r.version));
+        if let Some(r) = held.filter(|r| r.version > tracker_roster) {
+            a.roster = Some((*r).clone());
+        }
     }
+    a
 }
 
 fn learn(t: &Torrent, d: &Net, peers: Vec<PeerEntry>) {
@@ -166,19 +192,29 @@ pub async fn announce_loop(d: Arc<Net>, t: Arc<Torrent>) {
     let mut event = Event::Started;
     let mut was_seeding = t.state() == TorrentState::Seeding;
     let mut interval = DEFAULT_INTERVAL;
+    let mut tracker_roster = 0;
     loop {
         let seeding = t.state() == TorrentState::Seeding;
         if seeding && !was_seeding {
             event = Event::Completed;
         }
         was_seeding = seeding;
-        let req = announce_of(&d, &t, event);
-        let (peers, iv) = announce_all(&d, &trackers, &req, false).await;
-        if let Some(iv) = iv {
+        let req = announce_of(&d, &t, event, tracker_roster);
+        let round = announce_all(&d, &trackers, &req, false).await;
+        if let Some(iv) = round.interval {
             interval = Duration::from_secs(iv.clamp(1, 3600));
             event = Event::Progress;
         }
-        learn(&t, &d, peers);
+        if let Some(v) = round.roster_version {
+            tracker_roster = v;
+        }
+        if let Some(r) = round.roster {
+            // Checked against the swarm and its authority before it is kept.
+            if let Err(e) = t.adopt_roster(r).await {
+                warn!(info_hash = %t.hex, cause = %e, "a tracker's roster refused");
+            }
+        }
+        learn(&t, &d, round.peers);
         tokio::select! {
             _ = t.cancel.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
@@ -186,7 +222,7 @@ pub async fn announce_loop(d: Arc<Net>, t: Arc<Torrent>) {
         }
     }
     // Tell every tracker we leave, even those marked down: a short bounded try each.
-    let req = announce_of(&d, &t, Event::Stopped);
+    let req = announce_of(&d, &t, Event::Stopped, u64::MAX);
     let _ = tokio::time::timeout(
         d.cfg.tracker_timeout,
         announce_all(&d, &trackers, &req, true),
@@ -291,8 +327,13 @@ pub async fn fetch_metadata_task(
             length: 0,
             numwant: None,
             addr: None,
+            ..Announce::default()
         };
-        let (peers, iv) = announce_all(&d, &trackers, &req, false).await;
+        let Round {
+            peers,
+            interval: iv,
+            ..
+        } = announce_all(&d, &trackers, &req, false).await;
         if iv.is_some() {
             // Once a tracker has us, later announces are heartbeats, not new starts.
             event = Event::Progress;

@@ -22,10 +22,13 @@ pub struct Net {
     pub identity: Arc<Identity>,
     /// This start's Noise static key, signed by `identity`.
     pub noise: NoiseKeys,
+    /// The peer id: `identity`'s public key in hex.
     pub peer_id: String,
     /// Incoming connections still in their handshake: a bound, so half-open sockets cannot
     /// take every connection slot.
     pub half_open: Arc<Semaphore>,
+    /// Signs announces with `identity`'s key and holds the session with each tracker.
+    pub tracker_signer: shoal_tracker::auth::Signer,
     pub listen: SocketAddr,
     /// Outgoing sockets bind here, so trackers and peers see the address we listen on.
     pub bind_ip: Option<IpAddr>,

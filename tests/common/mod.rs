@@ -147,11 +147,34 @@ pub fn start_tracker(dir: &Path, name: &str, extra: &[&str]) -> TrackerProc {
 
 pub fn start_tracker_at(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> TrackerProc {
     let db = dir.join(format!("{name}.db"));
+    // Most tests speak the contract by hand with made-up peer ids: unsigned announces are
+    // allowed here (the tracker's default refuses them; see start_tracker_strict).
     let mut args = vec![
         "tracker",
         "run",
         "--listen",
         listen,
+        "--db",
+        db.to_str().unwrap(),
+        "--allow-unsigned",
+    ];
+    args.extend_from_slice(extra);
+    let (proc, line) = spawn_with_line(dir, name, &args, &[]);
+    TrackerProc {
+        addr: addr_in(&line),
+        proc,
+        db,
+    }
+}
+
+/// A tracker with its default rules: unsigned announces refused.
+pub fn start_tracker_strict(dir: &Path, name: &str, extra: &[&str]) -> TrackerProc {
+    let db = dir.join(format!("{name}.db"));
+    let mut args = vec![
+        "tracker",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
         "--db",
         db.to_str().unwrap(),
     ];

@@ -12,7 +12,9 @@ use std::time::Duration;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::proto::{escape_control, FileEntry, Request, Response, SwarmEntry};
+use crate::auth::{Signer, SESSION_UNKNOWN};
+use crate::proto::{escape_control, Announce, FileEntry, PeerEntry, Request, Response, SwarmEntry};
+use crate::roster::Roster;
 use crate::wire::{FrameError, FrameReader, FrameWriter, Limits, Timeouts};
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,18 @@ pub async fn swarm_from_first(
         }
     }
     Err(NoTrackerAnswered(errors))
+}
+
+/// A PEERS reply, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnounceReply {
+    pub interval: u64,
+    pub peers: Vec<PeerEntry>,
+    /// The private swarm's roster version the tracker holds (0: none, or a public swarm).
+    pub roster_version: u64,
+    /// The tracker's roster when it is newer than the announce's `roster_version`, for the
+    /// announce's swarm and authority, and verifies.
+    pub roster: Option<Roster>,
 }
 
 pub struct TrackerClient {
@@ -215,6 +229,64 @@ impl TrackerClient {
         Ok(out)
     }
 
+    /// Announce `a`, authenticated by `signer` when given (then `peer_id`, `ts`, `sig`, `mac`
+    /// and `dh` are set here): with this tracker's session when one is held, else signed,
+    /// opening a session. A tracker that lost the session is answered by signing again.
+    ///
+    /// # Errors
+    /// Transport failures, refusals and unexpected replies, naming the tracker.
+    pub async fn announce(
+        &mut self,
+        a: &Announce,
+        signer: Option<&Signer>,
+    ) -> Result<AnnounceReply, ClientError> {
+        let mut sign = false;
+        loop {
+            let mut a = a.clone();
+            let opening = signer.and_then(|s| s.authenticate(&self.addr, &mut a, sign));
+            let used_session = signer.is_some() && opening.is_none();
+            match self.request(&Request::Announce(a.clone())).await {
+                Ok(Response::Peers {
+                    interval,
+                    peers,
+                    session,
+                    roster_version,
+                    roster,
+                }) => {
+                    if let (Some(signer), Some(opening), Some(session)) = (signer, opening, session)
+                    {
+                        signer.opened(&self.addr, opening, &session);
+                    }
+                    let roster = roster.filter(|r| {
+                        r.version > a.roster_version.unwrap_or(0)
+                            && r.info_hash == a.info_hash.to_ascii_lowercase()
+                            && Some(&r.authority) == a.authority.as_ref()
+                            && r.verify().is_ok()
+                    });
+                    return Ok(AnnounceReply {
+                        interval,
+                        peers,
+                        roster_version: roster_version.unwrap_or(0),
+                        roster,
+                    });
+                }
+                Ok(_) => return Err(self.bad_reply("PEERS")),
+                Err(ClientError::Refused { reason, .. })
+                    if used_session
+                        && (reason.starts_with(SESSION_UNKNOWN)
+                            || reason.contains("mac does not verify")) =>
+                {
+                    // The tracker restarted or dropped our session: sign this one again.
+                    if let Some(s) = signer {
+                        s.forget(&self.addr);
+                    }
+                    sign = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn bad_reply(&self, what: &str) -> ClientError {
         ClientError::BadReply {
             addr: self.addr.clone(),
@@ -265,6 +337,7 @@ impl TrackerClient {
                 name: escape_control(&p.name),
                 peer_id: escape_control(&p.peer_id),
                 addr: escape_control(&p.addr),
+                fingerprint: escape_control(&p.fingerprint),
                 ..p
             }));
             match self.next_cursor(after, next, all.len(), n)? {

@@ -51,6 +51,12 @@ pub struct TrackerConfig {
     pub http: String,
     /// Bearer token the HTTP server requires ("": none; then it listens on loopback only).
     pub http_token: String,
+    /// Accept unsigned announces from ids that are not keys (legacy peers). An id shaped like a
+    /// key (64 hex digits) must always be signed by it.
+    pub allow_unsigned: bool,
+    /// Announce sessions kept at most (about 100 bytes each); past it one is dropped at random
+    /// and its peer signs again.
+    pub max_sessions: usize,
 }
 
 fn default_listen() -> String {
@@ -80,6 +86,8 @@ impl Default for TrackerConfig {
             trust_announced_addr: false,
             http: String::new(),
             http_token: String::new(),
+            allow_unsigned: false,
+            max_sessions: 1 << 20,
         }
     }
 }
@@ -106,10 +114,11 @@ impl TrackerConfig {
             || self.max_live_per_addr == 0
             || self.max_new_files_per_minute == 0
             || self.max_pending_rows == 0
+            || self.max_sessions == 0
         {
             return Err(
                 "tracker.max_connections, max_connections_per_addr, max_live_per_addr, \
-                 max_new_files_per_minute and max_pending_rows must be at least 1"
+                 max_new_files_per_minute, max_pending_rows and max_sessions must be at least 1"
                     .into(),
             );
         }

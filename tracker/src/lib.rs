@@ -8,11 +8,13 @@
 //! - [`server`]: the tokio server, the prune task and the writer thread.
 //! - [`client`]: a tracker client with bounded waits.
 //! - [`keys`], [`roster`]: peer keys and private-swarm rosters, shared with the peer crate.
+//! - [`auth`]: signed announces and the tracker sessions that make repeat announces cheap.
 //! - [`http`], [`metrics`]: `/metrics`, the JSON API and the dashboard (off by default).
 //! - [`config`]: the `[tracker]` section of `config.toml`.
 //!
 //! The peer crate (`shoal`) depends on this one, never the other way round.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod http;

@@ -16,17 +16,20 @@ pub const MAX_PAGE_ENTRIES: usize = 1000;
 /// Bytes of entries a tracker puts in one SWARM / FILES reply at most, leaving room in the
 /// 64 KiB header for the envelope and the `next` cursor.
 pub const PAGE_BUDGET_BYTES: usize = 60 * 1024;
+/// Longest announced `addr`, in bytes.
+pub const MAX_ADDR_BYTES: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Event {
+    #[default]
     Started,
     Progress,
     Completed,
     Stopped,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Announce {
     pub info_hash: String,
     pub peer_id: String,
@@ -45,6 +48,33 @@ pub struct Announce {
     /// addresses (overlay networks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
+    /// Unix milliseconds of the announcer's clock; required with `sig` or `mac` (see
+    /// [`crate::auth`]): within the tracker's window and above the last one it accepted for
+    /// this (swarm, peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+    /// 128 hex: Ed25519 signature by the key that is `peer_id` over [`crate::auth::signing_bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+    /// 64 hex: HMAC-SHA256 of the same bytes under the session key (instead of `sig`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// 64 hex: the announcer's X25519 public key, in a signed announce that opens a session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dh: Option<String>,
+    /// Private swarm proof: the authority's key (64 hex) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// ... and the content (public) info hash (64 hex), with
+    /// `private_info_hash(content, authority) == info_hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// The version of the roster the announcer holds (0 or absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster_version: Option<u64>,
+    /// A roster the announcer delivers (kept by the tracker if valid and newer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster: Option<crate::roster::Roster>,
 }
 
 impl Announce {
@@ -94,6 +124,31 @@ impl Announce {
         if self.name.len() > MAX_NAME_BYTES {
             return Err(format!("name is longer than {MAX_NAME_BYTES} bytes"));
         }
+        if self.addr.as_ref().is_some_and(|a| a.len() > MAX_ADDR_BYTES) {
+            return Err(format!("addr is longer than {MAX_ADDR_BYTES} bytes"));
+        }
+        for (field, v) in [
+            ("dh", &self.dh),
+            ("authority", &self.authority),
+            ("content", &self.content),
+            ("mac", &self.mac),
+        ] {
+            if v.as_ref().is_some_and(|v| crate::keys::hex32(v).is_none()) {
+                return Err(format!("{field} must be 64 lower-case hex digits"));
+            }
+        }
+        if self.authority.is_some() != self.content.is_some() {
+            return Err("authority and content come together (the private swarm proof)".into());
+        }
+        if self.sig.is_some() && self.mac.is_some() {
+            return Err("sig and mac exclude each other".into());
+        }
+        if (self.sig.is_some() || self.mac.is_some()) && self.ts.is_none() {
+            return Err("a signed announce needs ts".into());
+        }
+        if self.mac.is_some() && self.dh.is_some() {
+            return Err("dh opens a session: it comes with sig, not mac".into());
+        }
         Ok(())
     }
 
@@ -140,6 +195,8 @@ pub fn is_info_hash(s: &str) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+// One request at a time is parsed and handled, never stored in bulk: the size is harmless.
+#[allow(clippy::large_enum_variant)]
 pub enum Request {
     Announce(Announce),
     /// Paged: `after` is the `next` cursor of the previous page (absent for the first page).
@@ -199,6 +256,9 @@ pub struct SwarmEntry {
     pub have: u64,
     pub total: u64,
     pub role: Role,
+    /// The peer id's first 16 digits (what `monitor` shows of a key).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +291,15 @@ pub enum Response {
     Peers {
         interval: u64,
         peers: Vec<PeerEntry>,
+        /// 64 hex: the tracker's X25519 session key, when the announce opened a session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        /// The version of the private swarm's roster the tracker holds (0: none, or public).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        roster_version: Option<u64>,
+        /// The tracker's roster, when newer than the announcer's `roster_version`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        roster: Option<crate::roster::Roster>,
     },
     /// `next`, when present, is an opaque cursor: send it back as `after` for the next page.
     /// Its absence means this was the last page.

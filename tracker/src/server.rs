@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::auth::Sessions;
 use crate::config::TrackerConfig;
 use crate::proto::{Request, Response, MAX_PAGE_ENTRIES};
 use crate::store::{Batch, Change, Store, StoreError};
-use crate::swarm::{Now, Swarm, SwarmLimits};
+use crate::swarm::{Checked, Now, PrivateReply, Swarm, SwarmLimits};
 use crate::wire::{FrameError, FrameReader, FrameWriter, Limits, Timeouts};
 
 /// History rows deleted per retention step; small, so that one step never holds the database
@@ -61,6 +62,7 @@ struct Shared {
     swarm: Mutex<Swarm>,
     writer: Arc<WriterQueue>,
     conns: Mutex<Conns>,
+    sessions: Sessions,
 }
 
 /// What handlers hand to the writer thread.
@@ -201,10 +203,10 @@ impl Tracker {
         use anyhow::Context;
         cfg.validate().map_err(anyhow::Error::msg)?;
         let db = cfg.db.clone();
-        let (store, torrents, peers) = tokio::task::spawn_blocking(move || {
+        let (store, torrents, peers, privates) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&db)?;
-            let (torrents, peers) = store.load()?;
-            Ok::<_, StoreError>((store, torrents, peers))
+            let (torrents, peers, privates) = store.load_all()?;
+            Ok::<_, StoreError>((store, torrents, peers, privates))
         })
         .await??;
         let clock = Clock {
@@ -217,7 +219,7 @@ impl Tracker {
             // than it was, and still has the other half to re-announce.
             persist_every_ms: (cfg.ttl / 2).as_millis() as u64,
         };
-        let swarm = Swarm::restore(limits, torrents, peers, clock.now());
+        let swarm = Swarm::restore(limits, torrents, peers, privates, clock.now());
         info!(peers = swarm.live_peers(), db = %cfg.db.display(), "restored live swarm");
         let listener = TcpListener::bind(&cfg.listen)
             .await
@@ -231,11 +233,12 @@ impl Tracker {
         Ok(Tracker {
             listener,
             shared: Arc::new(Shared {
-                cfg,
                 clock,
                 swarm: Mutex::new(swarm),
+                sessions: Sessions::new(cfg.max_sessions),
                 writer: queue,
                 conns: Mutex::new(Conns::default()),
+                cfg,
             }),
             writer,
         })
@@ -349,6 +352,7 @@ async fn serve(
     let mut reader = FrameReader::new(r, Limits::headers_only(), timeouts);
     let mut writer = FrameWriter::new(w, shared.cfg.read_timeout);
     let mut reply = Vec::with_capacity(4096);
+    let mut scratch = Vec::with_capacity(512);
     loop {
         let frame = tokio::select! {
             _ = token.cancelled() => break,
@@ -376,7 +380,7 @@ async fn serve(
         last_active.store(shared.clock.now().mono_ms, Ordering::Relaxed);
         reply.clear();
         match frame.parse::<Request>() {
-            Ok(req) => handle(shared, req, addr, &mut reply),
+            Ok(req) => handle(shared, req, addr, &mut reply, &mut scratch),
             Err(e) => encode_json(
                 &Response::Error {
                     reason: format!("bad {} request: {e}", frame.kind()),
@@ -410,14 +414,56 @@ fn page_limit(limit: Option<u32>) -> usize {
         .clamp(1, MAX_PAGE_ENTRIES)
 }
 
-/// Write the reply header JSON for `req` into `out`.
-fn handle(shared: &Shared, req: Request, addr: SocketAddr, out: &mut Vec<u8>) {
+/// Write the reply header JSON for `req` into `out` (`scratch`: reusable space).
+fn handle(
+    shared: &Shared,
+    req: Request,
+    addr: SocketAddr,
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) {
     match req {
         Request::Announce(mut a) => {
             if let Err(reason) = a.validate() {
                 return error_reply(reason, out);
             }
+            // Who wrote it, outside the swarm lock: a signature check is the costliest step.
+            let now_ms = unix_ms().max(0) as u64;
+            let verified =
+                match shared
+                    .sessions
+                    .check(&a, shared.cfg.allow_unsigned, now_ms, scratch)
+                {
+                    Ok(v) => v,
+                    Err(reason) => return error_reply(reason, out),
+                };
             a.normalize();
+            let roster_verified = match &a.roster {
+                Some(r)
+                    if r.version
+                        > shared
+                            .swarm
+                            .lock()
+                            .expect("swarm lock poisoned")
+                            .roster_version(&a.info_hash) =>
+                {
+                    if r.info_hash != a.info_hash || Some(&r.authority) != a.authority.as_ref() {
+                        return error_reply(
+                            "the roster is for another swarm or authority".into(),
+                            out,
+                        );
+                    }
+                    if let Err(e) = r.verify() {
+                        return error_reply(format!("roster refused: {e}"), out);
+                    }
+                    true
+                }
+                _ => false,
+            };
+            let checked = Checked {
+                ts: verified.ts,
+                roster_verified,
+            };
             if let Some(secs) = shared.busy() {
                 crate::metrics::tracker().busy.inc();
                 return error_reply(format!("busy, retry in {secs} s"), out);
@@ -440,6 +486,7 @@ fn handle(shared: &Shared, req: Request, addr: SocketAddr, out: &mut Vec<u8>) {
             let now = shared.clock.now();
             let res = shared.swarm.lock().expect("swarm lock poisoned").announce(
                 &a,
+                checked,
                 &source,
                 addr.ip(),
                 now,
@@ -447,10 +494,29 @@ fn handle(shared: &Shared, req: Request, addr: SocketAddr, out: &mut Vec<u8>) {
                 &mut changes,
                 out,
             );
+            // A refusal may still have made a swarm private (see Swarm::announce).
+            shared.persist(changes);
             match res {
-                Ok(()) => {
+                Ok(private) => {
+                    if let Some((peer, key)) = verified.new_session {
+                        shared.sessions.insert(peer, key);
+                        out.extend_from_slice(b",\"session\":\"");
+                        out.extend_from_slice(shared.sessions.public_hex().as_bytes());
+                        out.push(b'"');
+                    }
+                    if let Some(PrivateReply {
+                        roster_version,
+                        roster,
+                    }) = private
+                    {
+                        out.extend_from_slice(b",\"roster_version\":");
+                        out.extend_from_slice(roster_version.to_string().as_bytes());
+                        if let Some(r) = roster {
+                            out.extend_from_slice(b",\"roster\":");
+                            encode_json(&r, out);
+                        }
+                    }
                     out.push(b'}');
-                    shared.persist(changes);
                 }
                 Err(refusal) => error_reply(refusal.to_string(), out),
             }

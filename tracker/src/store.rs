@@ -7,7 +7,8 @@
 //! | --- | --- | --- |
 //! | `torrents` | file ever announced | first announce of the file |
 //! | `peers` | (file, peer) in the live swarm | every announce (coalesced per batch); deleted on stop or expiry |
-//! | `events` | change of state: started, completed, stopped, expired | on the change; deleted past the retention |
+//! | `events` | change of state: started, completed, stopped, expired (with the key's fingerprint) | on the change; deleted past the retention |
+//! | `private_swarms` | swarm proven private, with its newest roster | on the proof and on each newer roster |
 //!
 //! Deliberately not persisted: heartbeats as history (a steady swarm must not grow the file),
 //! connection state, and PEERS replies.
@@ -26,6 +27,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_heartbeat_writes",
         include_str!("../../migrations/0002_heartbeat_writes.sql"),
+    ),
+    (
+        "0003_identity",
+        include_str!("../../migrations/0003_identity.sql"),
     ),
 ];
 
@@ -89,9 +94,21 @@ pub struct TorrentRow {
     pub first_seen: i64,
 }
 
+/// A private swarm row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateRow {
+    pub info_hash: String,
+    pub authority: String,
+    pub content: String,
+    pub version: u64,
+    /// The roster's JSON.
+    pub roster: Option<String>,
+}
+
 /// One change to persist.
 #[derive(Debug, Clone)]
 pub enum Change {
+    Private(PrivateRow),
     Torrent(TorrentRow),
     Peer(PeerRow),
     RemovePeer { info_hash: String, peer_id: String },
@@ -103,6 +120,8 @@ pub enum Change {
 /// live swarm, not to its announce rate.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Coalesced by info hash: the last (newest) state wins.
+    privates: HashMap<String, PrivateRow>,
     torrents: Vec<TorrentRow>,
     /// `None` deletes the row.
     peers: HashMap<(String, String), Option<PeerRow>>,
@@ -112,6 +131,9 @@ pub struct Batch {
 impl Batch {
     pub fn push(&mut self, change: Change) {
         match change {
+            Change::Private(p) => {
+                self.privates.insert(p.info_hash.clone(), p);
+            }
             Change::Torrent(t) => self.torrents.push(t),
             Change::Peer(p) => {
                 self.peers
@@ -125,11 +147,14 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.torrents.is_empty() && self.peers.is_empty() && self.events.is_empty()
+        self.privates.is_empty()
+            && self.torrents.is_empty()
+            && self.peers.is_empty()
+            && self.events.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.torrents.len() + self.peers.len() + self.events.len()
+        self.privates.len() + self.torrents.len() + self.peers.len() + self.events.len()
     }
 }
 
@@ -228,6 +253,32 @@ impl Store {
     /// # Errors
     /// A database error.
     pub fn load(&self) -> Result<(Vec<TorrentRow>, Vec<PeerRow>), StoreError> {
+        let (t, p, _) = self.load_all()?;
+        Ok((t, p))
+    }
+
+    /// [`Store::load`] and the private swarms.
+    ///
+    /// # Errors
+    /// A database error.
+    #[allow(clippy::type_complexity)]
+    pub fn load_all(&self) -> Result<(Vec<TorrentRow>, Vec<PeerRow>, Vec<PrivateRow>), StoreError> {
+        let privates = (|| {
+            let mut stmt = self.conn.prepare(
+                "SELECT info_hash, authority, content, version, roster FROM private_swarms",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(PrivateRow {
+                    info_hash: r.get(0)?,
+                    authority: r.get(1)?,
+                    content: r.get(2)?,
+                    version: r.get(3)?,
+                    roster: r.get(4)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()
+        })()
+        .map_err(|e| self.err(e))?;
         let torrents = (|| {
             let mut stmt = self.conn.prepare(
                 "SELECT info_hash, name, length, first_seen FROM torrents
@@ -266,7 +317,7 @@ impl Store {
             rows.collect::<Result<Vec<_>, _>>()
         })()
         .map_err(|e| self.err(e))?;
-        Ok((torrents, peers))
+        Ok((torrents, peers, privates))
     }
 
     /// Write a batch in one transaction. Should a row fail (one the validation let through),
@@ -334,6 +385,7 @@ impl Store {
 /// One row of a batch, borrowed.
 #[derive(Debug)]
 enum Row<'a> {
+    Private(&'a PrivateRow),
     Torrent(&'a TorrentRow),
     Peer(&'a PeerRow),
     RemovePeer(&'a str, &'a str),
@@ -343,9 +395,10 @@ enum Row<'a> {
 impl Batch {
     /// The rows in the order they must be written (files before their peers).
     fn rows(&self) -> impl Iterator<Item = Row<'_>> {
-        self.torrents
-            .iter()
-            .map(Row::Torrent)
+        self.privates
+            .values()
+            .map(Row::Private)
+            .chain(self.torrents.iter().map(Row::Torrent))
             .chain(self.peers.iter().map(|((h, id), p)| match p {
                 Some(p) => Row::Peer(p),
                 None => Row::RemovePeer(h, id),
@@ -370,6 +423,23 @@ fn is_row_error(e: &rusqlite::Error) -> bool {
 
 fn write_row(conn: &Connection, row: &Row<'_>) -> rusqlite::Result<()> {
     match row {
+        Row::Private(p) => {
+            // Versions only grow: an older row never overwrites a newer one.
+            conn.prepare_cached(
+                "INSERT INTO private_swarms (info_hash, authority, content, version, roster)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (info_hash) DO UPDATE SET version = excluded.version,
+                   roster = excluded.roster
+                 WHERE excluded.version > private_swarms.version",
+            )?
+            .execute(params![
+                p.info_hash,
+                p.authority,
+                p.content,
+                p.version,
+                p.roster
+            ])?;
+        }
         Row::Torrent(t) => {
             // A file first announced without a name (a peer waiting for metadata) gets it from
             // the first announce that has one; a known name is never overwritten.
@@ -406,8 +476,8 @@ fn write_row(conn: &Connection, row: &Row<'_>) -> rusqlite::Result<()> {
         }
         Row::Event(e) => {
             conn.prepare_cached(
-                "INSERT INTO events (at, info_hash, peer_id, addr, port, event, have, total)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO events (at, info_hash, peer_id, addr, port, event, have, total, fingerprint)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 e.at,
@@ -417,7 +487,12 @@ fn write_row(conn: &Connection, row: &Row<'_>) -> rusqlite::Result<()> {
                 e.port,
                 e.event,
                 e.have,
-                e.total
+                e.total,
+                if crate::keys::looks_like_key(&e.peer_id) {
+                    crate::keys::fingerprint(&e.peer_id)
+                } else {
+                    String::new()
+                }
             ])?;
         }
     }

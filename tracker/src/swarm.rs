@@ -17,13 +17,18 @@ use std::ops::Bound;
 
 use indexmap::IndexMap;
 
+use crate::keys;
 use crate::proto::{
     escape_control, is_info_hash, Announce, Event, FileEntry, PeerEntry, Role, SwarmEntry,
 };
-use crate::store::{Change, EventRow, PeerRow, TorrentRow};
+use crate::roster::{private_info_hash, Roster};
+use crate::store::{Change, EventRow, PeerRow, PrivateRow, TorrentRow};
 
 /// The window of [`SwarmLimits::max_new_torrents_per_minute`].
 const MINUTE_MS: u64 = 60_000;
+/// Departed peers whose last `ts` is remembered at most (past it a departure is not
+/// remembered, and its old announces could be replayed within the ts window).
+const MAX_GONE_TS: usize = 1 << 18;
 
 /// A moment, read once per request from the tracker's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +87,8 @@ struct Peer {
     /// This peer's PEERS entry, serialized once per announce of its own: a reply is then a
     /// concatenation, not a serialization of every listed peer (the tracker's hottest cost).
     entry_json: Vec<u8>,
+    /// The `ts` of its last authenticated announce (0: none): a replay is not above it.
+    last_ts: u64,
 }
 
 impl Peer {
@@ -153,9 +160,63 @@ fn key_of(info_hash: &str) -> Option<Key> {
     Some(k)
 }
 
+/// A swarm proven private: its proof and the newest roster the tracker was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Private {
+    pub authority: String,
+    pub content: String,
+    pub roster: Option<Roster>,
+}
+
+impl Private {
+    /// The roster version held (0: none yet; then only the authority is admitted).
+    pub fn version(&self) -> u64 {
+        self.roster.as_ref().map_or(0, |r| r.version)
+    }
+
+    pub fn admits(&self, peer_id: &str) -> bool {
+        peer_id == self.authority || self.roster.as_ref().is_some_and(|r| r.admits(peer_id))
+    }
+
+    fn row(&self, info_hash: &str) -> PrivateRow {
+        PrivateRow {
+            info_hash: info_hash.to_string(),
+            authority: self.authority.clone(),
+            content: self.content.clone(),
+            version: self.version(),
+            roster: self
+                .roster
+                .as_ref()
+                .map(|r| serde_json::to_string(r).expect("rosters serialize")),
+        }
+    }
+}
+
+/// What the tracker checked of an announce before the swarm sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// `Some(ts)`: the announcer proved it holds the key of its id.
+    pub ts: Option<u64>,
+    /// The announce's `roster` passed [`Roster::verify`].
+    pub roster_verified: bool,
+}
+
+/// What a PEERS reply for a private swarm adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivateReply {
+    pub roster_version: u64,
+    /// The tracker's roster, when the announcer's is older.
+    pub roster: Option<Roster>,
+}
+
 #[derive(Debug, Default)]
 pub struct Swarm {
     torrents: HashMap<Key, Torrent>,
+    /// Swarms proven private (kept for good, like their database rows).
+    private: HashMap<Key, Private>,
+    /// The last accepted `ts` of (swarm, peer)s that left, so their old announces cannot be
+    /// replayed; dropped once the `ts` is out of the window anyway.
+    gone_ts: HashMap<(Key, String), u64>,
     /// The same keys in order, for paging FILES and SWARM (hex order is byte order).
     order: BTreeSet<Key>,
     limits: SwarmLimits,
@@ -172,6 +233,16 @@ pub enum Refusal {
     TooManyLive { src: IpAddr, max: usize },
     #[error("too many new files from {src} (at most {max} a minute); retry in {retry_s} s")]
     TooManyNewFiles { src: IpAddr, max: u32, retry_s: u64 },
+    #[error("replayed or stale announce: ts {ts} is not above {last}, the last accepted for this peer in this swarm")]
+    Replay { ts: u64, last: u64 },
+    #[error("not a member of private swarm {info_hash}")]
+    NotMember { info_hash: String },
+    #[error(
+        "private swarm {info_hash}: the announce must carry its proof (authority and content)"
+    )]
+    NoProof { info_hash: String },
+    #[error("private swarm {info_hash}: the proof does not match ({why})")]
+    BadProof { info_hash: String, why: String },
 }
 
 fn decrement(map: &mut HashMap<IpAddr, usize>, src: IpAddr) {
@@ -198,9 +269,28 @@ impl Swarm {
         limits: SwarmLimits,
         torrents: Vec<TorrentRow>,
         peers: Vec<PeerRow>,
+        privates: Vec<PrivateRow>,
         now: Now,
     ) -> Swarm {
         let mut s = Swarm::new(limits);
+        for p in privates {
+            let Some(key) = key_of(&p.info_hash) else {
+                continue;
+            };
+            let roster = p.roster.as_deref().and_then(|j| {
+                let r: Roster = serde_json::from_str(j).ok()?;
+                r.verify().ok()?;
+                Some(r)
+            });
+            s.private.insert(
+                key,
+                Private {
+                    authority: p.authority,
+                    content: p.content,
+                    roster,
+                },
+            );
+        }
         for t in torrents {
             let Some(key) = key_of(&t.info_hash) else {
                 tracing::warn!(info_hash = %t.info_hash, "skipping a file row with a bad info hash");
@@ -236,6 +326,7 @@ impl Swarm {
                 first_seen: p.first_seen,
                 last_seen_mono: now.mono_ms.saturating_sub(age_ms),
                 persisted_mono: now.mono_ms.saturating_sub(age_ms),
+                last_ts: 0,
             };
             if t.insert(&p.peer_id, peer).is_none() {
                 *s.live_by_src.entry(src).or_default() += 1;
@@ -256,23 +347,38 @@ impl Swarm {
         self.torrents.len()
     }
 
+    /// The roster version held for `info_hash` (0: none, or not private).
+    pub fn roster_version(&self, info_hash: &str) -> u64 {
+        key_of(info_hash)
+            .and_then(|k| self.private.get(&k))
+            .map_or(0, Private::version)
+    }
+
+    /// The private swarm `info_hash` names, if it is one.
+    pub fn private(&self, info_hash: &str) -> Option<&Private> {
+        self.private.get(&key_of(info_hash)?)
+    }
+
     /// Apply a validated, normalized announce from source address `src` (`addr` is what other
-    /// peers are told); writes up to `numwant` other peers as a JSON array into `peers_json`
-    /// and appends the changes to persist to `changes`. A refused announce changes nothing.
+    /// peers are told), whose author the tracker `checked`; writes up to `numwant` other peers
+    /// as a JSON array into `peers_json` and appends the changes to persist to `changes`.
+    /// A refused announce changes nothing, except that a valid private-swarm proof makes the
+    /// swarm private whoever brought it (persist `changes` either way).
     ///
     /// # Errors
-    /// A per-address cap would be passed.
+    /// A per-address cap would be passed, a replay, or a private swarm's rules.
     #[allow(clippy::too_many_arguments)]
     pub fn announce(
         &mut self,
         a: &Announce,
+        checked: Checked,
         addr: &str,
         src: IpAddr,
         now: Now,
         numwant: usize,
         changes: &mut Vec<Change>,
         peers_json: &mut Vec<u8>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<PrivateReply>, Refusal> {
         let now_s = now.unix_s();
         let event_row = |event: &'static str| {
             Change::Event(EventRow {
@@ -289,9 +395,28 @@ impl Swarm {
         let Some(key) = key_of(&a.info_hash) else {
             debug_assert!(false, "announce not validated: {}", a.info_hash);
             peers_json.extend_from_slice(b"[]");
-            return Ok(());
+            return Ok(None);
         };
+        let private = self.check_private(key, a, checked, changes)?;
+        if let Some(ts) = checked.ts {
+            let live = self
+                .torrents
+                .get(&key)
+                .and_then(|t| t.peers.get(&a.peer_id))
+                .map(|p| p.last_ts);
+            let last = live
+                .or_else(|| self.gone_ts.get(&(key, a.peer_id.clone())).copied())
+                .unwrap_or(0);
+            if ts <= last {
+                return Err(Refusal::Replay { ts, last });
+            }
+        }
         if a.event == Event::Stopped {
+            if let Some(ts) = checked.ts {
+                if self.gone_ts.len() < MAX_GONE_TS {
+                    self.gone_ts.insert((key, a.peer_id.clone()), ts);
+                }
+            }
             if let Some(t) = self.torrents.get_mut(&key) {
                 if let Some(p) = t.remove(&a.peer_id) {
                     decrement(&mut self.live_by_src, p.src);
@@ -307,7 +432,7 @@ impl Swarm {
                 }
             }
             peers_json.extend_from_slice(b"[]");
-            return Ok(());
+            return Ok(private);
         }
         let torrent = self.torrents.get(&key);
         let previous = torrent.and_then(|t| t.peers.get(&a.peer_id));
@@ -438,6 +563,7 @@ impl Swarm {
                 .expect("peer entry serializes");
             }
             p.src = src;
+            p.last_ts = checked.ts.unwrap_or(0);
             p.last_seen_mono = now.mono_ms;
             p.persisted_mono = persisted_mono;
             match (old_role, role) {
@@ -462,12 +588,125 @@ impl Swarm {
                     last_seen_mono: now.mono_ms,
                     persisted_mono,
                     entry_json: Peer::entry_json(&a.peer_id, addr, a.port, a.have, a.total),
+                    last_ts: checked.ts.unwrap_or(0),
                 },
             );
             *self.live_by_src.entry(src).or_default() += 1;
         }
         write_peers(torrent, &a.peer_id, role, numwant, peers_json);
-        Ok(())
+        Ok(private)
+    }
+
+    /// The private-swarm rules of an announce for `key`: the proof (a valid one makes the swarm
+    /// private, dropping its public entries), roster adoption, and membership.
+    fn check_private(
+        &mut self,
+        key: Key,
+        a: &Announce,
+        checked: Checked,
+        changes: &mut Vec<Change>,
+    ) -> Result<Option<PrivateReply>, Refusal> {
+        let info_hash = || a.info_hash.clone();
+        if !self.private.contains_key(&key) {
+            let (Some(authority), Some(content)) = (&a.authority, &a.content) else {
+                return Ok(None);
+            };
+            let c = keys::hex32(content).ok_or_else(|| Refusal::BadProof {
+                info_hash: info_hash(),
+                why: "content is not 64 lower-case hex".into(),
+            })?;
+            match private_info_hash(&c, authority) {
+                Ok(h) if h == key => {}
+                Ok(_) => {
+                    return Err(Refusal::BadProof {
+                        info_hash: info_hash(),
+                        why: "the info hash is not the private hash of content and authority"
+                            .into(),
+                    })
+                }
+                Err(why) => {
+                    return Err(Refusal::BadProof {
+                        info_hash: info_hash(),
+                        why,
+                    })
+                }
+            }
+            // Proven private: whatever was recorded publicly under this hash goes.
+            if let Some(t) = self.torrents.remove(&key) {
+                self.order.remove(&key);
+                for (peer_id, p) in t.peers {
+                    decrement(&mut self.live_by_src, p.src);
+                    changes.push(Change::RemovePeer {
+                        info_hash: info_hash(),
+                        peer_id,
+                    });
+                }
+            }
+            let p = Private {
+                authority: authority.clone(),
+                content: content.clone(),
+                roster: None,
+            };
+            changes.push(Change::Private(p.row(&a.info_hash)));
+            self.private.insert(key, p);
+        }
+        let p = self
+            .private
+            .get_mut(&key)
+            .expect("present or inserted above");
+        if a.authority.as_ref() != Some(&p.authority) || a.content.as_ref() != Some(&p.content) {
+            return Err(match a.authority {
+                None => Refusal::NoProof {
+                    info_hash: info_hash(),
+                },
+                Some(_) => Refusal::BadProof {
+                    info_hash: info_hash(),
+                    why: "another authority or content than the swarm's".into(),
+                },
+            });
+        }
+        if let Some(r) = &a.roster {
+            if checked.roster_verified
+                && r.info_hash == a.info_hash
+                && r.authority == p.authority
+                && r.version > p.version()
+            {
+                p.roster = Some(r.clone());
+                changes.push(Change::Private(p.row(&a.info_hash)));
+                // Revoked members leave the live swarm now, not at their next announce.
+                if let Some(t) = self.torrents.get_mut(&key) {
+                    let gone: Vec<String> =
+                        t.peers.keys().filter(|id| !p.admits(id)).cloned().collect();
+                    for id in gone {
+                        if let Some(old) = t.remove(&id) {
+                            decrement(&mut self.live_by_src, old.src);
+                            changes.push(Change::RemovePeer {
+                                info_hash: info_hash(),
+                                peer_id: id,
+                            });
+                        }
+                    }
+                    if t.peers.is_empty() {
+                        self.torrents.remove(&key);
+                        self.order.remove(&key);
+                    }
+                }
+            }
+        }
+        if checked.ts.is_none() || !p.admits(&a.peer_id) {
+            return Err(Refusal::NotMember {
+                info_hash: info_hash(),
+            });
+        }
+        let version = p.version();
+        Ok(Some(PrivateReply {
+            roster_version: version,
+            roster: p
+                .roster
+                .as_ref()
+                .filter(|_| a.roster_version.unwrap_or(0) < version)
+                .cloned(),
+        }))
     }
 
     /// Remove every peer not heard from for longer than `ttl_ms` of the monotonic clock, with an
@@ -500,15 +739,18 @@ impl Swarm {
                     have: p.have,
                     total: p.total,
                 }));
-                gone.push((peer_id.clone(), p.src, p.role()));
+                gone.push((peer_id.clone(), p.src, p.role(), p.last_ts));
                 false
             });
             n += before - t.peers.len();
             if t.peers.is_empty() {
                 emptied.push(*key);
             }
-            for (id, src, role) in gone {
+            for (id, src, role, last_ts) in gone {
                 t.order.remove(&id);
+                if last_ts > 0 && self.gone_ts.len() < MAX_GONE_TS {
+                    self.gone_ts.insert((*key, id.clone()), last_ts);
+                }
                 if role == Role::Seeder {
                     t.seeders -= 1;
                 }
@@ -521,6 +763,8 @@ impl Swarm {
         }
         self.new_by_src
             .retain(|_, w| now.mono_ms.saturating_sub(w.0) < MINUTE_MS);
+        let oldest = (now.unix_ms.max(0) as u64).saturating_sub(crate::auth::TS_WINDOW_MS);
+        self.gone_ts.retain(|_, ts| *ts >= oldest);
         n
     }
 
@@ -542,6 +786,9 @@ impl Swarm {
         let mut out = Vec::new();
         let mut bytes = 0;
         for key in self.order.range((lower, Bound::Unbounded)) {
+            if self.private.contains_key(key) {
+                continue;
+            }
             let t = &self.torrents[key];
             let e = FileEntry {
                 info_hash: hex::encode(key),
@@ -597,6 +844,9 @@ impl Swarm {
             if only.is_some_and(|o| o != *key) {
                 break;
             }
+            if self.private.contains_key(key) {
+                continue;
+            }
             let t = &self.torrents[key];
             let h = hex::encode(key);
             let ids = match start_id {
@@ -616,6 +866,7 @@ impl Swarm {
                     have: p.have,
                     total: p.total,
                     role: p.role(),
+                    fingerprint: keys::fingerprint(id),
                 };
                 bytes += entry_bytes(&e);
                 if out.len() >= limit || bytes > crate::proto::PAGE_BUDGET_BYTES {
@@ -683,6 +934,7 @@ mod tests {
             length: 10,
             numwant: None,
             addr: None,
+            ..Announce::default()
         }
     }
 
@@ -703,8 +955,17 @@ mod tests {
     /// Announce from 127.0.0.1 at `t` ms on both clocks.
     fn go(s: &mut Swarm, a: &Announce, t: u64, c: &mut Vec<Change>) -> Vec<PeerEntry> {
         let mut j = Vec::new();
-        s.announce(a, "127.0.0.1", LOCAL, at(t, t as i64), 50, c, &mut j)
-            .unwrap();
+        s.announce(
+            a,
+            Checked::default(),
+            "127.0.0.1",
+            LOCAL,
+            at(t, t as i64),
+            50,
+            c,
+            &mut j,
+        )
+        .unwrap();
         parse_peer_list(&j)
     }
 
@@ -753,6 +1014,7 @@ mod tests {
         let b = IpAddr::from([127, 0, 0, 2]);
         s.announce(
             &ann("b", Event::Started, 4),
+            Checked::default(),
             "127.0.0.2",
             b,
             at(0, 0),
@@ -804,6 +1066,7 @@ mod tests {
         let mut j = Vec::new();
         s.announce(
             &ann("a", Event::Started, 0),
+            Checked::default(),
             "127.0.0.1",
             LOCAL,
             at(1_000, 1_000_000),
@@ -839,7 +1102,16 @@ mod tests {
         let mut a = ann("x", Event::Started, 0);
         let mut send = |s: &mut Swarm, a: &Announce, src, t| {
             j.clear();
-            s.announce(a, "h", src, at(t, 0), 50, &mut c, &mut j)
+            s.announce(
+                a,
+                Checked::default(),
+                "h",
+                src,
+                at(t, 0),
+                50,
+                &mut c,
+                &mut j,
+            )
         };
         // Two new files a minute, the third is refused until the window passes.
         for i in 0..2 {

@@ -1,0 +1,380 @@
+//! Trackers bind peer ids to keys, and keep private swarms to their members: real
+//! `shoal tracker run` processes with their default rules (unsigned announces refused), spoken
+//! to by the real client with real keys. An attacker is another loopback address (127.0.0.2).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use serde_json::json;
+use shoal_tracker::auth::Signer;
+use shoal_tracker::client::{AnnounceReply, ClientError, TrackerClient};
+use shoal_tracker::proto::{Announce, Event, Request, Response};
+use shoal_tracker::roster::{private_info_hash, Roster};
+
+use crate::common::*;
+
+const H: &str = "3333333333333333333333333333333333333333333333333333333333333333";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn key() -> SigningKey {
+    SigningKey::generate(&mut rand::rngs::OsRng)
+}
+
+fn db_i64(db: &std::path::Path, sql: &str) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+fn ann(info_hash: &str, port: u16, event: Event, have: u64) -> Announce {
+    Announce {
+        info_hash: info_hash.into(),
+        port,
+        event,
+        have,
+        total: 10,
+        name: "file.bin".into(),
+        length: 10 * 1024,
+        ..Announce::default()
+    }
+}
+
+async fn client_from(t: SocketAddr, ip: [u8; 4]) -> TrackerClient {
+    TrackerClient::connect(&t.to_string(), Some(IpAddr::from(ip)), WAIT)
+        .await
+        .unwrap()
+}
+
+fn refused(r: Result<AnnounceReply, ClientError>) -> String {
+    match r {
+        Err(ClientError::Refused { reason, .. }) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The live swarm of `h` as SWARM lists it: (peer id, addr, have).
+fn live(t: SocketAddr, h: &str) -> Vec<(String, String, u64)> {
+    let r = tracker_call(t, json!({"type":"SWARM","info_hash":h}));
+    assert_eq!(r["type"], "SWARM", "{r}");
+    r["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["peer_id"].as_str().unwrap().to_string(),
+                p["addr"].as_str().unwrap().to_string(),
+                p["have"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn unsigned_announces_are_refused_by_default_and_key_ids_never_unsigned() {
+    let dir = tempfile::tempdir().unwrap();
+    let strict = start_tracker_strict(dir.path(), "strict", &[]);
+    let r = announce(strict.addr, H, "legacy-1", 7000, "started", 0, 10);
+    assert_eq!(r["type"], "ERROR", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("unsigned"), "{r}");
+    // With --allow-unsigned a legacy id works, a key-shaped one still does not.
+    let lax = start_tracker(dir.path(), "lax", &[]);
+    let r = announce(lax.addr, H, "legacy-1", 7000, "started", 0, 10);
+    assert_eq!(r["type"], "PEERS", "{r}");
+    let someone = hex::encode(key().verifying_key().to_bytes());
+    for id in [someone.clone(), someone.to_uppercase()] {
+        let r = announce(lax.addr, H, &id, 7000, "started", 0, 10);
+        assert_eq!(r["type"], "ERROR", "{r}");
+        assert!(r["reason"].as_str().unwrap().contains("signed"), "{r}");
+    }
+    // Nothing of the refused announces was recorded.
+    assert!(live(strict.addr, H).is_empty());
+    assert_eq!(live(lax.addr, H).len(), 1);
+}
+
+#[test]
+fn spoofed_stopped_completed_and_address_moves_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_tracker_strict(dir.path(), "t", &[]);
+    let seeder = Signer::new(key());
+    let attacker = Signer::new(key());
+    let sid = seeder.peer_id().to_string();
+    rt().block_on(async {
+        let mut c = client_from(t.addr, [127, 0, 0, 1]).await;
+        // First announce signed (opens a session), the second with the session's mac.
+        c.announce(&ann(H, 7001, Event::Started, 10), Some(&seeder))
+            .await
+            .unwrap();
+        c.announce(&ann(H, 7001, Event::Progress, 10), Some(&seeder))
+            .await
+            .unwrap();
+        let mut evil = client_from(t.addr, [127, 0, 0, 2]).await;
+        // Unsigned, with the seeder's id.
+        for (event, have) in [(Event::Stopped, 10), (Event::Completed, 10)] {
+            let mut a = ann(H, 6666, event, have);
+            a.peer_id.clone_from(&sid);
+            let r = evil.announce(&a, None).await;
+            assert!(refused(r).contains("signed"));
+        }
+        // Signed by another key, claiming the seeder's id.
+        for event in [Event::Stopped, Event::Completed, Event::Started] {
+            let mut a = ann(H, 6666, event, 10);
+            attacker.authenticate("x", &mut a, true);
+            a.peer_id.clone_from(&sid);
+            let r = evil.request(&Request::Announce(a)).await;
+            match r {
+                Err(ClientError::Refused { reason, .. }) => {
+                    assert!(reason.contains("signature"), "{reason}")
+                }
+                other => panic!("spoof accepted: {other:?}"),
+            }
+        }
+        // A mac made up without the session key.
+        let mut a = ann(H, 6666, Event::Stopped, 10);
+        a.peer_id.clone_from(&sid);
+        a.ts = Some(u64::try_from(shoal_now_ms()).unwrap());
+        a.mac = Some("00".repeat(32));
+        assert!(evil.request(&Request::Announce(a)).await.is_err());
+    });
+    // The seeder stays, at its own address and port.
+    assert_eq!(
+        live(t.addr, H),
+        vec![(sid.clone(), "127.0.0.1".to_string(), 10)]
+    );
+    let r = tracker_call(t.addr, json!({"type":"SWARM","info_hash":H}));
+    assert_eq!(r["peers"][0]["port"], 7001, "{r}");
+    assert_eq!(r["peers"][0]["fingerprint"], sid[..16], "{r}");
+    // History names the key by its fingerprint; nothing from the attacker was recorded.
+    wait_for(WAIT, "the started row", || {
+        (db_i64(&t.db, "SELECT count(*) FROM events") >= 1).then_some(())
+    });
+    assert_eq!(
+        db_i64(
+            &t.db,
+            &format!(
+                "SELECT count(*) FROM events WHERE fingerprint = '{}' AND event = 'started'",
+                &sid[..16]
+            )
+        ),
+        1
+    );
+    assert_eq!(
+        db_i64(
+            &t.db,
+            "SELECT count(*) FROM events WHERE event <> 'started'"
+        ),
+        0
+    );
+    assert_eq!(
+        db_i64(
+            &t.db,
+            "SELECT count(*) FROM peers WHERE addr <> '127.0.0.1'"
+        ),
+        0
+    );
+}
+
+fn shoal_now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+#[test]
+fn replayed_signed_announces_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_tracker_strict(dir.path(), "t", &[]);
+    let peer = Signer::new(key());
+    rt().block_on(async {
+        let mut c = client_from(t.addr, [127, 0, 0, 1]).await;
+        let mut started = ann(H, 7001, Event::Started, 3);
+        peer.authenticate("t", &mut started, true);
+        let r = c.request(&Request::Announce(started.clone())).await;
+        assert!(matches!(r, Ok(Response::Peers { .. })), "{r:?}");
+        // The same bytes again, from anywhere: refused.
+        let mut evil = client_from(t.addr, [127, 0, 0, 2]).await;
+        let e = evil.request(&Request::Announce(started.clone())).await;
+        match e {
+            Err(ClientError::Refused { reason, .. }) => {
+                assert!(reason.contains("replay"), "{reason}")
+            }
+            other => panic!("replay accepted: {other:?}"),
+        }
+        // The peer stops; replaying its earlier `started` does not bring it back.
+        let mut stopped = ann(H, 7001, Event::Stopped, 3);
+        peer.authenticate("t", &mut stopped, true);
+        let r = c.request(&Request::Announce(stopped.clone())).await;
+        assert!(matches!(r, Ok(Response::Peers { .. })), "{r:?}");
+        for replay in [started, stopped] {
+            let e = evil.request(&Request::Announce(replay)).await;
+            assert!(matches!(e, Err(ClientError::Refused { .. })), "{e:?}");
+        }
+        // An announce signed by the right key but far from the tracker's clock is refused.
+        use ed25519_dalek::Signer as _;
+        let k = key();
+        let mut old = ann(H, 7002, Event::Started, 3);
+        old.peer_id = hex::encode(k.verifying_key().to_bytes());
+        old.ts = Some(u64::try_from(shoal_now_ms()).unwrap() - 10 * 60 * 1000);
+        let mut buf = Vec::new();
+        shoal_tracker::auth::signing_bytes(&old, &mut buf);
+        old.sig = Some(hex::encode(k.sign(&buf).to_bytes()));
+        match c.request(&Request::Announce(old)).await {
+            Err(ClientError::Refused { reason, .. }) => {
+                assert!(reason.contains("clock"), "{reason}")
+            }
+            other => panic!("stale announce accepted: {other:?}"),
+        }
+    });
+    assert!(live(t.addr, H).is_empty());
+}
+
+/// The proof fields of private swarm (content, authority) on an announce.
+fn private_ann(h: &str, content: &str, authority: &str, port: u16, have: u64) -> Announce {
+    let mut a = ann(h, port, Event::Started, have);
+    a.authority = Some(authority.into());
+    a.content = Some(content.into());
+    a
+}
+
+#[test]
+fn private_swarms_admit_members_only_and_revocations_stick() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = start_tracker_strict(dir.path(), "t", &[]);
+    let (auth_key, member, outsider) = (key(), Signer::new(key()), Signer::new(key()));
+    let authority = Signer::new(auth_key.clone());
+    let aid = authority.peer_id().to_string();
+    let content = [0x42u8; 32];
+    let h = hex::encode(private_info_hash(&content, &aid).unwrap());
+    let c_hex = hex::encode(content);
+    let v1 = Roster::sign(&auth_key, &h, 1, vec![member.peer_id().to_string()]);
+    let v2 = Roster::sign(&auth_key, &h, 2, vec![]);
+    // A public entry for the same hash, made before anyone proved the swarm private (a legacy
+    // tracker would have kept it): it goes when the proof arrives.
+    let early = Signer::new(key());
+    rt().block_on(async {
+        let mut c = client_from(t.addr, [127, 0, 0, 1]).await;
+        c.announce(&ann(&h, 7009, Event::Started, 0), Some(&early))
+            .await
+            .unwrap();
+        assert_eq!(live(t.addr, &h).len(), 1);
+
+        // An outsider with the proof: refused, nothing recorded, and the proof alone makes the
+        // swarm private (the early public entry is gone).
+        let mut x = client_from(t.addr, [127, 0, 0, 2]).await;
+        let r = x
+            .announce(&private_ann(&h, &c_hex, &aid, 7002, 0), Some(&outsider))
+            .await;
+        assert_eq!(refused(r), format!("not a member of private swarm {h}"));
+
+        // The authority seeds and delivers roster v1.
+        let mut a = private_ann(&h, &c_hex, &aid, 7000, 10);
+        a.roster = Some(v1.clone());
+        let r = c.announce(&a, Some(&authority)).await.unwrap();
+        assert_eq!(r.roster_version, 1);
+        assert!(r.peers.is_empty(), "{r:?}");
+        // The member joins, learns the roster from the tracker, and gets the seeder.
+        let r = c
+            .announce(&private_ann(&h, &c_hex, &aid, 7001, 0), Some(&member))
+            .await
+            .unwrap();
+        assert_eq!(r.roster.as_ref(), Some(&v1));
+        assert_eq!(r.peers.len(), 1);
+        assert_eq!(r.peers[0].peer_id, aid);
+        // Without the proof a member is refused too.
+        let r = c
+            .announce(&ann(&h, 7001, Event::Progress, 1), Some(&member))
+            .await;
+        assert!(refused(r).contains("proof"));
+        // The outsider, again (with a mac now): no peer list, no row.
+        for _ in 0..2 {
+            let r = x
+                .announce(&private_ann(&h, &c_hex, &aid, 7002, 0), Some(&outsider))
+                .await;
+            assert!(refused(r).contains("not a member"));
+        }
+        // A forged roster (signed by the outsider, listing itself) is refused.
+        let mut forged = Roster::sign(&key(), &h, 9, vec![outsider.peer_id().to_string()]);
+        forged.authority.clone_from(&aid);
+        let mut f = private_ann(&h, &c_hex, &aid, 7002, 0);
+        f.roster = Some(forged);
+        assert!(refused(x.announce(&f, Some(&outsider)).await).contains("roster"));
+    });
+    // Private swarms are not listed to anyone.
+    let r = tracker_call(t.addr, json!({"type":"LIST_FILES"}));
+    assert_eq!(r["files"], json!([]), "{r}");
+    assert_eq!(live(t.addr, &h), vec![]);
+    let r = tracker_call(t.addr, json!({"type":"SWARM"}));
+    assert_eq!(r["peers"], json!([]), "{r}");
+    // The database holds the authority and the member, never the outsider nor the early entry.
+    let row_of = |id: &str| format!("SELECT count(*) FROM peers WHERE peer_id = '{id}'");
+    wait_for(WAIT, "the member's row", || {
+        (db_i64(&t.db, &row_of(member.peer_id())) == 1).then_some(())
+    });
+    assert_eq!(db_i64(&t.db, &row_of(&aid)), 1);
+    assert_eq!(db_i64(&t.db, &row_of(outsider.peer_id())), 0);
+    assert_eq!(db_i64(&t.db, &row_of(early.peer_id())), 0);
+    assert_eq!(
+        db_i64(
+            &t.db,
+            &format!(
+                "SELECT count(*) FROM events WHERE peer_id = '{}'",
+                outsider.peer_id()
+            )
+        ),
+        0
+    );
+    assert_eq!(
+        db_i64(&t.db, "SELECT version FROM private_swarms"),
+        1,
+        "the roster is persisted"
+    );
+
+    // Revocation: roster v2 without the member; its next announce is refused, and it leaves
+    // the live swarm at once.
+    rt().block_on(async {
+        let mut c = client_from(t.addr, [127, 0, 0, 1]).await;
+        let mut a = private_ann(&h, &c_hex, &aid, 7000, 10);
+        a.event = Event::Progress;
+        a.roster = Some(v2.clone());
+        a.roster_version = Some(1);
+        let r = c.announce(&a, Some(&authority)).await.unwrap();
+        assert_eq!(r.roster_version, 2);
+        let r = c
+            .announce(&private_ann(&h, &c_hex, &aid, 7001, 1), Some(&member))
+            .await;
+        assert!(refused(r).contains("not a member"));
+    });
+    wait_for(WAIT, "the revoked member's row to go", || {
+        (db_i64(&t.db, &row_of(member.peer_id())) == 0
+            && db_i64(&t.db, "SELECT version FROM private_swarms") == 2)
+            .then_some(())
+    });
+    // After a kill -9 the tracker still knows the swarm is private, and its roster.
+    t.proc.kill9();
+    let t2 = start_tracker_strict(dir.path(), "t", &[]);
+    rt().block_on(async {
+        let mut c = client_from(t2.addr, [127, 0, 0, 1]).await;
+        let r = c
+            .announce(&private_ann(&h, &c_hex, &aid, 7001, 1), Some(&member))
+            .await;
+        assert!(refused(r).contains("not a member"));
+        let r = c
+            .announce(&ann(&h, 7003, Event::Started, 0), Some(&early))
+            .await;
+        assert!(refused(r).contains("proof"));
+        let r = c
+            .announce(&private_ann(&h, &c_hex, &aid, 7000, 10), Some(&authority))
+            .await
+            .unwrap();
+        assert_eq!(r.roster_version, 2);
+    });
+}
