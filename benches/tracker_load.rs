@@ -325,7 +325,7 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
     lat.sort_by(f64::total_cmp);
     // How long the writer takes to have every live peer durable, then kill -9 and count.
     let ended = Instant::now();
-    while count_rows() < peers as i64 && ended.elapsed() < Duration::from_secs(60) {
+    while count_rows() < (peers + keys) as i64 && ended.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let durable_after = ended.elapsed().as_secs_f64();
@@ -342,7 +342,8 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
         pct(&lat, 1.0)
     );
     println!(
-        "    tracker CPU {:.1} us per announce ({:.0} announces per CPU-second)  peak RSS {:.0} MiB  database {:.1} MiB + WAL {:.1} MiB  every live peer durable {durable_after:.1} s after the run; after kill -9: {rows} peer rows (want {peers})",
+        "    tracker CPU {:.1} us per announce ({:.0} announces per CPU-second)  peak RSS {:.0} MiB  database {:.1} MiB + WAL {:.1} MiB  every live peer durable {durable_after:.1} s after the run; after kill -9: {rows} peer rows (want {})",
+        peers + keys,
         cpu * 1e6 / count.max(1) as f64,
         count as f64 / cpu.max(1e-9),
         hwm as f64 / 1024.0,

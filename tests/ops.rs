@@ -330,6 +330,8 @@ fn it_should_serve_tracker_metrics_swarm_and_history() {
             d.join("t.db").to_str().unwrap(),
             "--http",
             "127.0.0.1:0",
+            // The test announces by hand with made-up ids.
+            "--allow-unsigned",
         ],
         &[],
     );
@@ -725,6 +727,8 @@ fn it_should_draw_the_tracker_swarm_and_its_history_in_a_browser() {
             d.join("t.db").to_str().unwrap(),
             "--http",
             "127.0.0.1:0",
+            // The test announces by hand with made-up ids.
+            "--allow-unsigned",
         ],
         &[],
     );

@@ -378,3 +378,35 @@ fn private_swarms_admit_members_only_and_revocations_stick() {
         assert_eq!(r.roster_version, 2);
     });
 }
+
+#[test]
+fn daemons_announce_signed_to_a_strict_tracker_and_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    random_file(&d.join("file.bin"), 1 << 20);
+    let t = start_tracker_strict(d, "t", &["--interval", "1s"]);
+    let seeder = start_peer(d, "seeder", &[t.addr], &[]);
+    assert!(
+        shoal_tracker::keys::is_key(&seeder.peer_id),
+        "the peer id is a key: {}",
+        seeder.peer_id
+    );
+    let (hash, _) = publish(d, &seeder, "file.bin");
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    fetch_and_verify(d, &leecher, &hash, "out", "file.bin");
+    // Both are in the tracker's history under their keys' fingerprints.
+    for p in [&seeder, &leecher] {
+        let sql = format!(
+            "SELECT count(*) FROM events WHERE peer_id = '{}' AND fingerprint = '{}'",
+            p.peer_id,
+            &p.peer_id[..16]
+        );
+        wait_for(WAIT, "a history row for each peer", || {
+            (db_i64(&t.db, &sql) >= 1).then_some(())
+        });
+    }
+    assert_eq!(
+        db_i64(&t.db, "SELECT count(*) FROM events WHERE fingerprint = ''"),
+        0
+    );
+}

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::auth::Sessions;
 use crate::config::TrackerConfig;
-use crate::proto::{Request, Response, MAX_PAGE_ENTRIES};
+use crate::proto::{Announce, Request, Response, MAX_PAGE_ENTRIES};
 use crate::store::{Batch, Change, Store, StoreError};
 use crate::swarm::{Checked, Now, PrivateReply, Swarm, SwarmLimits};
 use crate::wire::{FrameError, FrameReader, FrameWriter, Limits, Timeouts};
@@ -379,7 +379,14 @@ async fn serve(
         };
         last_active.store(shared.clock.now().mono_ms, Ordering::Relaxed);
         reply.clear();
-        match frame.parse::<Request>() {
+        // An ANNOUNCE (nearly every request) is parsed straight into its struct: going through
+        // the internally tagged `Request` makes serde buffer the whole object first.
+        let parsed = if frame.kind() == "ANNOUNCE" {
+            frame.parse::<Announce>().map(Request::Announce)
+        } else {
+            frame.parse::<Request>()
+        };
+        match parsed {
             Ok(req) => handle(shared, req, addr, &mut reply, &mut scratch),
             Err(e) => encode_json(
                 &Response::Error {

@@ -991,6 +991,155 @@ mod tests {
         );
     }
 
+    fn signed(ts: u64) -> Checked {
+        Checked {
+            ts: Some(ts),
+            roster_verified: false,
+        }
+    }
+
+    fn try_go(
+        s: &mut Swarm,
+        a: &Announce,
+        ch: Checked,
+        t: u64,
+    ) -> Result<Option<PrivateReply>, Refusal> {
+        let (mut c, mut j) = (Vec::new(), Vec::new());
+        s.announce(
+            a,
+            ch,
+            "127.0.0.1",
+            LOCAL,
+            at(t, t as i64),
+            50,
+            &mut c,
+            &mut j,
+        )
+    }
+
+    #[test]
+    fn it_should_refuse_replays_also_after_a_stop_or_an_expiry() {
+        let mut s = Swarm::new(SwarmLimits::default());
+        let a = ann("k", Event::Started, 0);
+        try_go(&mut s, &a, signed(10), 1).unwrap();
+        assert!(matches!(
+            try_go(&mut s, &a, signed(10), 2),
+            Err(Refusal::Replay { .. })
+        ));
+        try_go(&mut s, &a, signed(11), 3).unwrap();
+        try_go(&mut s, &ann("k", Event::Stopped, 0), signed(12), 4).unwrap();
+        assert_eq!(s.live_peers(), 0);
+        assert!(matches!(
+            try_go(&mut s, &a, signed(11), 5),
+            Err(Refusal::Replay { .. })
+        ));
+        try_go(&mut s, &a, signed(13), 6).unwrap();
+        // Expiry keeps the last ts while it is within the window.
+        let mut c = Vec::new();
+        assert_eq!(s.prune(at(100_000, 20), 1000, &mut c), 1);
+        assert!(matches!(
+            try_go(&mut s, &a, signed(13), 100_001),
+            Err(Refusal::Replay { .. })
+        ));
+        // Past the window it is forgotten (the window check refuses such a ts anyway).
+        s.prune(
+            at(100_002, 13 + crate::auth::TS_WINDOW_MS as i64 + 1),
+            1000,
+            &mut c,
+        );
+        assert!(s.gone_ts.is_empty());
+    }
+
+    #[test]
+    fn it_should_keep_private_swarms_to_members_of_the_newest_roster() {
+        use ed25519_dalek::SigningKey;
+        let auth = SigningKey::generate(&mut rand::rngs::OsRng);
+        let aid = hex::encode(auth.verifying_key().to_bytes());
+        let member = "ab".repeat(32);
+        let content = [5u8; 32];
+        let h = hex::encode(private_info_hash(&content, &aid).unwrap());
+        let mut s = Swarm::new(SwarmLimits::default());
+        let pa = |id: &str| {
+            let mut a = ann(id, Event::Started, 0);
+            a.info_hash.clone_from(&h);
+            a.authority = Some(aid.clone());
+            a.content = Some(hex::encode(content));
+            a
+        };
+        // A public entry first, then the proof: the entry goes.
+        let mut public = pa("legacy");
+        public.authority = None;
+        public.content = None;
+        try_go(&mut s, &public, Checked::default(), 1).unwrap();
+        assert_eq!(s.live_peers(), 1);
+        let e = try_go(&mut s, &pa(&member), signed(1), 2).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::NotMember {
+                info_hash: h.clone()
+            }
+        );
+        assert_eq!(s.live_peers(), 0);
+        // The authority is admitted; with a roster, so is the member.
+        let r = try_go(&mut s, &pa(&aid), signed(1), 3).unwrap().unwrap();
+        assert_eq!(r.roster_version, 0);
+        let mut with = pa(&aid);
+        with.roster = Some(Roster::sign(&auth, &h, 1, vec![member.clone()]));
+        // Not verified by the caller: not adopted.
+        try_go(&mut s, &with, signed(2), 4).unwrap();
+        assert_eq!(s.roster_version(&h), 0);
+        let ok = Checked {
+            ts: Some(3),
+            roster_verified: true,
+        };
+        try_go(&mut s, &with, ok, 5).unwrap();
+        assert_eq!(s.roster_version(&h), 1);
+        let r = try_go(&mut s, &pa(&member), signed(2), 6).unwrap().unwrap();
+        assert_eq!(r.roster.map(|r| r.version), Some(1));
+        assert_eq!(s.live_peers(), 2);
+        // Unsigned, or without the proof: refused.
+        assert!(try_go(&mut s, &pa(&member), Checked::default(), 7).is_err());
+        assert!(matches!(
+            try_go(&mut s, &public, signed(9), 7),
+            Err(Refusal::NoProof { .. })
+        ));
+        // Revoked: gone from the live swarm at once, refused after.
+        let mut rev = pa(&aid);
+        rev.roster = Some(Roster::sign(&auth, &h, 2, vec![]));
+        try_go(
+            &mut s,
+            &rev,
+            Checked {
+                ts: Some(4),
+                roster_verified: true,
+            },
+            8,
+        )
+        .unwrap();
+        assert_eq!(s.live_peers(), 1);
+        assert!(matches!(
+            try_go(&mut s, &pa(&member), signed(10), 9),
+            Err(Refusal::NotMember { .. })
+        ));
+        // An older roster never wins.
+        let mut old = pa(&aid);
+        old.roster = with.roster.clone();
+        try_go(
+            &mut s,
+            &old,
+            Checked {
+                ts: Some(5),
+                roster_verified: true,
+            },
+            10,
+        )
+        .unwrap();
+        assert_eq!(s.roster_version(&h), 2);
+        // Never listed.
+        assert!(s.files(None, 100).unwrap().0.is_empty());
+        assert!(s.swarm(None, None, 100).unwrap().0.is_empty());
+    }
+
     #[test]
     fn it_should_write_one_started_for_a_retried_started() {
         let mut s = Swarm::default();
