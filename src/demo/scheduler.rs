@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::report::{build_report, render_report};
+use super::emu::{self, Emulator, Link};
+use super::report::{build_report, render_report, KillSnapshot, Observed};
 use super::scenario::{Action, Scenario};
 use super::supervisor::{Demo, Role};
 use super::DemoArgs;
@@ -19,10 +20,51 @@ pub(crate) async fn play(
     size: u64,
     piece: u32,
     args: &DemoArgs,
+    links: Option<Vec<(String, Link)>>,
 ) -> anyhow::Result<()> {
+    let mut o = Observed {
+        upload_cap: crate::units::parse_size(&sc.upload_rate).unwrap_or(0),
+        ..Default::default()
+    };
     {
         let file = demo.file.clone();
         tokio::task::spawn_blocking(move || write_random(&file, size)).await??;
+    }
+    if let Some(links) = links {
+        let mtu = sc.mtu;
+        let (emu, paths) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let swept = emu::sweep_stale();
+            if !swept.is_empty() {
+                println!(
+                    "removed {} namespaces of earlier runs that were killed",
+                    swept.len()
+                );
+            }
+            let emu = Emulator::start(&links, mtu)?;
+            // From the seeder to every other host, before any traffic.
+            let seeder = emu
+                .hosts
+                .iter()
+                .position(|h| h.name == "seeder")
+                .unwrap_or(0);
+            let others: Vec<usize> = (0..emu.hosts.len()).filter(|&i| i != seeder).collect();
+            let paths = emu::measure(&emu, seeder, &others);
+            Ok((emu, paths))
+        })
+        .await??;
+        demo.log(format!(
+            "emulated network up: {} hosts in namespaces {}-*",
+            emu.hosts.len(),
+            emu.prefix
+        ));
+        for t in demo.trackers.iter_mut() {
+            if let Some(h) = emu.host(&t.name) {
+                t.listen = format!("{}:0", h.ip);
+                t.ns = Some(h.ns.clone());
+            }
+        }
+        demo.emu = Some(emu);
+        o.paths = paths?;
     }
     demo.start_tracker(0)?;
     demo.start_tracker(1)?;
@@ -48,19 +90,16 @@ pub(crate) async fn play(
     }
     for &i in &leechers {
         demo.start_node(i)?;
-        demo.get(i, false).await?;
     }
+    // Every leecher is given the download at once: the start of the distribution.
+    demo.t0 = Some(demo.now());
+    futures_util::future::try_join_all(leechers.iter().map(|&i| demo.get(i, false))).await?;
 
     demo.log(format!(
         "{} leechers started; the swarm forms (the seed's experiments 1-2)",
         leechers.len()
     ));
     let mut fired = vec![false; sc.steps.len()];
-    let mut saboteur: Option<usize> = None;
-    let mut restarted: Option<usize> = None;
-    let mut killed_tracker_at: Option<f64> = None;
-    let mut tracker_down_seen = 0usize;
-    let mut primary_back: Option<usize> = None;
     let tty = std::io::stdout().is_terminal();
     let deadline = Instant::now() + args.timeout;
     let mut last_plain = Instant::now();
@@ -83,7 +122,7 @@ pub(crate) async fn play(
                     let i = demo.add_node(Role::Saboteur);
                     demo.start_node(i)?;
                     demo.publish(i).await?;
-                    saboteur = Some(i);
+                    o.saboteur = Some(i);
                     demo.log(format!(
                         "saboteur {} joins, serving corrupt pieces",
                         demo.nodes[i].ip
@@ -94,7 +133,7 @@ pub(crate) async fn play(
                         let _ = c.kill();
                         let _ = c.wait();
                     }
-                    killed_tracker_at = Some(progress);
+                    o.killed_tracker_at = Some(progress);
                     demo.log(format!(
                         "{pct:.0}%: primary tracker {} killed with SIGKILL (the seed's experiment 4)",
                         demo.trackers[0].listen
@@ -108,13 +147,16 @@ pub(crate) async fn play(
                 }
                 Action::KillPeer | Action::RestartPeer => {
                     let i = leechers[step.peer.unwrap_or(1) - 1];
+                    if let Some(k) = snapshot(demo, i).await {
+                        o.kills.insert(i, k);
+                    }
                     demo.kill_node(i);
                     let name = demo.nodes[i].name.clone();
                     demo.log(format!("{pct:.0}%: {name} killed with SIGKILL"));
                     if step.action == Action::RestartPeer {
                         demo.start_node(i)?;
                         demo.nodes[i].restarts += 1;
-                        restarted = Some(i);
+                        o.restarted = Some(i);
                         demo.log(format!(
                             "{name} restarted: it resumes from its store (the seed's experiment 5)"
                         ));
@@ -132,7 +174,7 @@ pub(crate) async fn play(
             }
         }
         // Failover: peers that noticed the dead primary and went on.
-        if killed_tracker_at.is_some() && demo.trackers[0].child.is_none() {
+        if o.killed_tracker_at.is_some() && demo.trackers[0].child.is_none() {
             let mut seen = 0;
             for i in 0..demo.nodes.len() {
                 if let Some(r) = demo.status(i).await {
@@ -144,11 +186,11 @@ pub(crate) async fn play(
                     }
                 }
             }
-            tracker_down_seen = tracker_down_seen.max(seen);
+            o.tracker_down_seen = o.tracker_down_seen.max(seen);
         }
-        if demo.trackers[0].child.is_some() && killed_tracker_at.is_some() {
+        if demo.trackers[0].child.is_some() && o.killed_tracker_at.is_some() {
             if let Some(n) = demo.swarm_of(0).await {
-                primary_back = Some(primary_back.map_or(n, |m: usize| m.max(n)));
+                o.primary_back = Some(o.primary_back.map_or(n, |m: usize| m.max(n)));
             }
         }
         if tty {
@@ -175,27 +217,17 @@ pub(crate) async fn play(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let elapsed = demo.now();
+    o.elapsed = demo.now();
     demo.log("every peer has the whole file".into());
     // Let the restored primary hear a heartbeat from everyone.
-    if killed_tracker_at.is_some() && demo.trackers[0].child.is_some() {
+    if o.killed_tracker_at.is_some() && demo.trackers[0].child.is_some() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         if let Some(n) = demo.swarm_of(0).await {
-            primary_back = Some(primary_back.map_or(n, |m| m.max(n)));
+            o.primary_back = Some(o.primary_back.map_or(n, |m| m.max(n)));
         }
     }
     demo.refresh().await;
-    let report = build_report(
-        demo,
-        size,
-        piece,
-        elapsed,
-        saboteur,
-        restarted,
-        killed_tracker_at,
-        tracker_down_seen,
-        primary_back,
-    );
+    let report = build_report(demo, size, piece, &o);
     print!("{}", render_report(demo, &report));
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)
@@ -220,4 +252,35 @@ fn write_random(path: &Path, len: u64) -> std::io::Result<()> {
         left -= n as u64;
     }
     f.flush()
+}
+
+/// Peer `i` just before a kill: its own verified count first, then what the others had sent
+/// it. None when it is not running (killed already).
+async fn snapshot(demo: &Demo, i: usize) -> Option<KillSnapshot> {
+    demo.nodes[i].child.as_ref()?;
+    let own = demo.torrent(i).await?;
+    let piece = u64::from(own.piece_length);
+    let have_bytes = if own.have >= own.pieces {
+        own.length
+    } else {
+        (u64::from(own.have) * piece).min(own.length)
+    };
+    let peer_id = demo.nodes[i].peer_id.clone();
+    let mut sent_to_it = 0;
+    for j in (0..demo.nodes.len()).filter(|&j| j != i && demo.nodes[j].role != Role::Saboteur) {
+        if let Some(t) = demo.torrent(j).await {
+            sent_to_it += t
+                .peers
+                .iter()
+                .filter(|p| p.peer_id == peer_id)
+                .map(|p| p.bytes_to)
+                .sum::<u64>();
+        }
+    }
+    Some(KillSnapshot {
+        peer_id,
+        have_bytes,
+        down_rate: own.down_rate,
+        sent_to_it,
+    })
 }

@@ -11,6 +11,8 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use shoal_tracker::client::TrackerClient;
 
+use super::emu::{in_netns, Emulator};
+use super::scenario::late_name;
 use crate::control::{self, CtlRequest, CtlResponse, StatusReport, TorrentStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,6 +34,10 @@ pub(crate) struct Node {
     pub(crate) peer_id: String,
     pub(crate) last: Option<TorrentStatus>,
     pub(crate) restarts: u32,
+    /// Its emulated host's namespace (None on loopback).
+    pub(crate) ns: Option<String>,
+    /// Seconds from the start of the downloads to when it was first seen complete.
+    pub(crate) finished_at: Option<f64>,
 }
 
 pub(crate) struct TrackerNode {
@@ -39,6 +45,7 @@ pub(crate) struct TrackerNode {
     pub(crate) listen: String,
     pub(crate) db: PathBuf,
     pub(crate) child: Option<Child>,
+    pub(crate) ns: Option<String>,
 }
 
 /// The swarm: owns every child process.
@@ -56,6 +63,10 @@ pub(crate) struct Demo {
     pub(crate) file: PathBuf,
     /// The node that serves the dashboard (`--http`), and where.
     pub(crate) http: Option<(usize, String)>,
+    /// When the leechers were given the download (seconds since `start`).
+    pub(crate) t0: Option<f64>,
+    /// The emulated network; declared last so it goes after the children are killed.
+    pub(crate) emu: Option<Emulator>,
 }
 
 impl Drop for Demo {
@@ -80,8 +91,18 @@ pub(crate) fn spawn_child(
     exe: &Path,
     args: &[String],
     log: &Path,
+    ns: Option<&str>,
 ) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(exe)
+    // `ip netns exec` execs in place: the child's PID is the shoal process's.
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -155,7 +176,7 @@ impl Demo {
         .map(|s| s.to_string())
         .collect();
         let log = self.work.join(format!("{}.log", t.name));
-        let (child, line) = spawn_child(&self.exe, &args, &log)?;
+        let (child, line) = spawn_child(&self.exe, &args, &log, t.ns.as_deref())?;
         let t = &mut self.trackers[i];
         t.listen = addr_in(&line);
         t.child = Some(child);
@@ -187,7 +208,7 @@ impl Demo {
             args.push(addr.clone());
         }
         let log = self.work.join(format!("{}.log", n.name));
-        let (child, line) = spawn_child(&self.exe, &args, &log)?;
+        let (child, line) = spawn_child(&self.exe, &args, &log, n.ns.as_deref())?;
         let peer_id = line
             .split("peer id ")
             .nth(1)
@@ -216,7 +237,7 @@ impl Demo {
         let name = match role {
             Role::Seeder => "seeder".to_string(),
             Role::Saboteur => "saboteur".to_string(),
-            Role::Late => "late".to_string(),
+            Role::Late => late_name(self.nodes.iter().filter(|n| n.role == Role::Late).count() + 1),
             Role::Leecher => format!(
                 "leecher{}",
                 self.nodes
@@ -226,9 +247,15 @@ impl Demo {
                     + 1
             ),
         };
-        // Each peer on its own loopback address, so the tables show distinct hosts.
-        let ip = format!("127.0.0.{}", i + 2);
+        // Each peer on its own emulated host, or its own loopback address, so the tables show
+        // distinct hosts.
+        let (ip, ns) = match self.emu.as_ref().and_then(|e| e.host(&name)) {
+            Some(h) => (h.ip.clone(), Some(h.ns.clone())),
+            None => (format!("127.0.0.{}", i + 2), None),
+        };
         self.nodes.push(Node {
+            ns,
+            finished_at: None,
             data_dir: self.work.join(&name),
             out_dir: self.work.join(format!("{name}-files")),
             name,
@@ -302,10 +329,24 @@ impl Demo {
         for i in 0..self.nodes.len() {
             if let Some(r) = self.status(i).await {
                 if let Some(t) = r.torrents.into_iter().find(|t| t.info_hash == self.hash) {
-                    self.nodes[i].last = Some(t);
+                    let since = self.t0.map(|t0| self.now() - t0);
+                    let n = &mut self.nodes[i];
+                    if t.state == "SEEDING" && n.finished_at.is_none() && n.role != Role::Seeder {
+                        n.finished_at = since;
+                    }
+                    n.last = Some(t);
                 }
             }
         }
+    }
+
+    /// The status of one torrent of node `i`, asked now.
+    pub(crate) async fn torrent(&self, i: usize) -> Option<TorrentStatus> {
+        self.status(i)
+            .await?
+            .torrents
+            .into_iter()
+            .find(|t| t.info_hash == self.hash)
     }
 
     pub(crate) fn downloaders(&self) -> impl Iterator<Item = &Node> {
@@ -337,10 +378,33 @@ impl Demo {
     }
 
     pub(crate) async fn swarm_of(&self, tracker: usize) -> Option<usize> {
-        let mut c =
-            TrackerClient::connect(&self.trackers[tracker].listen, None, Duration::from_secs(1))
-                .await
-                .ok()?;
-        c.swarm_all(Some(&self.hash)).await.ok().map(|p| p.len())
+        let t = &self.trackers[tracker];
+        let (addr, hash) = (t.listen.clone(), self.hash.clone());
+        let Some(ns) = t.ns.clone() else {
+            return swarm_size(&addr, &hash).await;
+        };
+        // The tracker is only reachable from inside the emulated network: ask from a thread
+        // there, with its own small runtime.
+        tokio::task::spawn_blocking(move || {
+            in_netns(&ns, || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(swarm_size(&addr, &hash))
+            })
+            .ok()
+            .flatten()
+        })
+        .await
+        .ok()
+        .flatten()
     }
+}
+
+async fn swarm_size(addr: &str, hash: &str) -> Option<usize> {
+    let mut c = TrackerClient::connect(addr, None, Duration::from_secs(2))
+        .await
+        .ok()?;
+    c.swarm_all(Some(hash)).await.ok().map(|p| p.len())
 }
