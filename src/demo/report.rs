@@ -30,34 +30,38 @@ pub(crate) struct Observed {
     pub(crate) upload_cap: u64,
 }
 
-/// The restarted peer just before it was killed: first its own verified count, then what
-/// every honest peer had sent it (so whatever arrives later was lacking at the first).
+/// A killed peer: its own verified count just before the kill, and what every honest peer had
+/// sent it by its restart (so whatever comes later went to the new process).
 #[derive(Debug, Clone)]
 pub(crate) struct KillSnapshot {
     pub(crate) peer_id: String,
     pub(crate) have_bytes: u64,
-    pub(crate) down_rate: f64,
+    /// What it verified in the [`RECENT`] window before the kill.
+    pub(crate) recent_bytes: u64,
+    /// What its store gave back: its verified bytes as first seen after the restart.
+    pub(crate) have_at_restart: Option<u64>,
     pub(crate) sent_to_it: u64,
 }
 
-/// The resume invariant: after a kill, a peer re-fetches at most what it lacked at the kill
-/// plus what it may have verified but not yet made durable (one flush interval at its
-/// download rate), rounded up to whole pieces.
-pub(crate) fn resume_allowance(lacked: u64, down_rate: f64, piece: u32) -> u64 {
-    let piece = u64::from(piece).max(1);
-    let unflushed = (down_rate.max(0.0) * FLUSH_INTERVAL.as_secs_f64()).ceil() as u64;
-    // One more piece: the verified count is read a moment before the kill.
-    lacked + unflushed.div_ceil(piece) * piece + piece
+/// The window of pieces a kill may lose: one flush interval, plus one for the flush that was
+/// under way (its fsync).
+pub(crate) const RECENT: std::time::Duration = FLUSH_INTERVAL.saturating_mul(2);
+
+/// The resume invariant: after a kill, a peer receives at most what it lacked at the kill
+/// plus what it may have verified but not yet made durable (what it verified in the
+/// [`RECENT`] window), plus one piece (its count is read a moment before the kill).
+pub(crate) fn resume_allowance(lacked: u64, recent: u64, piece: u32) -> u64 {
+    lacked + recent + u64::from(piece)
 }
 
 /// The demo's resume check: what the peer received after its kill is within the allowance.
 pub(crate) fn resume_within_bound(
     received_after: u64,
     lacked: u64,
-    down_rate: f64,
+    recent: u64,
     piece: u32,
 ) -> bool {
-    received_after <= resume_allowance(lacked, down_rate, piece)
+    received_after <= resume_allowance(lacked, recent, piece)
 }
 
 /// Kumar & Ross (2006): the least time to give N leechers a file of `size` bytes, from a
@@ -118,8 +122,11 @@ pub(crate) struct Report {
     restarted_peer_received: Option<u64>,
     restarted_peer_refetched: Option<u64>,
     /// Received after its kill, what it lacked at the kill, and what the invariant allows.
+    /// Bytes sent to it after its kill (the others' counters, endgame duplicates included).
     restarted_peer_received_after_kill: Option<u64>,
     restarted_peer_lacked_at_kill: Option<u64>,
+    /// What it had to verify again: the file less what its store gave back at the restart.
+    restarted_peer_verified_after_kill: Option<u64>,
     restarted_peer_allowed: Option<u64>,
     primary_tracker_swarm_after_restart: Option<usize>,
     verified: BTreeMap<String, bool>,
@@ -206,7 +213,9 @@ pub(crate) fn build_report(demo: &Demo, size: u64, piece: u32, o: &Observed) -> 
             let lacked = size.saturating_sub(k.have_bytes);
             r.restarted_peer_received_after_kill = Some(after);
             r.restarted_peer_lacked_at_kill = Some(lacked);
-            r.restarted_peer_allowed = Some(resume_allowance(lacked, k.down_rate, piece));
+            r.restarted_peer_verified_after_kill =
+                k.have_at_restart.map(|h| size.saturating_sub(h));
+            r.restarted_peer_allowed = Some(resume_allowance(lacked, k.recent_bytes, piece));
         }
     }
     let mut checks = vec![(
@@ -222,14 +231,15 @@ pub(crate) fn build_report(demo: &Demo, size: u64, piece: u32, o: &Observed) -> 
             o.tracker_down_seen > 0 && r.verified.values().all(|&v| v),
         ));
     }
-    if let (Some(got), Some(lacked), Some(k)) = (
-        r.restarted_peer_received_after_kill,
+    if let (Some(lacked), Some(k)) = (
         r.restarted_peer_lacked_at_kill,
         o.restarted.and_then(|i| o.kills.get(&i)),
     ) {
+        // No count from the restarted process: nothing shows it resumed, so the check fails.
+        let got = r.restarted_peer_verified_after_kill.unwrap_or(u64::MAX);
         checks.push((
-            "the restarted peer received at most what it lacked at the kill + one flush interval's worth".into(),
-            resume_within_bound(got, lacked, k.down_rate, piece),
+            "the restarted peer re-fetched at most what it lacked at the kill + one flush interval's worth".into(),
+            resume_within_bound(got, lacked, k.recent_bytes, piece),
         ));
     }
     if let Some(n) = o.primary_back {
@@ -312,11 +322,13 @@ pub(crate) fn render_report(demo: &Demo, r: &Report) -> String {
         r.restarted_peer_allowed,
     ) {
         s.push_str(&format!(
-            "  after its kill it received {}; it lacked {} at the kill; allowed with one flush \
-             interval's worth: {}\n",
-            fmt_bytes(after),
+            "  it lacked {} at the kill; it had to fetch {} again after it (allowed with one \
+             flush interval's worth: {}); {} were sent to it, duplicates included\n",
             fmt_bytes(lacked),
-            fmt_bytes(allowed)
+            r.restarted_peer_verified_after_kill
+                .map_or_else(|| "an unknown amount".to_string(), fmt_bytes),
+            fmt_bytes(allowed),
+            fmt_bytes(after),
         ));
     }
     if let Some(n) = r.primary_tracker_swarm_after_restart {
@@ -503,11 +515,11 @@ mod tests {
     #[test]
     fn it_should_fail_the_resume_check_above_the_bound() {
         let piece = 1u32 << 20;
-        // Killed at half of 64 MiB, downloading 8 MiB/s: 4 MiB may be unflushed, +1 piece.
-        let lacked = 32u64 << 20;
-        let allowed = resume_allowance(lacked, 8.0 * 1048576.0, piece);
+        // Killed at half of 64 MiB, having verified 4 MiB in the last second: +4 MiB, +1 piece.
+        let (lacked, recent) = (32u64 << 20, 4u64 << 20);
+        let allowed = resume_allowance(lacked, recent, piece);
         assert_eq!(allowed, lacked + (5 << 20));
-        let check = |received: u64| resume_within_bound(received, lacked, 8.0 * 1048576.0, piece);
+        let check = |received: u64| resume_within_bound(received, lacked, recent, piece);
         assert!(check(lacked));
         assert!(check(allowed));
         assert!(!check(allowed + 1));

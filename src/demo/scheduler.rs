@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::emu::{self, Emulator, Link};
-use super::report::{build_report, render_report, KillSnapshot, Observed};
+use super::report::{build_report, render_report, KillSnapshot, Observed, RECENT};
 use super::scenario::{Action, Scenario};
 use super::supervisor::{Demo, Role};
 use super::DemoArgs;
@@ -154,7 +154,15 @@ pub(crate) async fn play(
                     let name = demo.nodes[i].name.clone();
                     demo.log(format!("{pct:.0}%: {name} killed with SIGKILL"));
                     if step.action == Action::RestartPeer {
+                        // What was sent before this point went to the dead process.
+                        if let Some(k) = o.kills.get_mut(&i) {
+                            k.sent_to_it = sent_to(demo, i, &k.peer_id).await;
+                        }
                         demo.start_node(i)?;
+                        let back = restored(demo, i).await;
+                        if let Some(k) = o.kills.get_mut(&i) {
+                            k.have_at_restart = back;
+                        }
                         demo.nodes[i].restarts += 1;
                         o.restarted = Some(i);
                         demo.log(format!(
@@ -254,8 +262,8 @@ fn write_random(path: &Path, len: u64) -> std::io::Result<()> {
     f.flush()
 }
 
-/// Peer `i` just before a kill: its own verified count first, then what the others had sent
-/// it. None when it is not running (killed already).
+/// Peer `i` just before a kill: its own verified count. None when it is not running (killed
+/// already).
 async fn snapshot(demo: &Demo, i: usize) -> Option<KillSnapshot> {
     demo.nodes[i].child.as_ref()?;
     let own = demo.torrent(i).await?;
@@ -265,22 +273,63 @@ async fn snapshot(demo: &Demo, i: usize) -> Option<KillSnapshot> {
     } else {
         (u64::from(own.have) * piece).min(own.length)
     };
-    let peer_id = demo.nodes[i].peer_id.clone();
-    let mut sent_to_it = 0;
-    for j in (0..demo.nodes.len()).filter(|&j| j != i && demo.nodes[j].role != Role::Saboteur) {
-        if let Some(t) = demo.torrent(j).await {
-            sent_to_it += t
-                .peers
-                .iter()
-                .filter(|p| p.peer_id == peer_id)
-                .map(|p| p.bytes_to)
-                .sum::<u64>();
-        }
-    }
+    // Its count at the start of the window, from the demo's polls (0 if it is younger).
+    let since = demo.now() - RECENT.as_secs_f64();
+    let then = demo.nodes[i]
+        .have_log
+        .iter()
+        .rev()
+        .find(|(t, _)| *t <= since)
+        .map_or(0, |&(_, h)| h);
     Some(KillSnapshot {
-        peer_id,
+        peer_id: demo.nodes[i].peer_id.clone(),
         have_bytes,
-        down_rate: own.down_rate,
-        sent_to_it,
+        recent_bytes: u64::from(own.have.saturating_sub(then)) * piece,
+        sent_to_it: 0,
+        have_at_restart: None,
     })
+}
+
+/// What the honest peers have sent to `peer_id` (killed), once they noticed it is gone (at
+/// most 3 s): their counters include what they queued for the dead process, which it never
+/// received.
+async fn sent_to(demo: &Demo, i: usize, peer_id: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut sent = 0;
+        let mut connected = false;
+        for j in (0..demo.nodes.len()).filter(|&j| j != i && demo.nodes[j].role != Role::Saboteur) {
+            if let Some(t) = demo.torrent(j).await {
+                for p in t.peers.iter().filter(|p| p.peer_id == peer_id) {
+                    sent += p.bytes_to;
+                    connected |= p.connected;
+                }
+            }
+        }
+        if !connected || Instant::now() > deadline {
+            return sent;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The verified bytes of restarted peer `i` as first reported (at most 5 s of asking): what
+/// its store gave back. Read at once, so it can only include a few pieces fetched since,
+/// which makes the resume check more lenient, never stricter.
+async fn restored(demo: &Demo, i: usize) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(t) = demo.torrent(i).await {
+            let piece = u64::from(t.piece_length);
+            return Some(if t.have >= t.pieces {
+                t.length
+            } else {
+                (u64::from(t.have) * piece).min(t.length)
+            });
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -38,6 +38,8 @@ pub(crate) struct Node {
     pub(crate) ns: Option<String>,
     /// Seconds from the start of the downloads to when it was first seen complete.
     pub(crate) finished_at: Option<f64>,
+    /// (seconds since start, pieces verified) of the last few seconds of polls.
+    pub(crate) have_log: std::collections::VecDeque<(f64, u32)>,
 }
 
 pub(crate) struct TrackerNode {
@@ -226,6 +228,7 @@ impl Demo {
     }
 
     pub(crate) fn kill_node(&mut self, i: usize) {
+        self.nodes[i].have_log.clear();
         if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -256,6 +259,7 @@ impl Demo {
         self.nodes.push(Node {
             ns,
             finished_at: None,
+            have_log: Default::default(),
             data_dir: self.work.join(&name),
             out_dir: self.work.join(format!("{name}-files")),
             name,
@@ -329,8 +333,13 @@ impl Demo {
         for i in 0..self.nodes.len() {
             if let Some(r) = self.status(i).await {
                 if let Some(t) = r.torrents.into_iter().find(|t| t.info_hash == self.hash) {
-                    let since = self.t0.map(|t0| self.now() - t0);
+                    let now = self.now();
+                    let since = self.t0.map(|t0| now - t0);
                     let n = &mut self.nodes[i];
+                    n.have_log.push_back((now, t.have));
+                    while n.have_log.front().is_some_and(|(at, _)| *at < now - 5.0) {
+                        n.have_log.pop_front();
+                    }
                     if t.state == "SEEDING" && n.finished_at.is_none() && n.role != Role::Seeder {
                         n.finished_at = since;
                     }
