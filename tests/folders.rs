@@ -403,6 +403,10 @@ fn it_should_refuse_hostile_tree_descriptors_by_field_and_write_nothing() {
             }),
         ),
     ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     for (name, mutate) in cases {
         let mut v = good.clone();
         mutate(&mut v);
@@ -417,7 +421,23 @@ fn it_should_refuse_hostile_tree_descriptors_by_field_and_write_nothing() {
             !d.join(&out_dir).exists(),
             "{name}: the output dir was written"
         );
-        // The daemon refuses it too, before writing anything.
+        // The daemon refuses it too, sent straight to it (the CLI above checks first).
+        let req = shoal::control::CtlRequest::Add {
+            descriptor: Some(serde_json::to_string(&v).unwrap()),
+            info_hash: None,
+            output: Some(d.join(&out_dir)),
+            trackers: Vec::new(),
+            only: Vec::new(),
+        };
+        let direct = rt.block_on(shoal::control::call(&l.data_dir, &req, T));
+        let err = format!("{:#}", direct.expect_err("the daemon accepted it"));
+        if name != "100001 files" {
+            assert!(err.contains("`files`"), "{name}: {err}");
+        }
+        assert!(
+            !d.join(&out_dir).exists(),
+            "{name}: the daemon wrote the output dir"
+        );
         let sent = peer_ok(d, &l.data_dir, &["status", "--json"], T);
         assert!(
             sent.contains("\"torrents\": []") || sent.contains("\"torrents\":[]"),

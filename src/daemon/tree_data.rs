@@ -80,13 +80,19 @@ pub(super) fn open_tree(
     let mut working_files = BTreeMap::new();
     let mut notes = Vec::new();
     let mut bounce = crate::hashing::bounce_buffer();
+    let mut pdir = match tstore::PartsDir::open(&out_dir) {
+        Ok(p) => p,
+        Err(e) => return storage_err(&hex, rec, e, bits),
+    };
+    // Nothing placed yet (a fresh download): no need to look for each placed file.
+    let root_there = std::fs::symlink_metadata(&rec.data_path).is_ok();
     for (i, f) in meta.files.iter().enumerate() {
         if f.piece_count == 0 {
             parts.push(None);
             continue;
         }
         let range = f.first_piece..f.first_piece + f.piece_count;
-        if !tstore::working_exists(&out_dir, hash, i) {
+        if root_there && !pdir.exists(hash, i) {
             match tstore::open_final(&out_dir, &meta.name, &f.path, f.length) {
                 Ok(Some(file)) => {
                     let s = match Storage::from_file(file, f.length, pl, false) {
@@ -126,8 +132,7 @@ pub(super) fn open_tree(
         }
         let recorded = rec.working_files.get(&(i as u32)).copied();
         let name = tstore::working_name(hash, i);
-        let w: Working = match files::open_working_named(&out_dir, &name, f.length, recorded, false)
-        {
+        let w: Working = match pdir.open_working(hash, i, f.length, recorded) {
             Ok(w) => w,
             Err(e) => return storage_err(&hex, rec, e, bits),
         };

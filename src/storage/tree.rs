@@ -338,6 +338,59 @@ pub fn open_working_file(
     }
 }
 
+/// A tree's parts dir, opened once for all its files (opening a 10,000-file tree walked to
+/// it twice per file), and created only when a working file is.
+pub struct PartsDir {
+    out_dir: PathBuf,
+    dirs: Option<super::files::Dirs>,
+}
+
+impl PartsDir {
+    /// Open the parts dir of `out_dir` if it is there, never through a symlink.
+    ///
+    /// # Errors
+    /// A symlink on the way, or I/O errors.
+    pub fn open(out_dir: &Path) -> Result<PartsDir, StorageError> {
+        let dirs = match open_dirs(out_dir, false) {
+            Ok(d) => Some(d),
+            Err(StorageError::Missing { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(PartsDir {
+            out_dir: out_dir.to_path_buf(),
+            dirs,
+        })
+    }
+
+    /// Whether working file `index` of tree `hash` is there.
+    pub fn exists(&self, hash: &Hash, index: usize) -> bool {
+        self.dirs.as_ref().is_some_and(|d| {
+            fstatat_nofollow(&d.parts, working_name(hash, index).as_bytes()).is_ok()
+        })
+    }
+
+    /// [`super::files::open_working_named`] for working file `index` of tree `hash` (the
+    /// parts dir created if needed), without syncing the dir: the caller does, once, with
+    /// [`sync_parts_dir`].
+    ///
+    /// # Errors
+    /// As [`super::files::open_working_named`].
+    pub fn open_working(
+        &mut self,
+        hash: &Hash,
+        index: usize,
+        length: u64,
+        recorded: Option<FileId>,
+    ) -> Result<Working, StorageError> {
+        if self.dirs.is_none() {
+            self.dirs = Some(open_dirs(&self.out_dir, true)?);
+        }
+        let dirs = self.dirs.as_ref().expect("just opened");
+        let name = working_name(hash, index);
+        super::files::open_working_at(dirs, &self.out_dir, &name, length, recorded, false)
+    }
+}
+
 /// Whether working file `index` of tree `hash` exists in `out_dir`'s parts dir.
 pub fn working_exists(out_dir: &Path, hash: &Hash, index: usize) -> bool {
     open_dirs(out_dir, false)
