@@ -403,6 +403,10 @@ fn it_should_refuse_hostile_tree_descriptors_by_field_and_write_nothing() {
             }),
         ),
     ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     for (name, mutate) in cases {
         let mut v = good.clone();
         mutate(&mut v);
@@ -417,7 +421,23 @@ fn it_should_refuse_hostile_tree_descriptors_by_field_and_write_nothing() {
             !d.join(&out_dir).exists(),
             "{name}: the output dir was written"
         );
-        // The daemon refuses it too, before writing anything.
+        // The daemon refuses it too, sent straight to it (the CLI above checks first).
+        let req = shoal::control::CtlRequest::Add {
+            descriptor: Some(serde_json::to_string(&v).unwrap()),
+            info_hash: None,
+            output: Some(d.join(&out_dir)),
+            trackers: Vec::new(),
+            only: Vec::new(),
+        };
+        let direct = rt.block_on(shoal::control::call(&l.data_dir, &req, T));
+        let err = format!("{:#}", direct.expect_err("the daemon accepted it"));
+        if name != "100001 files" {
+            assert!(err.contains("`files`"), "{name}: {err}");
+        }
+        assert!(
+            !d.join(&out_dir).exists(),
+            "{name}: the daemon wrote the output dir"
+        );
         let sent = peer_ok(d, &l.data_dir, &["status", "--json"], T);
         assert!(
             sent.contains("\"torrents\": []") || sent.contains("\"torrents\":[]"),
@@ -438,4 +458,87 @@ fn it_should_refuse_hostile_tree_descriptors_by_field_and_write_nothing() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
     assert!(!d.join("outs/.shoal-parts").exists());
+}
+
+/// The working file of entry `index` of the tree `hex_hash` downloading into `out`.
+fn tree_working(out: &Path, hex_hash: &str, index: usize) -> std::path::PathBuf {
+    let hash: [u8; 32] = hex::decode(hex_hash).unwrap().try_into().unwrap();
+    out.join(shoal::storage::files::PARTS_DIR)
+        .join(shoal::storage::tree::working_name(&hash, index))
+}
+
+fn wait_needs_recheck(d: &Path, peer: &PeerProc) -> serde_json::Value {
+    wait_for(Duration::from_secs(60), "NEEDS RECHECK", || {
+        let st = torrent(d, peer);
+        assert_ne!(
+            st["state"], "SEEDING",
+            "completed over a file that is gone: {st}"
+        );
+        (st["state"] == "NEEDS RECHECK").then_some(st)
+    })
+}
+
+#[test]
+fn it_should_need_a_recheck_when_one_working_file_of_a_tree_is_deleted_or_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("wt");
+    std::fs::create_dir_all(src.join("a")).unwrap();
+    for i in 0..3 {
+        random_file(&src.join(format!("a/f{i}.bin")), 4 << 20);
+    }
+    let slow = d.join("slow.toml");
+    std::fs::write(&slow, "[peer]\nmax_upload_rate = \"2MiB\"\n").unwrap();
+    let fast = d.join("fast.toml");
+    std::fs::write(&fast, "[peer]\nflush_interval = \"200ms\"\n").unwrap();
+    let t = start_tracker(d, "t", &["--interval", "1s"]);
+    let _seeder = start_peer(
+        d,
+        "seeder",
+        &[t.addr],
+        &["--config", slow.to_str().unwrap()],
+    );
+    let (hash, desc) = publish(d, &_seeder, "wt");
+    let l = start_peer(d, "l", &[t.addr], &["--config", fast.to_str().unwrap()]);
+    peer_ok(d, &l.data_dir, &["get", &desc, "--output", "out"], T);
+    let out = d.join("out");
+    let have = |d: &Path| torrent(d, &l)["have"].as_u64().unwrap();
+
+    // Deleted: entry 0's working file, mid-download.
+    wait_for(T, "a few pieces", || (have(d) >= 2).then_some(()));
+    std::fs::remove_file(tree_working(&out, &hash, 0)).unwrap();
+    let st = wait_needs_recheck(d, &l);
+    let note = st["note"].as_str().unwrap();
+    assert!(note.contains("deleted or replaced"), "{st}");
+    assert!(
+        note.contains(&format!("{hash}-0.part")),
+        "names the file: {st}"
+    );
+    // It stays stopped, and nothing is placed.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(torrent(d, &l)["state"], "NEEDS RECHECK");
+    assert!(!out.join("wt").exists());
+
+    // Replaced: entry 1's working file by a copy (same bytes, another file).
+    peer_ok(d, &l.data_dir, &["recheck", &hash], T);
+    let from = have(d);
+    wait_for(T, "more pieces", || (have(d) >= from + 2).then_some(()));
+    let w1 = tree_working(&out, &hash, 1);
+    let bytes = std::fs::read(&w1).unwrap();
+    std::fs::remove_file(&w1).unwrap();
+    std::fs::write(&w1, bytes).unwrap();
+    let st = wait_needs_recheck(d, &l);
+    assert!(
+        st["note"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{hash}-1.part")),
+        "{st}"
+    );
+    assert!(!out.join("wt").exists());
+
+    // A recheck starts again from what is really there, and the tree completes.
+    peer_ok(d, &l.data_dir, &["recheck", &hash], T);
+    wait_seeding(d, &l, Duration::from_secs(120));
+    assert!(shape(&out.join("wt")) == shape(&src), "the tree differs");
 }

@@ -598,6 +598,17 @@ impl Owner {
                 .await;
         match placed {
             Ok(Ok(_)) => {}
+            Ok(Err(e @ crate::storage::StorageError::Replaced { .. })) => {
+                drop(guard);
+                // Its pieces' bits vouch for bytes that are gone: nothing is trusted until a
+                // recheck, as when a sync finds it.
+                let note = format!(
+                    "{e}; run `shoal recheck {}` to find what is still good",
+                    self.hex
+                );
+                self.park(TorrentState::NeedsRecheck, note).await;
+                return;
+            }
             Ok(Err(e)) => {
                 drop(guard);
                 let note = format!(

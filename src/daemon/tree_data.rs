@@ -80,13 +80,19 @@ pub(super) fn open_tree(
     let mut working_files = BTreeMap::new();
     let mut notes = Vec::new();
     let mut bounce = crate::hashing::bounce_buffer();
+    let mut pdir = match tstore::PartsDir::open(&out_dir) {
+        Ok(p) => p,
+        Err(e) => return storage_err(&hex, rec, e, bits),
+    };
+    // Nothing placed yet (a fresh download): no need to look for each placed file.
+    let root_there = std::fs::symlink_metadata(&rec.data_path).is_ok();
     for (i, f) in meta.files.iter().enumerate() {
         if f.piece_count == 0 {
             parts.push(None);
             continue;
         }
         let range = f.first_piece..f.first_piece + f.piece_count;
-        if !tstore::working_exists(&out_dir, hash, i) {
+        if root_there && !pdir.exists(hash, i) {
             match tstore::open_final(&out_dir, &meta.name, &f.path, f.length) {
                 Ok(Some(file)) => {
                     let s = match Storage::from_file(file, f.length, pl, false) {
@@ -126,8 +132,7 @@ pub(super) fn open_tree(
         }
         let recorded = rec.working_files.get(&(i as u32)).copied();
         let name = tstore::working_name(hash, i);
-        let w: Working = match files::open_working_named(&out_dir, &name, f.length, recorded, false)
-        {
+        let w: Working = match pdir.open_working(hash, i, f.length, recorded) {
             Ok(w) => w,
             Err(e) => return storage_err(&hex, rec, e, bits),
         };
@@ -173,7 +178,7 @@ pub(super) fn open_tree(
             return storage_err(&hex, rec, e, bits);
         }
     }
-    rec.working_files = working_files;
+    rec.working_files = working_files.clone();
     if !notes.is_empty() {
         let more = notes.len() - 1;
         let mut n = notes.swap_remove(0);
@@ -182,7 +187,10 @@ pub(super) fn open_tree(
         }
         rec.note = Some(n);
     }
-    let storage = TreeStorage::new(meta, parts);
+    let ids = (0..meta.files.len() as u32)
+        .map(|i| working_files.get(&i).copied())
+        .collect();
+    let storage = TreeStorage::new(meta, parts).watch_working(&out_dir, hash, ids);
     if let Some(bad) = super::torrent::spot_check(&storage, meta, &bits) {
         return parked(
             rec,
@@ -206,10 +214,13 @@ pub(super) fn open_tree(
 }
 
 /// Place every selected entry that is finished: files renamed in (never replacing), empty
-/// files and folders created. Returns how many files were renamed.
+/// files and folders created, then every touched folder fsynced once. A working file that is
+/// not the one recorded (deleted or replaced behind our back) is never placed. Returns how
+/// many files were renamed.
 ///
 /// # Errors
-/// A name is taken, a symlink is on the way, or I/O errors.
+/// A name is taken, a symlink is on the way, a working file was replaced
+/// ([`StorageError::Replaced`]), or I/O errors.
 pub fn place_tree(
     hash: &Hash,
     meta: &Metainfo,
@@ -217,21 +228,36 @@ pub fn place_tree(
 ) -> Result<usize, StorageError> {
     let out_dir = out_dir_of(rec);
     let selected = selection(meta, rec);
-    let mut n = 0;
+    let mut placer = tstore::Placer::new(&out_dir, &meta.name);
+    // Every working file is checked before any is placed: one deleted or replaced behind our
+    // back stops the whole placement, with nothing moved.
+    let mut to_place = Vec::new();
     for (i, f) in meta.files.iter().enumerate() {
-        if !selected[i] {
+        if !selected[i] || f.piece_count == 0 {
             continue;
         }
-        if f.piece_count == 0 {
-            tstore::place_empty(&out_dir, &meta.name, &f.path, f.dir)?;
-        } else if tstore::working_exists(&out_dir, hash, i) {
-            crate::testhook::crash_point("tree-before-place");
-            tstore::place_file(&out_dir, hash, i, &meta.name, &f.path)?;
-            n += 1;
+        // A file placed by an earlier run has no working file and no record; one that had a
+        // record must still be that file (or be placed already).
+        let place = match rec.working_files.get(&(i as u32)) {
+            Some(&want) => placer.check_working(hash, i, &f.path, want)?,
+            None => placer.working_exists(hash, i),
+        };
+        if place {
+            to_place.push(i);
         }
     }
+    for &i in &to_place {
+        crate::testhook::crash_point("tree-before-place");
+        placer.place_file(hash, i, &meta.files[i].path)?;
+    }
+    for (i, f) in meta.files.iter().enumerate() {
+        if selected[i] && f.piece_count == 0 {
+            placer.place_empty(&f.path, f.dir)?;
+        }
+    }
+    placer.finish()?;
     tstore::remove_parts_dir_if_empty(&out_dir);
-    Ok(n)
+    Ok(to_place.len())
 }
 
 /// Re-hash a stopped tree's data and return the bits and record that agree with it. Placed

@@ -48,18 +48,25 @@ pub enum SyncFailed {
     Failed(String),
     #[error("the data file is poisoned by an earlier failed sync ({0}); it needs a recheck")]
     Poisoned(String),
+    /// The sync succeeded, but a file it covered is no longer the one the download writes
+    /// (deleted or replaced behind our back): its bytes are not vouched for.
+    #[error("the working file {0} was deleted or replaced during the download")]
+    Replaced(String),
 }
 
 impl SyncFailed {
     /// The OS error text of the first failure.
     pub fn cause(&self) -> &str {
         match self {
-            SyncFailed::Failed(c) | SyncFailed::Poisoned(c) => c,
+            SyncFailed::Failed(c) | SyncFailed::Poisoned(c) | SyncFailed::Replaced(c) => c,
         }
     }
 
     /// Whether the disk was full (ENOSPC) rather than failing.
     pub fn is_disk_full(&self) -> bool {
+        if matches!(self, SyncFailed::Replaced(_)) {
+            return false;
+        }
         let c = self.cause();
         c.contains("No space left") || c.contains("os error 28")
     }
@@ -117,6 +124,14 @@ impl Ledger {
                 Err(SyncFailed::Failed(cause))
             }
         }
+    }
+
+    /// Poison the store after a sync whose token must not be used (a file it covered is no
+    /// longer ours); every later sync fails too.
+    pub fn poison_replaced(&self, path: String) -> SyncFailed {
+        let mut p = self.poisoned.lock().expect("poison lock");
+        p.get_or_insert(format!("the working file {path} was deleted or replaced"));
+        SyncFailed::Replaced(path)
     }
 
     pub fn poisoned(&self) -> Option<String> {

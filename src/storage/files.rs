@@ -230,6 +230,18 @@ pub fn open_working_named(
     sync_dir: bool,
 ) -> Result<Working, StorageError> {
     let dirs = open_dirs(out_dir, true)?;
+    open_working_at(&dirs, out_dir, name, length, recorded, sync_dir)
+}
+
+/// [`open_working_named`] in parts dir `dirs` already open (a tree opens many files there).
+pub(super) fn open_working_at(
+    dirs: &Dirs,
+    out_dir: &Path,
+    name: &str,
+    length: u64,
+    recorded: Option<FileId>,
+    sync_dir: bool,
+) -> Result<Working, StorageError> {
     let path = out_dir.join(PARTS_DIR).join(name);
     let p = path.display().to_string();
     let io_err = |source| StorageError::Io {

@@ -73,6 +73,9 @@ pub enum StorageError {
     },
     #[error("{path} is unsafe to use: {reason}")]
     Unsafe { path: String, reason: String },
+    /// A working file is not the one the download wrote (deleted, or another file put there).
+    #[error("the working file {path} was deleted or replaced during the download")]
+    Replaced { path: String },
     #[error("{path}: {source}")]
     Io {
         path: String,
