@@ -39,9 +39,10 @@ pub fn status(r: &StatusReport) -> String {
             s.push_str(&format!("  note: {n}\n"));
         }
         if !t.peers.is_empty() {
+            // RTT (PING/PONG) and throughput are separate measures, so separate columns.
             s.push_str(&format!(
-                "  {:<24} {:<22} {:>9} {:>7} {:>7} {:>7} {}\n",
-                "PEER", "ADDRESS", "LATENCY", "SCORE", "FROM", "TO", "STATE"
+                "  {:<24} {:<22} {:>9} {:>11} {:>7} {:>7} {:>7} {}\n",
+                "PEER", "ADDRESS", "RTT", "RATE", "SCORE", "FROM", "TO", "STATE"
             ));
             for p in &t.peers {
                 let st = if p.banned_until.is_some() {
@@ -52,10 +53,11 @@ pub fn status(r: &StatusReport) -> String {
                     "-"
                 };
                 s.push_str(&format!(
-                    "  {:<24} {:<22} {:>7.1}ms {:>7.2} {:>7} {:>7} {}\n",
+                    "  {:<24} {:<22} {:>7.1}ms {:>11} {:>7.2} {:>7} {:>7} {}\n",
                     p.peer_id,
                     format!("{}:{}", p.addr, p.port),
-                    p.latency_ms,
+                    p.rtt_ms,
+                    fmt_rate(p.throughput),
                     p.score,
                     p.pieces_from,
                     p.pieces_to,

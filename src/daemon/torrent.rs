@@ -42,6 +42,7 @@ use crate::picker::Picker;
 use crate::scorer::PeerScore;
 use crate::storage::durable::{flush_step, Durable, PieceStore, SyncFailed, Written};
 use crate::store::{FileId, Store, TorrentRecord, TorrentState};
+use crate::superseed::SuperSeed;
 
 /// Remote peers whose scores a torrent keeps (memory and store); past it the least useful
 /// is evicted. Bounds what fresh peer ids can make us hold.
@@ -57,6 +58,8 @@ pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum TorrentEvent {
     /// We verified this piece: tell peers, cancel duplicate requests.
     Have(u32),
+    /// Super-seeding ended (every piece reached a leecher): show every peer all we have.
+    AdvertiseAll,
 }
 
 /// What a session tells its owner.
@@ -107,6 +110,8 @@ pub struct TState {
     pub down_rate: f64,
     pub up_rate: f64,
     pub rejected_pieces: u64,
+    /// What this seeder offered and uploaded, piece by piece.
+    pub seed: SuperSeed,
     /// Record fields changed since the last commit.
     dirty: bool,
 }
@@ -242,6 +247,10 @@ impl Torrent {
             v.truncate(MAX_SCORES);
             peers = v.into_iter().collect();
         }
+        let n = p.meta.piece_count();
+        // Only a session that starts with every piece is a seeder whose upload to spread; one
+        // that completes later has shown its peers its pieces as they came.
+        let seed = SuperSeed::new(n, n > 0 && p.bits.count() == n);
         Arc::new(Torrent {
             hash: p.hash,
             hex: hex::encode(p.hash),
@@ -264,6 +273,7 @@ impl Torrent {
                 down_rate: 0.0,
                 up_rate: 0.0,
                 rejected_pieces: 0,
+                seed,
                 dirty: false,
             }),
             durable: Arc::new(Mutex::new(Durable::new(p.bits))),
@@ -384,8 +394,13 @@ impl Torrent {
         score.is_banned(now)
     }
 
-    pub fn on_uploaded(&self, peer_id: &str, bytes: u64) {
+    /// We sent piece `index` (`bytes` long) to `peer_id`.
+    pub fn on_uploaded(&self, peer_id: &str, index: u32, bytes: u64) {
         let mut s = self.lock();
+        if s.seed.on_uploaded(index) {
+            info!(info_hash = %self.hex, "super-seeding done: every piece reached a leecher");
+            let _ = self.events.send(TorrentEvent::AdvertiseAll);
+        }
         s.session_up += bytes;
         crate::metrics::peer().bytes_uploaded.inc_by(bytes);
         s.record.uploaded += bytes;
@@ -589,6 +604,8 @@ impl Torrent {
                     port: conn.map_or(p.port, |c| c.addr.port()),
                     connected: conn.is_some(),
                     latency_ms: p.latency_ms,
+                    rtt_ms: p.rtt_ms,
+                    throughput: p.throughput,
                     score: p.score(),
                     pieces_from: p.pieces_from,
                     pieces_to: p.pieces_to,
@@ -626,7 +643,14 @@ impl Torrent {
             data_path: s.record.working_path_for(&self.hash).display().to_string(),
             note: s.record.note.clone(),
             rejected_pieces: s.rejected_pieces,
+            super_seeding: s.seed.is_active(),
+            first_round_repeats: s.seed.repeats(),
             peers,
+            piece_uploads: if with_pieces {
+                s.seed.uploads().to_vec()
+            } else {
+                Vec::new()
+            },
             piece_states: if with_pieces {
                 (0..n)
                     .map(|i| {
