@@ -49,6 +49,25 @@ fn sha_pass_cpu(bytes: u64) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// Machine-wide CPU seconds (busy, idle) so far, from /proc/stat.
+fn machine_cpu() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<f64> = s
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = f[3] + f[4];
+    let busy: f64 = f.iter().take(8).sum::<f64>() - idle;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (busy / hz, idle / hz)
+}
+
 fn range(v: &[f64]) -> (f64, f64) {
     (
         v.iter().copied().fold(f64::MAX, f64::min),
@@ -101,6 +120,7 @@ fn main() {
     let sha = sha_pass_cpu(mib << 20);
     let sha_floor = 2.0 * n as f64 * sha / cores;
     let (mut times, mut floors, mut copies) = (Vec::new(), Vec::new(), Vec::new());
+    let mut other_cpu = Vec::new();
     for r in 0..runs {
         if r > 0 {
             // Super-seeding is per session: a fresh seeder process per run (it resumes from
@@ -128,6 +148,7 @@ fn main() {
                 .iter()
                 .map(|(_, dm)| common::proc_cpu(dm.child.id()))
                 .sum::<f64>();
+        let m0 = machine_cpu();
         // All at once: `get --wait` on every leecher from its own thread.
         let handles: Vec<_> = leechers
             .iter()
@@ -159,6 +180,7 @@ fn main() {
                 .iter()
                 .map(|(_, dm)| common::proc_cpu(dm.child.id()))
                 .sum::<f64>();
+        let m1 = machine_cpu();
         let (mut first_add, mut last_done) = (i64::MAX, i64::MIN);
         for (data, _) in &leechers {
             let t = &status(d, data)["torrents"][0];
@@ -171,11 +193,17 @@ fn main() {
         let secs = (last_done - first_add) as f64 / 1000.0;
         let floor = (cpu1 - cpu0) / cores;
         let c = (up1 - up0) as f64 / (mib << 20) as f64;
+        // What the rest of the machine took meanwhile: on a shared machine the cores are not
+        // all ours, and then time / floor measures the sharing, not shoal's waits. Idle time
+        // during the run is waiting that nobody else filled.
+        let others = (m1.0 - m0.0) - (cpu1 - cpu0);
+        let idle = m1.1 - m0.1;
         println!(
-            "  run {r}: 1->{n} in {secs:.3} s; CPU {:.2} s over {cores} cores = floor {floor:.3} s ({:.2}x); seeder sent {c:.2} copies",
+            "  run {r}: 1->{n} in {secs:.3} s; CPU {:.2} s over {cores} cores = floor {floor:.3} s ({:.2}x); seeder sent {c:.2} copies; machine meanwhile: other processes {others:.2} CPU s, idle {idle:.2} s",
             cpu1 - cpu0,
             secs / floor
         );
+        other_cpu.push(others);
         times.push(secs);
         floors.push(floor);
         copies.push(c);
@@ -211,5 +239,10 @@ fn main() {
         "  seeder upload: median {:.2} copies  range {:.2?}",
         common::median(copies.clone()),
         range(&copies)
+    );
+    println!(
+        "  other processes' CPU during the runs: median {:.2} s  range {:.2?}  (0 on an idle machine)",
+        common::median(other_cpu.clone()),
+        range(&other_cpu)
     );
 }

@@ -18,6 +18,9 @@ use rand::Rng;
 
 use crate::bitfield::Bitfield;
 
+/// Candidates, in index order, an offer is chosen among at random.
+const OFFER_WINDOW: u32 = 16;
+
 #[derive(Debug, Clone)]
 pub struct SuperSeed {
     /// Pieces uploaded, by index, over the whole session (not only the phase).
@@ -64,12 +67,24 @@ impl SuperSeed {
         if !self.active {
             return None;
         }
-        let n = self.uploads.len() as u32;
-        // A random start: two seeders offering at once mostly pick different pieces.
-        let start = rng.gen_range(0..n);
-        let i = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| !self.spread.get(i) && !self.offered.get(i) && !peer_has.get(i))?;
+        // Random among the first few candidates in index order: near file order, so the
+        // leechers' whole-file hash runs alongside the download, yet two seeders offering at
+        // once mostly pick different pieces.
+        let mut chosen = None;
+        let mut seen = 0u32;
+        for i in 0..self.uploads.len() as u32 {
+            if self.spread.get(i) || self.offered.get(i) || peer_has.get(i) {
+                continue;
+            }
+            seen += 1;
+            if rng.gen_range(0..seen) == 0 {
+                chosen = Some(i); // Reservoir sampling: each of the window equally likely.
+            }
+            if seen == OFFER_WINDOW {
+                break;
+            }
+        }
+        let i = chosen?;
         self.offered.set(i);
         Some(i)
     }
