@@ -18,6 +18,8 @@ use rand::Rng;
 
 use crate::bitfield::Bitfield;
 
+/// No connection holds the offer.
+const NOBODY: u64 = u64::MAX;
 /// Candidates, in index order, an offer is chosen among at random.
 const OFFER_WINDOW: u32 = 16;
 
@@ -25,8 +27,9 @@ const OFFER_WINDOW: u32 = 16;
 pub struct SuperSeed {
     /// Pieces uploaded, by index, over the whole session (not only the phase).
     uploads: Vec<u32>,
-    /// Offered to some connection and not uploaded yet: never offered to a second one.
-    offered: Bitfield,
+    /// The connection a piece is offered to and not uploaded yet ([`NOBODY`] when none):
+    /// never offered to a second one. Only that connection can withdraw it.
+    offered: Vec<u64>,
     spread: Bitfield,
     active: bool,
     /// Uploads of a piece already uploaded once, while the phase was on (0 when the rule held).
@@ -38,7 +41,7 @@ impl SuperSeed {
     pub fn new(pieces: u32, active: bool) -> SuperSeed {
         SuperSeed {
             uploads: vec![0; pieces as usize],
-            offered: Bitfield::new(pieces),
+            offered: vec![NOBODY; pieces as usize],
             spread: Bitfield::new(pieces),
             active: active && pieces > 0,
             repeats: 0,
@@ -61,9 +64,10 @@ impl SuperSeed {
         self.spread.get(i)
     }
 
-    /// A piece to offer to a peer that has `peer_has`, or None (none left in this phase).
-    /// The piece counts as offered until [`SuperSeed::withdraw`] or [`SuperSeed::on_uploaded`].
-    pub fn offer(&mut self, peer_has: &Bitfield, rng: &mut impl Rng) -> Option<u32> {
+    /// A piece to offer to connection `conn`, whose peer has `peer_has`, or None (none left
+    /// in this phase). The piece stays offered to `conn` until it withdraws it or it is
+    /// uploaded.
+    pub fn offer(&mut self, conn: u64, peer_has: &Bitfield, rng: &mut impl Rng) -> Option<u32> {
         if !self.active {
             return None;
         }
@@ -73,7 +77,7 @@ impl SuperSeed {
         let mut chosen = None;
         let mut seen = 0u32;
         for i in 0..self.uploads.len() as u32 {
-            if self.spread.get(i) || self.offered.get(i) || peer_has.get(i) {
+            if self.spread.get(i) || self.offered[i as usize] != NOBODY || peer_has.get(i) {
                 continue;
             }
             seen += 1;
@@ -85,13 +89,26 @@ impl SuperSeed {
             }
         }
         let i = chosen?;
-        self.offered.set(i);
+        self.offered[i as usize] = conn;
         Some(i)
     }
 
-    /// The peer offered `i` left or no longer needs it: `i` may be offered elsewhere.
-    pub fn withdraw(&mut self, i: u32) {
-        self.offered.clear(i);
+    /// Connection `conn` no longer holds `i` (its peer cancelled it): `i` may be offered
+    /// elsewhere. No effect when `i` is offered to another connection.
+    pub fn withdraw(&mut self, i: u32, conn: u64) {
+        if self.offered[i as usize] == conn {
+            self.offered[i as usize] = NOBODY;
+        }
+    }
+
+    /// Connection `conn` ended: whatever it was offered and did not get may go elsewhere
+    /// (including a piece being written when the connection broke).
+    pub fn withdraw_all(&mut self, conn: u64) {
+        for o in &mut self.offered {
+            if *o == conn {
+                *o = NOBODY;
+            }
+        }
     }
 
     /// We uploaded piece `i`. Returns true when this ended the phase.
@@ -101,7 +118,7 @@ impl SuperSeed {
             self.repeats += 1;
         }
         *u = u.saturating_add(1);
-        self.offered.clear(i);
+        self.offered[i as usize] = NOBODY;
         self.mark_spread(i)
     }
 
@@ -133,15 +150,21 @@ mod tests {
         let mut s = SuperSeed::new(8, true);
         let none = Bitfield::new(8);
         let mut seen = Vec::new();
-        while let Some(i) = s.offer(&none, &mut rng) {
+        while let Some(i) = s.offer(1, &none, &mut rng) {
             assert!(!seen.contains(&i), "piece {i} offered twice");
             seen.push(i);
         }
         assert_eq!(seen.len(), 8);
         // A peer left before asking for one: it goes back to the pool, once.
-        s.withdraw(seen[0]);
-        assert_eq!(s.offer(&none, &mut rng), Some(seen[0]));
-        assert_eq!(s.offer(&none, &mut rng), None);
+        s.withdraw(seen[0], 2);
+        assert_eq!(
+            s.offer(2, &none, &mut rng),
+            None,
+            "only its holder withdraws it"
+        );
+        s.withdraw(seen[0], 1);
+        assert_eq!(s.offer(2, &none, &mut rng), Some(seen[0]));
+        assert_eq!(s.offer(2, &none, &mut rng), None);
         // Another seeder's upload, seen at a leecher, spreads a piece too.
         assert!(!s.on_peer_has(seen[1]));
         for &i in &seen[2..] {
@@ -152,7 +175,7 @@ mod tests {
             "the last spread piece ends the phase"
         );
         assert!(!s.is_active());
-        assert_eq!(s.offer(&none, &mut rng), None);
+        assert_eq!(s.offer(1, &none, &mut rng), None);
         assert_eq!(s.repeats(), 0);
         s.on_uploaded(seen[0]);
         assert_eq!(s.uploads()[seen[0] as usize], 2);
@@ -166,7 +189,14 @@ mod tests {
         let mut has = Bitfield::new(3);
         has.set(0);
         has.set(1);
-        assert_eq!(s.offer(&has, &mut rng), Some(2));
+        assert_eq!(s.offer(1, &has, &mut rng), Some(2));
+        // A connection that ends gives back what it held.
+        let mut t = SuperSeed::new(1, true);
+        let none = Bitfield::new(1);
+        assert_eq!(t.offer(5, &none, &mut rng), Some(0));
+        assert_eq!(t.offer(6, &none, &mut rng), None);
+        t.withdraw_all(5);
+        assert_eq!(t.offer(6, &none, &mut rng), Some(0));
         s.on_uploaded(2);
         s.on_uploaded(2);
         assert_eq!(s.repeats(), 1);

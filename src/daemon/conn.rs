@@ -276,6 +276,10 @@ const CTRL_QUEUE: usize = 1024;
 /// Round-trip samples the RTT estimate is the minimum of: queueing behind a piece on either
 /// side only ever adds to a sample, so the minimum of the last few is the distance.
 const RTT_WINDOW: usize = 8;
+/// An offer unasked for this long (at least) stops holding back new offers.
+const MIN_OFFER_FRESH_SECS: f64 = 0.25;
+/// Offers one peer holds at most, in pipelines' worth.
+const MAX_OFFERS_PIPELINES: usize = 4;
 /// A PING unanswered this long is given up and a new one sent.
 const PING_GIVE_UP: Duration = Duration::from_secs(10);
 /// Unsent bytes the kernel may hold per connection. Past it the writer holds them, so a
@@ -402,8 +406,9 @@ struct Session {
     ticks: u64,
     /// We are a seeder offering this peer pieces one HAVE at a time ([`crate::superseed`]).
     super_mode: bool,
-    /// Pieces offered to this peer that it has not asked for yet.
-    offers: HashSet<u32>,
+    /// Pieces offered to this peer that it has not asked for yet, and when.
+    offers: HashMap<u32, Instant>,
+    conn_id: u64,
     next_ping: u64,
     /// When the PING in flight was queued.
     ping_asked: Option<Instant>,
@@ -511,7 +516,8 @@ async fn session<R, W>(
         rng: rand::rngs::StdRng::from_entropy(),
         ticks: 0,
         super_mode,
-        offers: HashSet::new(),
+        offers: HashMap::new(),
+        conn_id,
         next_ping: 0,
         ping_asked: None,
         rtt_samples: VecDeque::new(),
@@ -577,10 +583,8 @@ async fn session<R, W>(
         if let Some(b) = &s.peer_bits {
             st.picker.remove_peer(b);
         }
+        st.seed.withdraw_all(conn_id);
         let mut q = s.shared.uploads.lock().expect("upload queue lock");
-        for i in s.offers.iter().chain(q.order.iter()) {
-            st.seed.withdraw(*i);
-        }
         q.order.clear();
         q.bytes = 0;
         drop(q);
@@ -693,7 +697,7 @@ impl Session {
                 let size = u64::from(self.t.meta.piece_size(index));
                 if self.shared.unqueue(index, size) && self.super_mode {
                     // Not sent: another peer may be offered it.
-                    self.t.lock().seed.withdraw(index);
+                    self.t.lock().seed.withdraw(index, self.conn_id);
                 }
             }
             PeerMsg::Piece { index, len } => {
@@ -767,7 +771,6 @@ impl Session {
                 })
                 .await;
         }
-        self.offers.remove(&index);
         let size = u64::from(self.t.meta.piece_size(index));
         let bound = self.upload_bound();
         let refused = {
@@ -783,6 +786,10 @@ impl Session {
             }
             full
         };
+        // A refused offer stays offered: the peer asks again when our queue has room.
+        if !refused {
+            self.offers.remove(&index);
+        }
         if refused {
             return self
                 .send(PeerMsg::Reject {
@@ -982,6 +989,12 @@ impl Session {
         };
         let piece = u64::from(self.t.meta.piece_length);
         let target = (self.upload_bound() / piece).max(2) as usize;
+        // An offer not asked for within a pipeline's time is one the peer is getting
+        // elsewhere (another seeder has it in flight) or cannot ask for yet: it stays the
+        // peer's, but no longer holds back new offers, up to a few pipelines' worth.
+        let stale_after = Duration::from_secs_f64(
+            crate::scorer::pipeline_secs(self.rtt).max(MIN_OFFER_FRESH_SECS),
+        );
         let mut fresh = Vec::new();
         {
             let mut st = self.t.lock();
@@ -989,12 +1002,18 @@ impl Session {
                 return Ok(()); // AdvertiseAll is on its way.
             }
             // An offer spread elsewhere (another seeder's upload) no longer counts.
-            self.offers.retain(|&i| !st.seed.is_spread(i));
-            while self.offers.len() < target {
-                match st.seed.offer(bits, &mut self.rng) {
+            self.offers.retain(|&i, _| !st.seed.is_spread(i));
+            let mut live = self
+                .offers
+                .values()
+                .filter(|at| at.elapsed() < stale_after)
+                .count();
+            while live < target && self.offers.len() < MAX_OFFERS_PIPELINES * target {
+                match st.seed.offer(self.conn_id, bits, &mut self.rng) {
                     Some(i) => {
-                        self.offers.insert(i);
+                        self.offers.insert(i, Instant::now());
                         fresh.push(i);
+                        live += 1;
                     }
                     None => break,
                 }
