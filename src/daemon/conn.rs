@@ -903,6 +903,8 @@ impl Session {
         }
         self.super_mode = false;
         self.offers.clear();
+        // Whatever it held and did not get may go to others (when only this peer leaves).
+        self.t.lock().seed.withdraw_all(self.conn_id);
         let have = self.t.lock().picker.have().clone();
         let m = PeerMsg::Bitfield {
             len: have.as_bytes().len() as u32,
@@ -996,6 +998,7 @@ impl Session {
             crate::scorer::pipeline_secs(self.rtt).max(MIN_OFFER_FRESH_SECS),
         );
         let mut fresh = Vec::new();
+        let give_up;
         {
             let mut st = self.t.lock();
             if !st.seed.is_active() {
@@ -1008,7 +1011,10 @@ impl Session {
                 .values()
                 .filter(|at| at.elapsed() < stale_after)
                 .count();
-            while live < target && self.offers.len() < MAX_OFFERS_PIPELINES * target {
+            // It asks for none of what we offer (it wants only some files of a tree, or gets
+            // everything elsewhere): offering more cannot help it; show it all (below).
+            give_up = live == 0 && self.offers.len() >= MAX_OFFERS_PIPELINES * target;
+            while !give_up && live < target && self.offers.len() < MAX_OFFERS_PIPELINES * target {
                 match st.seed.offer(self.conn_id, bits, &mut self.rng) {
                     Some(i) => {
                         self.offers.insert(i, Instant::now());
@@ -1018,6 +1024,9 @@ impl Session {
                     None => break,
                 }
             }
+        }
+        if give_up {
+            return self.advertise_all().await;
         }
         for i in fresh {
             self.told.set(i);
