@@ -133,7 +133,16 @@ pub struct TorrentStatus {
     /// The private swarm's roster version we hold (0: none).
     #[serde(default)]
     pub roster_version: u64,
+    /// This seeder still offers pieces one peer at a time ([`crate::superseed`]).
+    #[serde(default)]
+    pub super_seeding: bool,
+    /// Pieces this seeder sent a second time while super-seeding (0 when the rule held).
+    #[serde(default)]
+    pub first_round_repeats: u64,
     pub peers: Vec<PeerStatus>,
+    /// Per piece: how many times we uploaded it this session; only for `query` snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub piece_uploads: Vec<u32>,
     /// Per piece: [have, availability, in_flight]; only for `query` snapshots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub piece_states: Vec<(bool, u16, u8)>,
@@ -166,6 +175,12 @@ pub struct PeerStatus {
     pub port: u16,
     pub connected: bool,
     pub latency_ms: f64,
+    /// Round-trip time from PING/PONG, ms (0: not measured).
+    #[serde(default)]
+    pub rtt_ms: f64,
+    /// Delivered bytes per second while it had our requests (0: not measured).
+    #[serde(default)]
+    pub throughput: f64,
     pub score: f64,
     pub pieces_from: u64,
     pub pieces_to: u64,

@@ -6,7 +6,8 @@
 //! - [`peer_proto`]: peer-to-peer messages over the codec of [`shoal_tracker::wire`].
 //! - [`storage`]: piece I/O through memory maps (all `unsafe` lives there).
 //! - [`store`]: the sled state: torrents, durable bitfields, scores.
-//! - [`picker`], [`scorer`]: which piece next, and how much to ask of whom.
+//! - [`picker`], [`scorer`], [`superseed`]: which piece next, how much to ask of whom, and
+//!   which pieces a seeder offers to whom first.
 //! - [`sabotage`]: the testing mode that misbehaves on purpose.
 //! - [`daemon`]: `shoal peer run`, tying it all together.
 //! - [`control`], [`query`]: the local control socket and the SQL view of the state.
@@ -35,6 +36,7 @@ pub mod scorer;
 pub mod secure;
 pub mod storage;
 pub mod store;
+pub mod superseed;
 pub mod testhook;
 pub mod tree;
 pub mod units;

@@ -2,8 +2,12 @@
 //!
 //! Each connection serves one torrent, named in the HELLO both sides send first. After that
 //! either side may send BITFIELD (once, with the bits as payload), HAVE, REQUEST, CANCEL,
-//! GET_METADATA and KEEPALIVE, and answer with PIECE (payload), REJECT and METADATA (payload).
-//! Several REQUESTs may be outstanding on one connection.
+//! GET_METADATA, KEEPALIVE and PING, and answer with PIECE (payload), REJECT, METADATA
+//! (payload) and PONG. Several REQUESTs may be outstanding on one connection.
+//!
+//! A BITFIELD marked `super_seed` comes from a complete peer that hides what it has and offers
+//! pieces one HAVE at a time ([`crate::superseed`]); a later BITFIELD replaces it. PING/PONG
+//! measure the round trip apart from throughput: a PONG is sent ahead of queued pieces.
 //!
 //! Private swarms: HELLO carries the version of the roster the sender holds (0: none); a side
 //! holding a newer roster sends it in a ROSTER frame right after the HELLOs, and again
@@ -29,6 +33,9 @@ pub enum PeerMsg {
     /// Payload: the sender's bitfield, MSB first.
     Bitfield {
         len: u32,
+        /// The sender is complete but super-seeding: these bits are what it offers so far.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        super_seed: bool,
     },
     Have {
         index: u32,
@@ -44,6 +51,9 @@ pub enum PeerMsg {
     Reject {
         index: u32,
         reason: String,
+        /// The piece is there but the sender's upload queue for us is full: ask again later.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        busy: bool,
     },
     Cancel {
         index: u32,
@@ -57,6 +67,13 @@ pub enum PeerMsg {
     /// Payload: a private swarm's roster JSON, signed by its authority.
     Roster {
         len: u32,
+    },
+    /// Answer with PONG of the same `id` at once (ahead of queued pieces).
+    Ping {
+        id: u64,
+    },
+    Pong {
+        id: u64,
     },
     Error {
         reason: String,
@@ -82,6 +99,8 @@ impl PeerMsg {
             PeerMsg::Metadata { .. } => "METADATA",
             PeerMsg::Keepalive => "KEEPALIVE",
             PeerMsg::Roster { .. } => "ROSTER",
+            PeerMsg::Ping { .. } => "PING",
+            PeerMsg::Pong { .. } => "PONG",
             PeerMsg::Error { .. } => "ERROR",
         }
     }
@@ -115,10 +134,18 @@ mod tests {
             PeerMsg::Reject {
                 index: 4,
                 reason: "no".into(),
+                busy: false,
+            },
+            PeerMsg::Reject {
+                index: 4,
+                reason: "full".into(),
+                busy: true,
             },
             PeerMsg::Cancel { index: 4 },
             PeerMsg::GetMetadata,
             PeerMsg::Keepalive,
+            PeerMsg::Ping { id: u64::MAX },
+            PeerMsg::Pong { id: 9 },
         ];
         for m in msgs {
             let mut buf = Vec::new();
@@ -139,5 +166,25 @@ mod tests {
         buf.extend_from_slice(bad);
         let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
         assert!(f.parse::<PeerMsg>().is_err());
+        for super_seed in [true, false] {
+            let m = PeerMsg::Bitfield { len: 1, super_seed };
+            let mut buf = Vec::new();
+            encode(&m, &[0x80], &mut buf).unwrap();
+            let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
+            assert_eq!(f.parse::<PeerMsg>().unwrap(), m);
+        }
+        // A BITFIELD from a peer that predates the flag is a plain one.
+        let old = br#"{"type":"BITFIELD","len":1}"#;
+        let mut buf = (old.len() as u32).to_be_bytes().to_vec();
+        buf.extend_from_slice(old);
+        buf.push(0x80);
+        let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
+        assert_eq!(
+            f.parse::<PeerMsg>().unwrap(),
+            PeerMsg::Bitfield {
+                len: 1,
+                super_seed: false
+            }
+        );
     }
 }

@@ -21,10 +21,11 @@ CREATE TABLE torrents (info_hash TEXT PRIMARY KEY, name TEXT, length INTEGER, pi
   pieces INTEGER, have INTEGER, state TEXT, progress REAL, downloaded INTEGER, uploaded INTEGER,
   down_rate REAL, up_rate REAL, added_at INTEGER, completed_at INTEGER, data_path TEXT);
 CREATE TABLE pieces (info_hash TEXT, idx INTEGER, have INTEGER, availability INTEGER, in_flight INTEGER,
-  PRIMARY KEY (info_hash, idx));
+  uploads INTEGER, PRIMARY KEY (info_hash, idx));
 CREATE TABLE peers (info_hash TEXT, peer_id TEXT, addr TEXT, port INTEGER, connected INTEGER,
   latency_ms REAL, score REAL, pieces_from INTEGER, pieces_to INTEGER, bytes_from INTEGER,
-  bytes_to INTEGER, failures INTEGER, banned_until INTEGER, fingerprint TEXT, member INTEGER);
+  bytes_to INTEGER, failures INTEGER, banned_until INTEGER, rtt_ms REAL, throughput REAL,
+  fingerprint TEXT, member INTEGER);
 CREATE TABLE files (info_hash TEXT, idx INTEGER, path TEXT, length INTEGER, have INTEGER,
   selected INTEGER, PRIMARY KEY (info_hash, idx));
 CREATE TABLE trackers (addr TEXT PRIMARY KEY, reachable INTEGER, last_ok INTEGER, last_error TEXT,
@@ -38,10 +39,10 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
         let mut t = tx.prepare(
             "INSERT INTO torrents VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
         )?;
-        let mut p = tx.prepare("INSERT INTO pieces VALUES (?1,?2,?3,?4,?5)")?;
+        let mut p = tx.prepare("INSERT INTO pieces VALUES (?1,?2,?3,?4,?5,?6)")?;
         let mut fi = tx.prepare("INSERT INTO files VALUES (?1,?2,?3,?4,?5,?6)")?;
         let mut pe = tx.prepare(
-            "INSERT INTO peers VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
+            "INSERT INTO peers VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)",
         )?;
         for x in &r.torrents {
             t.execute(params![
@@ -62,7 +63,15 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
                 x.data_path
             ])?;
             for (i, (have, avail, inflight)) in x.piece_states.iter().enumerate() {
-                p.execute(params![x.info_hash, i as i64, have, avail, inflight])?;
+                let uploads = x.piece_uploads.get(i).copied().unwrap_or(0);
+                p.execute(params![
+                    x.info_hash,
+                    i as i64,
+                    have,
+                    avail,
+                    inflight,
+                    uploads
+                ])?;
             }
             for (i, f) in x.files.iter().enumerate() {
                 fi.execute(params![
@@ -89,6 +98,8 @@ fn load(conn: &mut Connection, r: &StatusReport) -> rusqlite::Result<()> {
                     q.bytes_to,
                     q.failures,
                     q.banned_until,
+                    q.rtt_ms,
+                    q.throughput,
                     q.fingerprint,
                     q.member
                 ])?;

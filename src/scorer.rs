@@ -1,21 +1,30 @@
 //! Smart Swarm: what we know of each remote peer, and how much we ask of it.
 //!
-//! The pipelining depth for a peer follows its measured bandwidth-delay product: enough
-//! requests to keep [`TARGET_QUEUE_SECS`] of its measured throughput in flight, clamped between
-//! one (so slow peers are still probed) and the configured maximum. Failures scale it down.
+//! Two measures, kept apart: the round-trip time (PING/PONG, a windowed minimum so queueing
+//! behind pieces does not count as distance) and the throughput (bytes delivered per second
+//! while the peer had work). The pipelining depth is their product, the bandwidth-delay
+//! product: enough requests to cover [`pipeline_secs`] of the peer's throughput, plus one piece
+//! queued behind the one on the wire, clamped between one (so slow peers are still probed)
+//! and the configured maximum. Failures scale it down. The uploader bounds what it queues for
+//! a peer by the same product ([`pipeline_bytes`]), so the two sides agree without talking.
 //! Scores are kept in the store and survive restarts.
 
 use serde::{Deserialize, Serialize};
 
-/// Seconds of a peer's throughput we keep requested.
-pub const TARGET_QUEUE_SECS: f64 = 0.5;
+/// Time beyond two round trips that a pipeline covers: the scheduling and hashing jitter of
+/// the two ends, so a link with a tiny RTT (loopback) still has work queued.
+pub const PIPELINE_SLACK_SECS: f64 = 0.05;
 /// Weight of a new sample in the moving averages.
 const ALPHA: f64 = 0.2;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerScore {
-    /// Moving average of request-to-piece time, milliseconds (0: not measured).
+    /// Moving average of request-to-piece time, milliseconds (0: not measured): queueing and
+    /// transfer included, so it is not the distance to the peer; see `rtt_ms`.
     pub latency_ms: f64,
+    /// Round-trip time, milliseconds, from PING/PONG (0: not measured).
+    #[serde(default)]
+    pub rtt_ms: f64,
     /// Moving average of delivered bytes per second (0: not measured).
     pub throughput: f64,
     pub pieces_from: u64,
@@ -50,15 +59,26 @@ impl PeerScore {
         self.throughput = ewma(self.throughput, bytes_per_sec);
     }
 
+    /// The connection's current RTT estimate (its windowed minimum).
+    pub fn record_rtt(&mut self, rtt_ms: f64) {
+        self.rtt_ms = rtt_ms;
+    }
+
     pub fn success_rate(&self) -> f64 {
         let bad = f64::from(self.failures + self.timeouts);
         let good = self.pieces_from as f64;
         (good + 1.0) / (good + bad + 1.0)
     }
 
-    /// One number for ordering peers: delivered MiB/s, discounted by failures.
+    /// One number for ordering peers: MiB/s one request of a MiB gets from this peer (a round
+    /// trip, then the bytes at its throughput), discounted by failures. So of two peers with
+    /// the same throughput the nearer scores higher.
     pub fn score(&self) -> f64 {
-        (self.throughput / (1024.0 * 1024.0)) * self.success_rate()
+        if self.throughput <= 0.0 {
+            return 0.0;
+        }
+        let secs = self.rtt_ms / 1000.0 + (1024.0 * 1024.0) / self.throughput;
+        self.success_rate() / secs
     }
 
     /// Requests to keep outstanding with this peer.
@@ -66,8 +86,8 @@ impl PeerScore {
         if self.throughput <= 0.0 {
             return initial.min(max);
         }
-        let bdp = self.throughput * TARGET_QUEUE_SECS / f64::from(piece_len);
-        let n = (bdp * self.success_rate()).ceil() as usize;
+        let bdp = pipeline_bytes(self.throughput, self.rtt_ms / 1000.0) / f64::from(piece_len);
+        let n = ((bdp + 1.0) * self.success_rate()).ceil() as usize;
         n.clamp(1, max)
     }
 
@@ -86,7 +106,18 @@ impl PeerScore {
     }
 }
 
-fn ewma(old: f64, sample: f64) -> f64 {
+/// Seconds of throughput a pipeline covers on a link with this RTT.
+pub fn pipeline_secs(rtt_secs: f64) -> f64 {
+    2.0 * rtt_secs + PIPELINE_SLACK_SECS
+}
+
+/// Bytes a link with this throughput and RTT drains in [`pipeline_secs`].
+pub fn pipeline_bytes(bytes_per_sec: f64, rtt_secs: f64) -> f64 {
+    bytes_per_sec * pipeline_secs(rtt_secs)
+}
+
+/// An exponentially weighted moving average; the first sample is taken whole.
+pub fn ewma(old: f64, sample: f64) -> f64 {
     if old <= 0.0 {
         sample
     } else {
@@ -104,13 +135,16 @@ mod tests {
         let mut slow = PeerScore::default();
         for _ in 0..10 {
             fast.record_piece(1 << 20, 5.0);
-            fast.record_throughput(500.0 * 1048576.0);
+            fast.record_throughput(1000.0 * 1048576.0);
+            fast.record_rtt(1.0);
             slow.record_piece(1 << 20, 300.0);
             slow.record_throughput(3.0 * 1048576.0);
+            slow.record_rtt(300.0);
         }
         assert_eq!(PeerScore::default().slots(1 << 20, 4, 32), 4);
         assert_eq!(fast.slots(1 << 20, 4, 32), 32);
-        assert_eq!(slow.slots(1 << 20, 4, 32), 2);
+        // 3 MiB/s x (2 x 0.3 s + 0.05 s) = 1.95 MiB in flight, plus one queued.
+        assert_eq!(slow.slots(1 << 20, 4, 32), 3);
         slow.failures = 50;
         assert_eq!(
             slow.slots(1 << 20, 4, 32),
@@ -118,5 +152,19 @@ mod tests {
             "failing peers are still probed"
         );
         assert!(fast.score() > slow.score());
+    }
+
+    #[test]
+    fn it_should_rank_the_nearer_of_two_equally_fast_peers_higher_and_pipeline_deeper_to_the_farther(
+    ) {
+        let mut near = PeerScore::default();
+        let mut far = PeerScore::default();
+        for p in [&mut near, &mut far] {
+            p.record_throughput(10.0 * 1048576.0);
+        }
+        near.record_rtt(20.0);
+        far.record_rtt(600.0);
+        assert!(near.score() > far.score());
+        assert!(far.slots(1 << 20, 4, 32) > near.slots(1 << 20, 4, 32));
     }
 }

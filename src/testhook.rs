@@ -32,3 +32,17 @@ pub fn fault_point(name: &str) -> std::io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// With `SHOAL_TEST_PONG_DELAY_MS=N` in its environment, the peer answers every PING N ms
+/// late, as a link with that much more round trip would: the RTT test's injected delay. Read
+/// once; a PING comes about once a second per connection, so the cost is nil.
+pub fn pong_delay() -> Option<std::time::Duration> {
+    static AT: OnceLock<Option<std::time::Duration>> = OnceLock::new();
+    *AT.get_or_init(|| {
+        std::env::var("SHOAL_TEST_PONG_DELAY_MS")
+            .ok()?
+            .parse()
+            .ok()
+            .map(std::time::Duration::from_millis)
+    })
+}

@@ -28,3 +28,5 @@ mod ops;
 mod cli;
 // Folder trees (format 2): publish/get of trees, --only and select, kills, hostile paths.
 mod folders;
+// Swarm efficiency: super-seeding, control ahead of data, RTT apart from throughput.
+mod swarm;

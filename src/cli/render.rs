@@ -45,9 +45,10 @@ pub fn status(r: &StatusReport) -> String {
             ));
         }
         if !t.peers.is_empty() {
+            // RTT (PING/PONG) and throughput are separate measures, so separate columns.
             s.push_str(&format!(
-                "  {:<17} {:<22} {:>9} {:>7} {:>7} {:>7} {}\n",
-                "PEER KEY", "ADDRESS", "LATENCY", "SCORE", "FROM", "TO", "STATE"
+                "  {:<17} {:<22} {:>9} {:>11} {:>7} {:>7} {:>7} {}\n",
+                "PEER KEY", "ADDRESS", "RTT", "RATE", "SCORE", "FROM", "TO", "STATE"
             ));
             for p in &t.peers {
                 let mut st = if p.banned_until.is_some() {
@@ -64,10 +65,11 @@ pub fn status(r: &StatusReport) -> String {
                     None => {}
                 }
                 s.push_str(&format!(
-                    "  {:<17} {:<22} {:>7.1}ms {:>7.2} {:>7} {:>7} {}\n",
+                    "  {:<17} {:<22} {:>7.1}ms {:>11} {:>7.2} {:>7} {:>7} {}\n",
                     crate::secure::fingerprint(&p.peer_id),
                     format!("{}:{}", p.addr, p.port),
-                    p.latency_ms,
+                    p.rtt_ms,
+                    fmt_rate(p.throughput),
                     p.score,
                     p.pieces_from,
                     p.pieces_to,

@@ -7,12 +7,18 @@
 //! (outstanding requests, the peer's bitfield) and reacts to frames, torrent events,
 //! verification results and a 1 s tick.
 //!
+//! Control never waits behind data: the writer takes control frames (REQUEST, HAVE, CANCEL,
+//! PING/PONG, KEEPALIVE) from their own queue and sends all of them before each piece, the
+//! kernel holds at most [`UNSENT_LOWAT_BYTES`] unsent, and the pieces a peer may have queued
+//! are bounded by what its link drains in a couple of round trips (more get a busy REJECT).
+//! RTT is measured by PING/PONG, apart from throughput; both set the pipelining depth.
+//!
 //! Hashing runs on the blocking pool, bounded by the daemon's `verify_limit`, so the network
 //! tasks keep reading while pieces are hashed and at most that many pieces sit in memory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,9 +26,10 @@ use bytes::Bytes;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
 use shoal_tracker::wire::{Frame, FrameError, FrameReader, FrameWriter, Limits, Timeouts};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -187,6 +194,7 @@ async fn secure(
     outgoing: bool,
 ) -> Result<(Reader, Writer, String), ConnError> {
     let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
+    limit_unsent(&stream);
     let (r, w) = stream.into_split();
     let hs = async {
         if outgoing {
@@ -377,21 +385,88 @@ pub async fn fetch_metadata(
     Err(ConnError::Protocol("no METADATA after 64 frames".into()))
 }
 
-/// What the session loop asks the writer to send.
-enum Out {
+/// A control frame for the writer. Control goes ahead of every queued piece: the writer sends
+/// all pending control frames before it starts the next piece, and while it waits on the
+/// upload cap.
+enum Ctrl {
     Msg(PeerMsg),
     Payload(PeerMsg, Bytes),
-    /// Serve piece `index` from the map.
-    Serve(u32),
+}
+
+/// Control frames queued for the writer at most (small frames; a full queue makes the session
+/// wait, which is the backpressure of a peer that does not read).
+const CTRL_QUEUE: usize = 1024;
+/// Round-trip samples the RTT estimate is the minimum of: queueing behind a piece on either
+/// side only ever adds to a sample, so the minimum of the last few is the distance.
+const RTT_WINDOW: usize = 8;
+/// An offer unasked for this long (at least) stops holding back new offers.
+const MIN_OFFER_FRESH_SECS: f64 = 0.25;
+/// Offers one peer holds at most, in pipelines' worth.
+const MAX_OFFERS_PIPELINES: usize = 4;
+/// A PING unanswered this long is given up and a new one sent.
+const PING_GIVE_UP: Duration = Duration::from_secs(10);
+/// Unsent bytes the kernel may hold per connection. Past it the writer holds them, so a
+/// control frame queued now waits for at most this much plus the rest of the piece being
+/// written, not for the several MiB a send buffer grows to on a fast link.
+const UNSENT_LOWAT_BYTES: libc::c_int = 128 * 1024;
+
+/// Limit the kernel's unsent bytes (see [`UNSENT_LOWAT_BYTES`]). Best effort: without it the
+/// connection works, control just waits longer on a thin link.
+fn limit_unsent(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = UNSENT_LOWAT_BYTES;
+    // SAFETY: setsockopt on an open socket we own, with a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::addr_of!(v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(cause = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
+}
+
+/// The pieces a peer asked for and we accepted, in order, not yet being written.
+#[derive(Default)]
+struct UploadQueue {
+    order: VecDeque<u32>,
+    bytes: u64,
 }
 
 /// State the session loop and the writer share.
 #[derive(Default)]
 struct Shared {
-    /// Upload requests queued in the writer.
-    queued: AtomicUsize,
-    /// Requests the peer cancelled before we served them.
-    cancelled: Mutex<HashSet<u32>>,
+    uploads: Mutex<UploadQueue>,
+    /// Wakes the writer when a piece is queued.
+    upload_ready: Notify,
+    /// Piece bytes written to the socket, for the upload rate to this peer.
+    sent_bytes: AtomicU64,
+    /// The PING in flight: its id and when the writer handed it to the socket.
+    ping: Mutex<Option<(u64, Instant)>>,
+}
+
+impl Shared {
+    fn pop_upload(&self, size: impl Fn(u32) -> u64) -> Option<u32> {
+        let mut q = self.uploads.lock().expect("upload queue lock");
+        let i = q.order.pop_front()?;
+        q.bytes -= size(i);
+        Some(i)
+    }
+
+    /// Drop a queued piece; whether it was queued.
+    fn unqueue(&self, index: u32, size: u64) -> bool {
+        let mut q = self.uploads.lock().expect("upload queue lock");
+        let Some(pos) = q.order.iter().position(|&i| i == index) else {
+            return false;
+        };
+        q.order.remove(pos);
+        q.bytes -= size;
+        true
+    }
 }
 
 fn register(
@@ -436,20 +511,39 @@ struct Session {
     addr: SocketAddr,
     /// The version of the private swarm's roster the peer holds, as far as we know.
     remote_roster: u64,
-    out: mpsc::Sender<Out>,
+    ctrl: mpsc::Sender<Ctrl>,
     shared: Arc<Shared>,
     peer_bits: Option<Bitfield>,
+    /// The peer is complete (a full or a super-seeding BITFIELD): nothing to offer it.
+    peer_complete: bool,
     /// What the peer knows we have.
     told: Bitfield,
     requested: HashMap<u32, Instant>,
     /// Pieces not to ask this peer for now (rejected or timed out), cleared now and then.
     avoid: HashSet<u32>,
+    /// The peer said its upload queue is full: keep at most this many requests until the
+    /// next tick.
+    busy_cap: Option<usize>,
     /// Bytes received since the last tick, for the throughput sample.
     bytes_since_tick: u64,
     last_tick: Instant,
     consecutive_timeouts: u32,
     rng: rand::rngs::StdRng,
     ticks: u64,
+    /// We are a seeder offering this peer pieces one HAVE at a time ([`crate::superseed`]).
+    super_mode: bool,
+    /// Pieces offered to this peer that it has not asked for yet, and when.
+    offers: HashMap<u32, Instant>,
+    conn_id: u64,
+    next_ping: u64,
+    /// When the PING in flight was queued.
+    ping_asked: Option<Instant>,
+    rtt_samples: VecDeque<f64>,
+    /// This connection's RTT estimate, seconds (0: not measured).
+    rtt: f64,
+    /// Piece bytes per second we upload to this peer while it has work queued.
+    up_rate: f64,
+    sent_mark: u64,
 }
 
 /// Why a session ends.
@@ -459,16 +553,23 @@ enum End {
     Tell(String),
 }
 
+/// A frame as the reader hands it over: the frame, the SHA-256 of its payload, and when it
+/// arrived (for RTT samples, before it waits in the channel).
+type Incoming = Result<Option<(Frame, Hash, Instant)>, FrameError>;
+
 #[allow(clippy::too_many_arguments)]
-async fn session(
+async fn session<R, W>(
     d: Arc<Net>,
     t: Arc<Torrent>,
-    mut reader: Reader,
-    mut writer: Writer,
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
     hello: &Hello,
     addr: SocketAddr,
     outgoing: bool,
-) {
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let remote = hello.peer_id.clone();
     let Some((conn_id, token)) = register(&d, &t, &remote, addr, outgoing) else {
         let _ = writer
@@ -490,11 +591,14 @@ async fn session(
     });
     // Subscribe before taking the bitfield, so no HAVE falls between the two.
     let mut events = t.events.subscribe();
-    let ours = t.lock().picker.have().clone();
+    let (ours, super_mode) = {
+        let st = t.lock();
+        (st.picker.have().clone(), st.seed.is_active())
+    };
     let n = t.meta.piece_count();
     let shared = Arc::new(Shared::default());
-    let (out_tx, out_rx) = mpsc::channel(d.cfg.max_uploads_per_peer + 256);
-    let (in_tx, mut in_rx) = mpsc::channel(2);
+    let (ctrl_tx, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
+    let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(2);
     let reader_task = tokio::spawn(async move {
         let mut h = Sha256::new();
         loop {
@@ -503,7 +607,7 @@ async fn session(
             let r = reader
                 .read_frame_observing(|b| h.update(b))
                 .await
-                .map(|f| f.map(|f| (f, Hash::from(h.finalize_reset()))));
+                .map(|f| f.map(|f| (f, Hash::from(h.finalize_reset()), Instant::now())));
             let end = !matches!(r, Ok(Some(_)));
             if in_tx.send(r).await.is_err() || end {
                 break;
@@ -514,38 +618,54 @@ async fn session(
         d.clone(),
         t.clone(),
         writer,
-        out_rx,
+        ctrl_rx,
         shared.clone(),
         remote.clone(),
         d.cfg.idle_timeout / 3,
     ));
+    // A super-seeder shows nothing at first and offers pieces one by one.
+    let shown = if super_mode { Bitfield::new(n) } else { ours };
     let mut s = Session {
         d: d.clone(),
         t: t.clone(),
         remote: remote.clone(),
         addr,
         remote_roster: hello.roster.max(t.roster_version()),
-        out: out_tx,
+        ctrl: ctrl_tx,
         shared,
         peer_bits: None,
-        told: ours.clone(),
+        peer_complete: false,
+        told: shown.clone(),
         requested: HashMap::new(),
         avoid: HashSet::new(),
+        busy_cap: None,
         bytes_since_tick: 0,
         last_tick: Instant::now(),
         consecutive_timeouts: 0,
         rng: rand::rngs::StdRng::from_entropy(),
         ticks: 0,
+        super_mode,
+        offers: HashMap::new(),
+        conn_id,
+        next_ping: 0,
+        ping_asked: None,
+        rtt_samples: VecDeque::new(),
+        rtt: 0.0,
+        up_rate: 0.0,
+        sent_mark: 0,
     };
     let _ = s
-        .out
-        .send(Out::Payload(
+        .ctrl
+        .send(Ctrl::Payload(
             PeerMsg::Bitfield {
-                len: ours.as_bytes().len() as u32,
+                len: shown.as_bytes().len() as u32,
+                super_seed: super_mode,
             },
-            Bytes::copy_from_slice(ours.as_bytes()),
+            Bytes::copy_from_slice(shown.as_bytes()),
         ))
         .await;
+    // The first RTT sample right away: the pipelining depth needs it.
+    let _ = s.ping().await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let end = loop {
         let step = tokio::select! {
@@ -556,12 +676,15 @@ async fn session(
                     debug!(cause = %e, "read failed");
                     break if e.is_protocol_violation() { End::Tell(e.to_string()) } else { End::Quiet };
                 }
-                Some(Ok(Some((frame, digest)))) => s.on_frame(frame, digest, n).await,
+                Some(Ok(Some((frame, digest, at)))) => s.on_frame(frame, digest, at, n).await,
             },
             ev = events.recv() => s.on_event(ev).await,
-            _ = tick.tick() => s.on_tick(),
+            _ = tick.tick() => s.on_tick().await,
         };
         if let Err(end) = step {
+            break end;
+        }
+        if let Err(end) = s.fill_offers().await {
             break end;
         }
         if s.fill_requests().await.is_err() {
@@ -570,16 +693,17 @@ async fn session(
     };
     if let End::Tell(reason) = &end {
         warn!(peer = %remote, %addr, %reason, "closing connection");
-        // Queued behind what is pending; the writer gets a second to send it (below). A full
-        // or closed queue only means the ERROR is not delivered.
+        // Ahead of any queued piece; the writer gets a second to send it (below). A full or
+        // closed queue only means the ERROR is not delivered.
         let _ = s
-            .out
-            .send(Out::Msg(PeerMsg::Error {
+            .ctrl
+            .send(Ctrl::Msg(PeerMsg::Error {
                 reason: reason.clone(),
             }))
             .await;
     }
-    // Cleanup: give back every outstanding request and this peer's availability.
+    // Cleanup: give back every outstanding request, this peer's availability, and the pieces
+    // offered to it or queued for it and not sent (another peer may be offered them now).
     {
         let mut st = t.lock();
         for &i in s.requested.keys() {
@@ -588,14 +712,19 @@ async fn session(
         if let Some(b) = &s.peer_bits {
             st.picker.remove_peer(b);
         }
+        st.seed.withdraw_all(conn_id);
+        let mut q = s.shared.uploads.lock().expect("upload queue lock");
+        q.order.clear();
+        q.bytes = 0;
+        drop(q);
         if st.conns.get(&remote).is_some_and(|c| c.id == conn_id) {
             st.conns.remove(&remote);
         }
     }
     reader_task.abort();
-    let Session { out, .. } = s;
-    drop(out);
-    // The writer drains what is queued (bounded by its write timeout) then ends.
+    let Session { ctrl, .. } = s;
+    drop(ctrl);
+    // The writer sends the control frames queued (bounded by its write timeout) then ends.
     if matches!(end, End::Tell(_)) {
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
     } else {
@@ -606,7 +735,7 @@ async fn session(
 
 impl Session {
     async fn send(&self, m: PeerMsg) -> Result<(), End> {
-        self.out.send(Out::Msg(m)).await.map_err(|_| End::Quiet)
+        self.ctrl.send(Ctrl::Msg(m)).await.map_err(|_| End::Quiet)
     }
 
     fn check_index(&self, index: u32, n: u32) -> Result<(), End> {
@@ -618,73 +747,87 @@ impl Session {
         Ok(())
     }
 
-    /// `digest` is the SHA-256 of `frame`'s payload.
-    async fn on_frame(&mut self, frame: Frame, digest: Hash, n: u32) -> Result<(), End> {
+    /// Bytes of pieces we queue for this peer at most: what its link drains in a couple of
+    /// round trips ([`crate::scorer::pipeline_bytes`], the same product its pipelining depth
+    /// follows), and never under two pieces, so one is always ready behind the one on the wire.
+    fn upload_bound(&self) -> u64 {
+        let piece = u64::from(self.t.meta.piece_length);
+        if self.up_rate <= 0.0 {
+            // Not measured yet: as many as an unmeasured downloader asks for.
+            return piece * self.d.cfg.initial_requests_per_peer.max(2) as u64;
+        }
+        let bdp = crate::scorer::pipeline_bytes(self.up_rate, self.rtt) as u64;
+        (bdp + piece).max(2 * piece)
+    }
+
+    async fn ping(&mut self) -> Result<(), End> {
+        self.next_ping += 1;
+        self.ping_asked = Some(Instant::now());
+        self.send(PeerMsg::Ping { id: self.next_ping }).await
+    }
+
+    /// `digest` is the SHA-256 of `frame`'s payload; `at` is when the frame arrived.
+    async fn on_frame(
+        &mut self,
+        frame: Frame,
+        digest: Hash,
+        at: Instant,
+        n: u32,
+    ) -> Result<(), End> {
         let msg = match frame.parse::<PeerMsg>() {
             Ok(m) => m,
             Err(e) => return Err(End::Tell(format!("bad {} message: {e}", frame.kind()))),
         };
         match msg {
-            PeerMsg::Bitfield { .. } => {
+            PeerMsg::Bitfield { super_seed, .. } => {
                 let bits = Bitfield::from_bytes(&frame.payload, n).ok_or_else(|| {
                     End::Tell(format!(
                         "BITFIELD of {} bytes does not fit {n} pieces",
                         frame.payload.len()
                     ))
                 })?;
+                self.peer_complete = super_seed || bits.is_complete();
                 let mut st = self.t.lock();
                 if let Some(old) = &self.peer_bits {
                     st.picker.remove_peer(old);
                 }
                 st.picker.add_peer(&bits);
+                // What a leecher already has is spread, wherever it came from.
+                let mut ended = false;
+                if !self.peer_complete && st.seed.is_active() {
+                    for i in bits.ones() {
+                        ended |= st.seed.on_peer_has(i);
+                    }
+                }
                 drop(st);
+                if ended {
+                    let _ = self.t.events.send(TorrentEvent::AdvertiseAll);
+                }
                 self.peer_bits = Some(bits);
             }
             PeerMsg::Have { index } => {
                 self.check_index(index, n)?;
                 let bits = self.peer_bits.get_or_insert_with(|| Bitfield::new(n));
                 if bits.set(index) {
-                    self.t.lock().picker.add_have(index);
+                    let mut st = self.t.lock();
+                    st.picker.add_have(index);
+                    if !self.peer_complete && st.seed.on_peer_has(index) {
+                        let _ = self.t.events.send(TorrentEvent::AdvertiseAll);
+                    }
                 }
                 self.avoid.remove(&index);
             }
             PeerMsg::Request { index } => {
                 self.check_index(index, n)?;
-                let have = self.t.lock().picker.have().get(index);
-                if !have {
-                    self.send(PeerMsg::Reject {
-                        index,
-                        reason: "piece not available here".into(),
-                    })
-                    .await?;
-                } else if self.shared.queued.load(Ordering::Relaxed)
-                    >= self.d.cfg.max_uploads_per_peer
-                {
-                    self.send(PeerMsg::Reject {
-                        index,
-                        reason: "too many queued requests".into(),
-                    })
-                    .await?;
-                } else {
-                    self.shared
-                        .cancelled
-                        .lock()
-                        .expect("cancel lock")
-                        .remove(&index);
-                    self.shared.queued.fetch_add(1, Ordering::Relaxed);
-                    self.out
-                        .send(Out::Serve(index))
-                        .await
-                        .map_err(|_| End::Quiet)?;
-                }
+                self.on_request(index).await?;
             }
             PeerMsg::Cancel { index } => {
                 self.check_index(index, n)?;
-                self.shared
-                    .cancelled
-                    .lock()
-                    .expect("cancel lock")
-                    .insert(index);
+                let size = u64::from(self.t.meta.piece_size(index));
+                if self.shared.unqueue(index, size) && self.super_mode {
+                    // Not sent: another peer may be offered it.
+                    self.t.lock().seed.withdraw(index, self.conn_id);
+                }
             }
             PeerMsg::Piece { index, len } => {
                 self.check_index(index, n)?;
@@ -697,12 +840,22 @@ impl Session {
                 }
                 self.on_piece(index, frame.payload, digest).await?;
             }
-            PeerMsg::Reject { index, reason } => {
+            PeerMsg::Reject {
+                index,
+                reason,
+                busy,
+            } => {
                 self.check_index(index, n)?;
-                debug!(index, %reason, "request rejected");
+                debug!(index, %reason, busy, "request rejected");
                 if self.requested.remove(&index).is_some() {
                     self.t.lock().picker.release(index);
-                    self.avoid.insert(index);
+                    if busy {
+                        // Its queue is full, not the piece refused: ask again later, and
+                        // keep no more requests than it holds now until the next tick.
+                        self.busy_cap = Some(self.requested.len().max(1));
+                    } else {
+                        self.avoid.insert(index);
+                    }
                 }
             }
             PeerMsg::GetMetadata => {
@@ -710,11 +863,22 @@ impl Session {
                 let m = PeerMsg::Metadata {
                     len: json.len() as u32,
                 };
-                self.out
-                    .send(Out::Payload(m, json))
+                self.ctrl
+                    .send(Ctrl::Payload(m, json))
                     .await
                     .map_err(|_| End::Quiet)?;
             }
+            PeerMsg::Ping { id } => match crate::testhook::pong_delay() {
+                Some(delay) => {
+                    let tx = self.ctrl.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(Ctrl::Msg(PeerMsg::Pong { id })).await;
+                    });
+                }
+                None => self.send(PeerMsg::Pong { id }).await?,
+            },
+            PeerMsg::Pong { id } => self.on_pong(id, at),
             PeerMsg::Keepalive | PeerMsg::Metadata { .. } => {}
             PeerMsg::Roster { .. } => {
                 let r: shoal_tracker::roster::Roster = serde_json::from_slice(&frame.payload)
@@ -733,6 +897,68 @@ impl Session {
             PeerMsg::Hello { .. } => return Err(End::Tell("HELLO twice".into())),
         }
         Ok(())
+    }
+
+    async fn on_request(&mut self, index: u32) -> Result<(), End> {
+        let have = self.t.lock().picker.have().get(index);
+        if !have {
+            return self
+                .send(PeerMsg::Reject {
+                    index,
+                    reason: "piece not available here".into(),
+                    busy: false,
+                })
+                .await;
+        }
+        let size = u64::from(self.t.meta.piece_size(index));
+        let bound = self.upload_bound();
+        let refused = {
+            let mut q = self.shared.uploads.lock().expect("upload queue lock");
+            if q.order.contains(&index) {
+                return Ok(()); // Asked twice: once is enough.
+            }
+            let full = q.order.len() >= self.d.cfg.max_uploads_per_peer
+                || (!q.order.is_empty() && q.bytes + size > bound);
+            if !full {
+                q.order.push_back(index);
+                q.bytes += size;
+            }
+            full
+        };
+        // A refused offer stays offered: the peer asks again when our queue has room.
+        if !refused {
+            self.offers.remove(&index);
+        }
+        if refused {
+            return self
+                .send(PeerMsg::Reject {
+                    index,
+                    reason: "upload queue full".into(),
+                    busy: true,
+                })
+                .await;
+        }
+        self.shared.upload_ready.notify_one();
+        Ok(())
+    }
+
+    fn on_pong(&mut self, id: u64, at: Instant) {
+        let sent = *self.shared.ping.lock().expect("ping lock");
+        let Some((sent_id, sent_at)) = sent else {
+            return;
+        };
+        if sent_id != id || id != self.next_ping || self.ping_asked.is_none() {
+            return; // An answer to a PING we gave up on.
+        }
+        self.ping_asked = None;
+        let sample = at.saturating_duration_since(sent_at).as_secs_f64();
+        if self.rtt_samples.len() == RTT_WINDOW {
+            self.rtt_samples.pop_front();
+        }
+        self.rtt_samples.push_back(sample);
+        self.rtt = self.rtt_samples.iter().copied().fold(f64::MAX, f64::min);
+        let rtt_ms = self.rtt * 1000.0;
+        self.t.lock().score(&self.remote).record_rtt(rtt_ms);
     }
 
     async fn on_piece(&mut self, index: u32, payload: Bytes, digest: Hash) -> Result<(), End> {
@@ -800,9 +1026,20 @@ impl Session {
         match ev {
             Ok(TorrentEvent::Have(i)) => self.on_have(i).await,
             Ok(TorrentEvent::Roster(r)) => self.on_roster(&r).await,
+            Ok(TorrentEvent::AdvertiseAll) => self.advertise_all().await,
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                // Missed some: tell the peer about everything we have that it has not heard,
-                // and the roster we hold.
+                // A missed roster is sent again (and checked) whatever the mode.
+                if let Some(r) = self.t.membership.as_ref().and_then(|m| m.roster()) {
+                    self.on_roster(&r).await?;
+                }
+                if self.super_mode {
+                    // A super-seeder hears only AdvertiseAll: check whether it was missed.
+                    if !self.t.lock().seed.is_active() {
+                        return self.advertise_all().await;
+                    }
+                    return Ok(());
+                }
+                // Missed some: tell the peer about everything we have that it has not heard.
                 let have = self.t.lock().picker.have().clone();
                 for i in have.ones() {
                     self.on_have(i).await?;
@@ -830,12 +1067,34 @@ impl Session {
             let m = PeerMsg::Roster {
                 len: json.len() as u32,
             };
-            self.out
-                .send(Out::Payload(m, json))
+            self.ctrl
+                .send(Ctrl::Payload(m, json))
                 .await
                 .map_err(|_| End::Quiet)?;
         }
         Ok(())
+    }
+
+    /// Super-seeding is over: show the peer every piece (a new BITFIELD replaces the offers).
+    async fn advertise_all(&mut self) -> Result<(), End> {
+        if !self.super_mode {
+            return Ok(());
+        }
+        self.super_mode = false;
+        self.offers.clear();
+        // Whatever it held and did not get may go to others (when only this peer leaves).
+        self.t.lock().seed.withdraw_all(self.conn_id);
+        let have = self.t.lock().picker.have().clone();
+        let m = PeerMsg::Bitfield {
+            len: have.as_bytes().len() as u32,
+            super_seed: false,
+        };
+        let bytes = Bytes::copy_from_slice(have.as_bytes());
+        self.told = have;
+        self.ctrl
+            .send(Ctrl::Payload(m, bytes))
+            .await
+            .map_err(|_| End::Quiet)
     }
 
     async fn on_have(&mut self, i: u32) -> Result<(), End> {
@@ -851,8 +1110,9 @@ impl Session {
         Ok(())
     }
 
-    fn on_tick(&mut self) -> Result<(), End> {
+    async fn on_tick(&mut self) -> Result<(), End> {
         self.ticks += 1;
+        self.busy_cap = None;
         // Throughput over the last tick, sampled only while the peer had work from us (an idle
         // peer is not a slow one).
         let dt = self.last_tick.elapsed().as_secs_f64();
@@ -862,6 +1122,16 @@ impl Session {
             self.t.lock().score(&self.remote).record_throughput(sample);
         }
         self.bytes_since_tick = 0;
+        // Our upload rate to the peer, over ticks in which we sent it something.
+        let sent = self.shared.sent_bytes.load(Ordering::Relaxed);
+        let up = sent - self.sent_mark;
+        self.sent_mark = sent;
+        if dt > 0.0 && up > 0 {
+            self.up_rate = crate::scorer::ewma(self.up_rate, up as f64 / dt);
+        }
+        if self.ping_asked.is_none_or(|at| at.elapsed() > PING_GIVE_UP) {
+            self.ping().await?;
+        }
         let timeout = self.d.cfg.request_timeout;
         let expired: Vec<u32> = self
             .requested
@@ -889,6 +1159,61 @@ impl Session {
         Ok(())
     }
 
+    /// Super-seeding: keep this peer offered a few pieces nobody else was offered, as many as
+    /// its link drains in a couple of round trips, so it always has one more to ask for.
+    async fn fill_offers(&mut self) -> Result<(), End> {
+        if !self.super_mode || self.peer_complete {
+            return Ok(());
+        }
+        let Some(bits) = &self.peer_bits else {
+            return Ok(()); // Its BITFIELD first: offer nothing it has.
+        };
+        let piece = u64::from(self.t.meta.piece_length);
+        let target = (self.upload_bound() / piece).max(2) as usize;
+        // An offer not asked for within a pipeline's time is one the peer is getting
+        // elsewhere (another seeder has it in flight) or cannot ask for yet: it stays the
+        // peer's, but no longer holds back new offers, up to a few pipelines' worth.
+        let stale_after = Duration::from_secs_f64(
+            crate::scorer::pipeline_secs(self.rtt).max(MIN_OFFER_FRESH_SECS),
+        );
+        let mut fresh = Vec::new();
+        let give_up;
+        {
+            let mut st = self.t.lock();
+            if !st.seed.is_active() {
+                return Ok(()); // AdvertiseAll is on its way.
+            }
+            // An offer spread elsewhere (another seeder's upload) no longer counts.
+            self.offers.retain(|&i, _| !st.seed.is_spread(i));
+            let mut live = self
+                .offers
+                .values()
+                .filter(|at| at.elapsed() < stale_after)
+                .count();
+            // It asks for none of what we offer (it wants only some files of a tree, or gets
+            // everything elsewhere): offering more cannot help it; show it all (below).
+            give_up = live == 0 && self.offers.len() >= MAX_OFFERS_PIPELINES * target;
+            while !give_up && live < target && self.offers.len() < MAX_OFFERS_PIPELINES * target {
+                match st.seed.offer(self.conn_id, bits, &mut self.rng) {
+                    Some(i) => {
+                        self.offers.insert(i, Instant::now());
+                        fresh.push(i);
+                        live += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        if give_up {
+            return self.advertise_all().await;
+        }
+        for i in fresh {
+            self.told.set(i);
+            self.send(PeerMsg::Have { index: i }).await?;
+        }
+        Ok(())
+    }
+
     /// Keep as many requests outstanding as this peer's score allows.
     async fn fill_requests(&mut self) -> Result<(), ()> {
         let Some(bits) = &self.peer_bits else {
@@ -911,6 +1236,7 @@ impl Session {
                     )
                 })
         };
+        let slots = self.busy_cap.map_or(slots, |cap| slots.min(cap));
         while self.requested.len() < slots {
             let pick = {
                 let requested = &self.requested;
@@ -925,8 +1251,8 @@ impl Session {
                 Pick::Fresh(i) | Pick::Endgame(i) => {
                     self.requested.insert(i, Instant::now());
                     if self
-                        .out
-                        .send(Out::Msg(PeerMsg::Request { index: i }))
+                        .ctrl
+                        .send(Ctrl::Msg(PeerMsg::Request { index: i }))
                         .await
                         .is_err()
                     {
@@ -940,73 +1266,122 @@ impl Session {
     }
 }
 
-async fn write_loop(
+/// Write one control frame (unflushed); a PING is stamped as it goes to the socket.
+async fn write_ctrl<W: AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+    c: Ctrl,
+    shared: &Shared,
+) -> Result<(), FrameError> {
+    match c {
+        Ctrl::Msg(m) => {
+            if let PeerMsg::Ping { id } = m {
+                *shared.ping.lock().expect("ping lock") = Some((id, Instant::now()));
+            }
+            w.feed(&m, &[]).await
+        }
+        Ctrl::Payload(m, bytes) => w.feed(&m, &bytes).await,
+    }
+}
+
+/// The writer: every pending control frame, flushed, before each piece; pieces in the order
+/// asked, straight from the map. Ends when the session drops its control sender.
+async fn write_loop<W: AsyncWrite + Unpin>(
     d: Arc<Net>,
     t: Arc<Torrent>,
-    mut w: Writer,
-    mut rx: mpsc::Receiver<Out>,
+    mut w: FrameWriter<W>,
+    mut ctrl: mpsc::Receiver<Ctrl>,
     shared: Arc<Shared>,
     remote: String,
     keepalive: Duration,
 ) {
     let storage = t.storage.clone();
+    let meta = t.meta.clone();
+    let size = |i: u32| u64::from(meta.piece_size(i));
     let mut rng = rand::rngs::StdRng::from_entropy();
     loop {
-        let item = match tokio::time::timeout(keepalive, rx.recv()).await {
-            Err(_) => {
-                if w.send(&PeerMsg::Keepalive, &[]).await.is_err() {
+        // Control first.
+        let mut wrote = false;
+        loop {
+            match ctrl.try_recv() {
+                Ok(c) => {
+                    if write_ctrl(&mut w, c, &shared).await.is_err() {
+                        return;
+                    }
+                    wrote = true;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    let _ = w.flush().await; // The session is gone: best effort.
                     return;
                 }
-                continue;
             }
-            Ok(None) => return,
-            Ok(Some(item)) => item,
-        };
-        let res = match item {
-            Out::Msg(m) => w.feed(&m, &[]).await,
-            Out::Payload(m, bytes) => w.feed(&m, &bytes).await,
-            Out::Serve(index) => {
-                shared.queued.fetch_sub(1, Ordering::Relaxed);
-                if shared.cancelled.lock().expect("cancel lock").remove(&index) {
-                    continue;
-                }
-                let action = if d.sabotage.is_active() {
-                    if !d.sabotage.delay.is_zero() {
-                        let _ = w.flush().await;
-                        tokio::time::sleep(d.sabotage.delay).await;
-                    }
-                    d.sabotage.decide(&mut rng)
-                } else {
-                    Action::Serve
-                };
-                if let Some(limit) = &d.upload_limit {
-                    let _ = w.flush().await; // Do not hold sent bytes while waiting.
-                    limit.acquire(u64::from(t.meta.piece_size(index))).await;
-                }
-                storage.prefetch(index);
-                let data = storage.piece(index);
-                let header = PeerMsg::Piece {
-                    index,
-                    len: data.len() as u32,
-                };
-                let r = match action {
-                    Action::Serve => w.feed(&header, data).await,
-                    Action::Corrupt => w.feed(&header, &crate::sabotage::corrupt(data)).await,
-                    Action::Drop => Ok(()),
-                };
-                // The bytes are in the socket now; drop the pages from our resident set.
-                storage.release(index);
-                if r.is_ok() && action != Action::Drop {
-                    t.on_uploaded(&remote, data.len() as u64);
-                }
-                r
-            }
-        };
-        if res.is_err() {
+        }
+        if wrote && w.flush().await.is_err() {
             return;
         }
-        if rx.is_empty() && w.flush().await.is_err() {
+        let Some(index) = shared.pop_upload(size) else {
+            let idle = tokio::select! {
+                biased;
+                c = ctrl.recv() => match c {
+                    Some(c) => write_ctrl(&mut w, c, &shared).await,
+                    None => return,
+                },
+                () = shared.upload_ready.notified() => Ok(()),
+                () = tokio::time::sleep(keepalive) => w.feed(&PeerMsg::Keepalive, &[]).await,
+            };
+            if idle.is_err() || w.flush().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let action = if d.sabotage.is_active() {
+            if !d.sabotage.delay.is_zero() {
+                let _ = w.flush().await;
+                tokio::time::sleep(d.sabotage.delay).await;
+            }
+            d.sabotage.decide(&mut rng)
+        } else {
+            Action::Serve
+        };
+        if let Some(limit) = &d.upload_limit {
+            // Waiting for the cap, control still goes out; the wait itself is not cancelled
+            // (it has taken its tokens).
+            let acquire = limit.acquire(size(index));
+            tokio::pin!(acquire);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut acquire => break,
+                    c = ctrl.recv() => {
+                        let Some(c) = c else { return };
+                        if write_ctrl(&mut w, c, &shared).await.is_err() || w.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        storage.prefetch(index);
+        let data = storage.piece(index);
+        let header = PeerMsg::Piece {
+            index,
+            len: data.len() as u32,
+        };
+        let r = match action {
+            Action::Serve => w.feed(&header, data).await,
+            Action::Corrupt => w.feed(&header, &crate::sabotage::corrupt(data)).await,
+            Action::Drop => Ok(()),
+        };
+        // The bytes are in the socket now; drop the pages from our resident set.
+        storage.release(index);
+        if r.is_err() {
             return;
+        }
+        if action != Action::Drop {
+            shared
+                .sent_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            t.on_uploaded(&remote, index, data.len() as u64);
         }
     }
 }

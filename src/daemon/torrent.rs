@@ -42,6 +42,7 @@ use crate::picker::Picker;
 use crate::scorer::PeerScore;
 use crate::storage::durable::{flush_step, Durable, PieceStore, SyncFailed, Written};
 use crate::store::{FileId, Store, TorrentRecord, TorrentState};
+use crate::superseed::SuperSeed;
 
 /// Remote peers whose scores a torrent keeps (memory and store); past it the least useful
 /// is evicted. Bounds what fresh peer ids can make us hold.
@@ -60,6 +61,8 @@ pub enum TorrentEvent {
     /// A newer roster of this private swarm: pass it on, and close connections to peers it
     /// no longer admits.
     Roster(Arc<shoal_tracker::roster::Roster>),
+    /// Super-seeding ended (every piece reached a leecher): show every peer all we have.
+    AdvertiseAll,
 }
 
 /// What a session tells its owner.
@@ -110,6 +113,8 @@ pub struct TState {
     pub down_rate: f64,
     pub up_rate: f64,
     pub rejected_pieces: u64,
+    /// What this seeder offered and uploaded, piece by piece.
+    pub seed: SuperSeed,
     /// Record fields changed since the last commit.
     dirty: bool,
 }
@@ -250,6 +255,10 @@ impl Torrent {
             peers = v.into_iter().collect();
         }
         let membership = super::membership::Membership::of(&p.meta, p.roster);
+        let n = p.meta.piece_count();
+        // Only a session that starts with every piece is a seeder whose upload to spread; one
+        // that completes later has shown its peers its pieces as they came.
+        let seed = SuperSeed::new(n, n > 0 && p.bits.count() == n);
         Arc::new(Torrent {
             membership,
             hash: p.hash,
@@ -273,6 +282,7 @@ impl Torrent {
                 down_rate: 0.0,
                 up_rate: 0.0,
                 rejected_pieces: 0,
+                seed,
                 dirty: false,
             }),
             durable: Arc::new(Mutex::new(Durable::new(p.bits))),
@@ -391,8 +401,13 @@ impl Torrent {
         }
     }
 
-    pub fn on_uploaded(&self, peer_id: &str, bytes: u64) {
+    /// We sent piece `index` (`bytes` long) to `peer_id`.
+    pub fn on_uploaded(&self, peer_id: &str, index: u32, bytes: u64) {
         let mut s = self.lock();
+        if s.seed.on_uploaded(index) {
+            info!(info_hash = %self.hex, "super-seeding done: every piece reached a leecher");
+            let _ = self.events.send(TorrentEvent::AdvertiseAll);
+        }
         s.session_up += bytes;
         crate::metrics::peer().bytes_uploaded.inc_by(bytes);
         s.record.uploaded += bytes;
@@ -631,6 +646,8 @@ impl Torrent {
                     port: conn.map_or(p.port, |c| c.addr.port()),
                     connected: conn.is_some(),
                     latency_ms: p.latency_ms,
+                    rtt_ms: p.rtt_ms,
+                    throughput: p.throughput,
                     score: p.score(),
                     pieces_from: p.pieces_from,
                     pieces_to: p.pieces_to,
@@ -670,7 +687,14 @@ impl Torrent {
             rejected_pieces: s.rejected_pieces,
             private: self.meta.is_private(),
             roster_version: self.roster_version(),
+            super_seeding: s.seed.is_active(),
+            first_round_repeats: s.seed.repeats(),
             peers,
+            piece_uploads: if with_pieces {
+                s.seed.uploads().to_vec()
+            } else {
+                Vec::new()
+            },
             piece_states: if with_pieces {
                 (0..n)
                     .map(|i| {

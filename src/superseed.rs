@@ -1,0 +1,205 @@
+//! Super-seeding (after BEP 16): a seeder's upload carries each piece once before any piece
+//! twice, while some piece has reached no leecher.
+//!
+//! At the start of a swarm the seeders' upload is the bound on everyone's finish (Kumar &
+//! Ross): a byte it sends twice is a byte of the file it did not send. So a seeder that starts
+//! complete hides its bitfield (an empty BITFIELD marked `super_seed`) and *offers* each
+//! leecher pieces one HAVE at a time, choosing only pieces it has not uploaded, not offered to
+//! anyone else, and not seen at any leecher. Leechers fetch those from the seeder and
+//! everything else from each other. A piece is *spread* once we uploaded it or a leecher
+//! announced it (another seeder sent it); when every piece is spread the phase ends and every
+//! connection gets the full BITFIELD, so late joiners can fetch from anyone.
+//!
+//! Synchronous and free of I/O; the connections drive it under the torrent lock. The counters
+//! (uploads per piece, repeats while the phase was on) are the seeder's own evidence that the
+//! rule held, shown by `query` and `status --json`.
+
+use rand::Rng;
+
+use crate::bitfield::Bitfield;
+
+/// No connection holds the offer.
+const NOBODY: u64 = u64::MAX;
+/// Candidates, in index order, an offer is chosen among at random.
+const OFFER_WINDOW: u32 = 16;
+
+#[derive(Debug, Clone)]
+pub struct SuperSeed {
+    /// Pieces uploaded, by index, over the whole session (not only the phase).
+    uploads: Vec<u32>,
+    /// The connection a piece is offered to and not uploaded yet ([`NOBODY`] when none):
+    /// never offered to a second one. Only that connection can withdraw it.
+    offered: Vec<u64>,
+    spread: Bitfield,
+    active: bool,
+    /// Uploads of a piece already uploaded once, while the phase was on (0 when the rule held).
+    repeats: u64,
+}
+
+impl SuperSeed {
+    /// `active`: the session starts complete, so it is the seeder whose upload to spread.
+    pub fn new(pieces: u32, active: bool) -> SuperSeed {
+        SuperSeed {
+            uploads: vec![0; pieces as usize],
+            offered: vec![NOBODY; pieces as usize],
+            spread: Bitfield::new(pieces),
+            active: active && pieces > 0,
+            repeats: 0,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    pub fn uploads(&self) -> &[u32] {
+        &self.uploads
+    }
+
+    pub fn repeats(&self) -> u64 {
+        self.repeats
+    }
+
+    pub fn is_spread(&self, i: u32) -> bool {
+        self.spread.get(i)
+    }
+
+    /// A piece to offer to connection `conn`, whose peer has `peer_has`, or None (none left
+    /// in this phase). The piece stays offered to `conn` until it withdraws it or it is
+    /// uploaded.
+    pub fn offer(&mut self, conn: u64, peer_has: &Bitfield, rng: &mut impl Rng) -> Option<u32> {
+        if !self.active {
+            return None;
+        }
+        // Random among the first few candidates in index order: near file order, so the
+        // leechers' whole-file hash runs alongside the download, yet two seeders offering at
+        // once mostly pick different pieces.
+        let mut chosen = None;
+        let mut seen = 0u32;
+        for i in 0..self.uploads.len() as u32 {
+            if self.spread.get(i) || self.offered[i as usize] != NOBODY || peer_has.get(i) {
+                continue;
+            }
+            seen += 1;
+            if rng.gen_range(0..seen) == 0 {
+                chosen = Some(i); // Reservoir sampling: each of the window equally likely.
+            }
+            if seen == OFFER_WINDOW {
+                break;
+            }
+        }
+        let i = chosen?;
+        self.offered[i as usize] = conn;
+        Some(i)
+    }
+
+    /// Connection `conn` no longer holds `i` (its peer cancelled it): `i` may be offered
+    /// elsewhere. No effect when `i` is offered to another connection.
+    pub fn withdraw(&mut self, i: u32, conn: u64) {
+        if self.offered[i as usize] == conn {
+            self.offered[i as usize] = NOBODY;
+        }
+    }
+
+    /// Connection `conn` ended: whatever it was offered and did not get may go elsewhere
+    /// (including a piece being written when the connection broke).
+    pub fn withdraw_all(&mut self, conn: u64) {
+        for o in &mut self.offered {
+            if *o == conn {
+                *o = NOBODY;
+            }
+        }
+    }
+
+    /// We uploaded piece `i`. Returns true when this ended the phase.
+    pub fn on_uploaded(&mut self, i: u32) -> bool {
+        let u = &mut self.uploads[i as usize];
+        if self.active && *u > 0 {
+            self.repeats += 1;
+        }
+        *u = u.saturating_add(1);
+        self.offered[i as usize] = NOBODY;
+        self.mark_spread(i)
+    }
+
+    /// A leecher announced piece `i` (from anyone). Returns true when this ended the phase.
+    pub fn on_peer_has(&mut self, i: u32) -> bool {
+        self.mark_spread(i)
+    }
+
+    fn mark_spread(&mut self, i: u32) -> bool {
+        if !self.active || !self.spread.set(i) {
+            return false;
+        }
+        if self.spread.is_complete() {
+            self.active = false;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn it_should_offer_each_piece_to_one_peer_until_every_piece_is_spread() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut s = SuperSeed::new(8, true);
+        let none = Bitfield::new(8);
+        let mut seen = Vec::new();
+        while let Some(i) = s.offer(1, &none, &mut rng) {
+            assert!(!seen.contains(&i), "piece {i} offered twice");
+            seen.push(i);
+        }
+        assert_eq!(seen.len(), 8);
+        // A peer left before asking for one: it goes back to the pool, once.
+        s.withdraw(seen[0], 2);
+        assert_eq!(
+            s.offer(2, &none, &mut rng),
+            None,
+            "only its holder withdraws it"
+        );
+        s.withdraw(seen[0], 1);
+        assert_eq!(s.offer(2, &none, &mut rng), Some(seen[0]));
+        assert_eq!(s.offer(2, &none, &mut rng), None);
+        // Another seeder's upload, seen at a leecher, spreads a piece too.
+        assert!(!s.on_peer_has(seen[1]));
+        for &i in &seen[2..] {
+            assert!(!s.on_uploaded(i));
+        }
+        assert!(
+            s.on_uploaded(seen[0]),
+            "the last spread piece ends the phase"
+        );
+        assert!(!s.is_active());
+        assert_eq!(s.offer(1, &none, &mut rng), None);
+        assert_eq!(s.repeats(), 0);
+        s.on_uploaded(seen[0]);
+        assert_eq!(s.uploads()[seen[0] as usize], 2);
+        assert_eq!(s.repeats(), 0, "after the phase a second copy is no repeat");
+    }
+
+    #[test]
+    fn it_should_count_a_repeat_and_skip_what_the_peer_has() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut s = SuperSeed::new(3, true);
+        let mut has = Bitfield::new(3);
+        has.set(0);
+        has.set(1);
+        assert_eq!(s.offer(1, &has, &mut rng), Some(2));
+        // A connection that ends gives back what it held.
+        let mut t = SuperSeed::new(1, true);
+        let none = Bitfield::new(1);
+        assert_eq!(t.offer(5, &none, &mut rng), Some(0));
+        assert_eq!(t.offer(6, &none, &mut rng), None);
+        t.withdraw_all(5);
+        assert_eq!(t.offer(6, &none, &mut rng), Some(0));
+        s.on_uploaded(2);
+        s.on_uploaded(2);
+        assert_eq!(s.repeats(), 1);
+        assert!(!SuperSeed::new(3, false).is_active());
+    }
+}

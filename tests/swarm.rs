@@ -1,0 +1,193 @@
+//! Swarm efficiency on loopback: super-seeding from the seeder's own counters, control frames
+//! ahead of queued pieces, and RTT measured apart from throughput.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn write_config(d: &Path, name: &str, body: &str) -> String {
+    let p = d.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// The row of `peer_id` in a torrent's status `peers`.
+fn peer_row(tor: &serde_json::Value, peer_id: &str) -> Option<serde_json::Value> {
+    tor["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["peer_id"] == peer_id)
+        .cloned()
+}
+
+#[test]
+fn it_should_send_no_piece_twice_before_every_piece_went_out_once_from_a_capped_seeder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 32 pieces of 64 KiB through a 1 MiB/s uplink: the seeder's upload is the bottleneck,
+    // as at the start of a real swarm, so a piece sent twice would be seen in its counters.
+    let cfg = write_config(
+        d,
+        "seeder.toml",
+        "[peer]\npiece_size = \"64KiB\"\nmax_upload_rate = \"1MiB\"\n",
+    );
+    let (t, [seeder], hash, desc) = seeded(d, 2, [("seeder", &["--config", &cfg])]);
+    let st = torrent(d, &seeder);
+    assert_eq!(
+        st["super_seeding"], true,
+        "a complete seeder starts super-seeding: {st}"
+    );
+    let fast = write_config(d, "leecher.toml", "[peer]\nflush_interval = \"200ms\"\n");
+    // Started one after the other: each later one joins a swarm already under way.
+    let leechers: Vec<PeerProc> = (0..3)
+        .map(|i| {
+            let l = start_peer(d, &format!("l{i}"), &[t.addr], &["--config", &fast]);
+            peer_ok(
+                d,
+                &l.data_dir,
+                &["get", &desc, "--output", &format!("out{i}")],
+                T,
+            );
+            l
+        })
+        .collect();
+    for (i, l) in leechers.iter().enumerate() {
+        wait_for(Duration::from_secs(120), "every leecher complete", || {
+            (torrent(d, l)["state"] == "SEEDING").then_some(())
+        });
+        assert_eq!(
+            sha256sum(&d.join(format!("out{i}/file.bin"))),
+            sha256sum(&d.join("file.bin"))
+        );
+    }
+    let st = torrent(d, &seeder);
+    assert_eq!(
+        st["super_seeding"], false,
+        "every piece reached a leecher: {st}"
+    );
+    assert_eq!(
+        st["first_round_repeats"], 0,
+        "the seeder sent a piece twice before every piece went out once: {st}"
+    );
+    // From its per-piece counters: every piece went out (only the seeder had them).
+    let out = peer_ok(
+        d,
+        &seeder.data_dir,
+        &[
+            "query",
+            &format!(
+                "SELECT count(*) AS n, sum(uploads = 0) AS never, sum(uploads) AS total \
+                 FROM pieces WHERE info_hash = '{hash}'"
+            ),
+            "--json",
+        ],
+        T,
+    );
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["n"], 32, "{rows}");
+    assert_eq!(rows[0]["never"], 0, "{rows}");
+    let total = rows[0]["total"].as_u64().unwrap();
+    eprintln!("seeder uploaded {total} pieces for 32 pieces x 3 leechers");
+    assert!(total >= 32, "{rows}");
+}
+
+#[test]
+fn it_should_send_a_pong_ahead_of_the_pieces_queued_for_a_reader_that_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 1 MiB pieces: the socket's buffers hold far less than the pieces queued behind them.
+    let (_t, [seeder], hash, _desc) = seeded(d, 8, [("seeder", &[])]);
+    let mut s = TcpStream::connect(seeder.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":"stalling-reader","port":1});
+    s.write_all(&frame(&hello, &[])).unwrap();
+    let (h, _) = read_frame(&mut s).expect("HELLO");
+    assert_eq!(h["type"], "HELLO", "{h}");
+    // Ask for six pieces and a PING in one write, then read nothing for a while: the seeder's
+    // writer is stuck in the first piece, with the rest queued behind it.
+    let mut batch = Vec::new();
+    for i in 0..6 {
+        batch.extend(frame(&json!({"type":"REQUEST","index":i}), &[]));
+    }
+    batch.extend(frame(&json!({"type":"PING","id":4242}), &[]));
+    s.write_all(&batch).unwrap();
+    // Generous: the seeder needs microseconds to queue the PONG; the verdict below counts
+    // bytes, not time.
+    std::thread::sleep(Duration::from_millis(800));
+    let (mut pieces_before, mut accepted) = (0u32, 6u32);
+    let mut pong = false;
+    let mut pieces_after = 0u32;
+    while pieces_before + pieces_after < accepted {
+        let (h, _) = read_frame(&mut s).expect("a frame before the seeder's read timeout");
+        match h["type"].as_str().unwrap() {
+            "PIECE" if pong => pieces_after += 1,
+            "PIECE" => pieces_before += 1,
+            "REJECT" => {
+                assert_eq!(h["busy"], true, "only a full queue refuses: {h}");
+                accepted -= 1;
+            }
+            "PONG" if h["id"] == 4242 => pong = true,
+            _ => {}
+        }
+    }
+    assert!(pong, "no PONG while {accepted} pieces were served");
+    assert!(
+        accepted >= 3,
+        "the seeder queued {accepted} pieces; too few to tell the orders apart"
+    );
+    // FIFO would put the PONG after every accepted piece; ahead of the queue it follows at
+    // most the piece being written when the PING came.
+    assert!(
+        pieces_before <= 1,
+        "the PONG came after {pieces_before} of {accepted} queued pieces"
+    );
+}
+
+#[test]
+fn it_should_report_an_rtt_within_20_percent_of_an_injected_delay_apart_from_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (t, [seeder], _hash, desc) = seeded(d, 2, [("seeder", &[])]);
+    // The leecher answers every PING 150 ms late: a round trip 150 ms longer, seen from the
+    // seeder; the leecher's own view of the seeder has no such delay.
+    let delay_ms = 150.0;
+    let leecher = start_peer_env(
+        d,
+        "leecher",
+        &[t.addr],
+        &[],
+        &[("SHOAL_TEST_PONG_DELAY_MS", "150")],
+    );
+    let o = get_wait(d, &leecher, &desc, "out");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A few PINGs, one a second: the estimate is the minimum of the last samples.
+    let row = wait_for(T, "the seeder's RTT to the leecher", || {
+        let r = peer_row(&torrent(d, &seeder), &leecher.peer_id)?;
+        (r["rtt_ms"].as_f64()? > 0.0).then_some(r)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let row = peer_row(&torrent(d, &seeder), &leecher.peer_id).unwrap_or(row);
+    let rtt = row["rtt_ms"].as_f64().unwrap();
+    assert!(
+        (rtt - delay_ms).abs() <= 0.2 * delay_ms,
+        "RTT {rtt} ms for an injected {delay_ms} ms: {row}"
+    );
+    // The other way there is no delay, and throughput is its own measure.
+    let back = peer_row(&torrent(d, &leecher), &seeder.peer_id).expect("the seeder's row");
+    let rtt_back = back["rtt_ms"].as_f64().unwrap();
+    assert!(
+        rtt_back > 0.0 && rtt_back < 0.8 * delay_ms,
+        "the leecher's RTT to the seeder: {back}"
+    );
+    assert!(back["throughput"].as_f64().unwrap() > 0.0, "{back}");
+    // `status` shows them as separate columns.
+    let text = peer_ok(d, &leecher.data_dir, &["status"], T);
+    assert!(text.contains("RTT") && text.contains("RATE"), "{text}");
+}
