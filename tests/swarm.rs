@@ -1,8 +1,6 @@
 //! Swarm efficiency on loopback: super-seeding from the seeder's own counters, control frames
 //! ahead of queued pieces, and RTT measured apart from throughput.
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -104,11 +102,11 @@ fn it_should_send_a_pong_ahead_of_the_pieces_queued_for_a_reader_that_stalls() {
     let d = dir.path();
     // 1 MiB pieces: the socket's buffers hold far less than the pieces queued behind them.
     let (_t, [seeder], hash, _desc) = seeded(d, 8, [("seeder", &[])]);
-    let mut s = TcpStream::connect(seeder.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":"stalling-reader","port":1});
-    s.write_all(&frame(&hello, &[])).unwrap();
-    let (h, _) = read_frame(&mut s).expect("HELLO");
+    let id = shoal::secure::Identity::generate();
+    let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
+    let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":1});
+    s.write(&frame(&hello, &[])).unwrap();
+    let (h, _) = s.read_frame().expect("HELLO");
     assert_eq!(h["type"], "HELLO", "{h}");
     // Ask for six pieces and a PING in one write, then read nothing for a while: the seeder's
     // writer is stuck in the first piece, with the rest queued behind it.
@@ -117,7 +115,7 @@ fn it_should_send_a_pong_ahead_of_the_pieces_queued_for_a_reader_that_stalls() {
         batch.extend(frame(&json!({"type":"REQUEST","index":i}), &[]));
     }
     batch.extend(frame(&json!({"type":"PING","id":4242}), &[]));
-    s.write_all(&batch).unwrap();
+    s.write(&batch).unwrap();
     // Generous: the seeder needs microseconds to queue the PONG; the verdict below counts
     // bytes, not time.
     std::thread::sleep(Duration::from_millis(800));
@@ -125,7 +123,9 @@ fn it_should_send_a_pong_ahead_of_the_pieces_queued_for_a_reader_that_stalls() {
     let mut pong = false;
     let mut pieces_after = 0u32;
     while pieces_before + pieces_after < accepted {
-        let (h, _) = read_frame(&mut s).expect("a frame before the seeder's read timeout");
+        let (h, _) = s
+            .read_frame()
+            .expect("a frame before the seeder's read timeout");
         match h["type"].as_str().unwrap() {
             "PIECE" if pong => pieces_after += 1,
             "PIECE" => pieces_before += 1,

@@ -41,12 +41,7 @@ pub fn trackers_for(d: &Net, descriptor: &[String], rec: &TorrentRecord) -> Vec<
 }
 
 /// Announce to one tracker, honouring and updating its health. `None`: skipped or failed.
-async fn announce_one(
-    d: &Net,
-    addr: &str,
-    req: &Announce,
-    force: bool,
-) -> Option<AnnounceReply> {
+async fn announce_one(d: &Net, addr: &str, req: &Announce, force: bool) -> Option<AnnounceReply> {
     if !force {
         let h = d.trackers.lock().expect("trackers lock");
         if h.get(addr)
@@ -114,7 +109,11 @@ async fn announce_all(d: &Arc<Net>, trackers: &[String], req: &Announce, force: 
     while let Some(r) = set.join_next().await {
         if let Ok(Some(reply)) = r {
             round.peers.extend(reply.peers);
-            round.interval = Some(round.interval.map_or(reply.interval, |x| x.min(reply.interval)));
+            round.interval = Some(
+                round
+                    .interval
+                    .map_or(reply.interval, |x| x.min(reply.interval)),
+            );
             round.roster_version = Some(
                 round
                     .roster_version
