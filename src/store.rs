@@ -777,6 +777,21 @@ mod tests {
         }
     }
 
+    /// Open a store just dropped in this process: sled's flusher thread lets go of the
+    /// file lock a moment after the last handle is dropped, so a reopen may briefly find it
+    /// locked (bounded wait).
+    fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, false) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn it_should_keep_records_bits_and_bans_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -790,7 +805,7 @@ mod tests {
             b.set(3);
             s.commit_progress(&h, &b, &rec()).unwrap();
         }
-        let s = Store::open(dir.path(), false).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.bans().unwrap(), vec![("ip4:10.0.0.1".to_string(), until)]);
         assert_eq!(
             s.bitfield(&h, 20)
@@ -819,7 +834,7 @@ mod tests {
         }
         // Interrupted between "store -> store.old" and "copy -> store".
         std::fs::rename(dir.path().join(STORE_DIR), dir.path().join("store.old")).unwrap();
-        let s = Store::open(dir.path(), false).unwrap();
+        let s = reopen(dir.path());
         assert!(s.bitfield(&h, 5).unwrap().unwrap().is_complete());
     }
 
@@ -878,7 +893,7 @@ mod tests {
         assert_eq!(r.log.into_inner(), vec![("file", log.clone())]);
         // And it is all there after a reopen.
         drop(s);
-        let s = Store::open(dir.path(), false).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.get_torrent(&[1; 32]).unwrap(), Some(big));
     }
 
