@@ -84,6 +84,21 @@ fn hello_of(d: &Net, hash: &Hash, roster: u64) -> PeerMsg {
     }
 }
 
+/// The largest ROSTER payload: a roster of `MAX_MEMBERS` ids is about 280 KB of JSON, so
+/// anything bigger is refused before serde allocates for it.
+const MAX_ROSTER_BYTES: usize = 512 * 1024;
+
+/// A ROSTER frame's roster, parsed (its signature is checked when it is adopted).
+fn parse_roster(payload: &[u8]) -> Result<shoal_tracker::roster::Roster, String> {
+    if payload.len() > MAX_ROSTER_BYTES {
+        return Err(format!(
+            "ROSTER of {} bytes, over the limit of {MAX_ROSTER_BYTES}",
+            payload.len()
+        ));
+    }
+    serde_json::from_slice(payload).map_err(|e| format!("bad ROSTER: {e}"))
+}
+
 /// A private swarm's gate, after the HELLOs: the side holding the newer roster sends it, the
 /// other adopts it (if it checks), then each side refuses a peer its roster does not admit,
 /// before any BITFIELD, metadata or piece.
@@ -108,8 +123,7 @@ async fn admit(
         let frame = reader.read_frame().await?.ok_or(ConnError::Closed)?;
         match frame.parse::<PeerMsg>() {
             Ok(PeerMsg::Roster { .. }) => {
-                let r = serde_json::from_slice(&frame.payload)
-                    .map_err(|e| ConnError::Protocol(format!("bad ROSTER: {e}")))?;
+                let r = parse_roster(&frame.payload).map_err(ConnError::Protocol)?;
                 t.adopt_roster(r)
                     .await
                     .map_err(|e| ConnError::Protocol(format!("ROSTER refused: {e}")))?;
@@ -881,8 +895,7 @@ impl Session {
             PeerMsg::Pong { id } => self.on_pong(id, at),
             PeerMsg::Keepalive | PeerMsg::Metadata { .. } => {}
             PeerMsg::Roster { .. } => {
-                let r: shoal_tracker::roster::Roster = serde_json::from_slice(&frame.payload)
-                    .map_err(|e| End::Tell(format!("bad ROSTER: {e}")))?;
+                let r = parse_roster(&frame.payload).map_err(End::Tell)?;
                 self.remote_roster = self.remote_roster.max(r.version);
                 // Adopting tells every connection (this one too), which closes the revoked.
                 self.t

@@ -27,6 +27,18 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+type Channel = shoal::secure::Channel<OwnedReadHalf, OwnedWriteHalf>;
+
+/// Either side of the handshake, bounded.
+async fn finish(
+    hs: impl std::future::Future<Output = Result<Channel, shoal::secure::SecureError>>,
+) -> Result<Channel, String> {
+    tokio::time::timeout(LIMIT, hs)
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 impl Wire {
     /// Dial `addr` and run the handshake as `id`.
     pub fn connect(addr: SocketAddr, id: &Identity) -> Result<Wire, String> {
@@ -52,17 +64,9 @@ impl Wire {
                 .map_err(|_| "connect timed out".to_string())?
                 .map_err(|e| e.to_string())?;
             let (r, w) = s.into_split();
-            tokio::time::timeout(LIMIT, shoal::secure::initiate(r, w, &keys))
-                .await
-                .map_err(|_| "handshake timed out".to_string())?
-                .map_err(|e| e.to_string())
+            finish(shoal::secure::initiate(r, w, &keys)).await
         })?;
-        Ok(Wire {
-            rt,
-            r: ch.reader,
-            w: ch.writer,
-            remote_id: ch.remote_id,
-        })
+        Ok(Wire::of(rt, ch))
     }
 
     /// Answer the handshake of an accepted socket as `id`.
@@ -73,17 +77,18 @@ impl Wire {
             s.set_nonblocking(true).map_err(|e| e.to_string())?;
             let s = tokio::net::TcpStream::from_std(s).map_err(|e| e.to_string())?;
             let (r, w) = s.into_split();
-            tokio::time::timeout(LIMIT, shoal::secure::respond(r, w, &keys))
-                .await
-                .map_err(|_| "handshake timed out".to_string())?
-                .map_err(|e| e.to_string())
+            finish(shoal::secure::respond(r, w, &keys)).await
         })?;
-        Ok(Wire {
+        Ok(Wire::of(rt, ch))
+    }
+
+    fn of(rt: tokio::runtime::Runtime, ch: Channel) -> Wire {
+        Wire {
             rt,
             r: ch.reader,
             w: ch.writer,
             remote_id: ch.remote_id,
-        })
+        }
     }
 
     /// Send raw bytes (frames from `common::frame`, or garbage) inside the channel.
