@@ -99,8 +99,8 @@ fn measure_one(emu: &Emulator, from: usize, to: usize) -> anyhow::Result<PathChe
     })
 }
 
-/// From inside the sending host: connect times (median, after one warm-up connect that also
-/// resolves the neighbour), then the numbered datagrams at 1 per ms.
+/// From inside the sending host: connect times (the least, after one warm-up connect that
+/// also resolves the neighbour), then the numbered datagrams at 1 per ms.
 fn probe(ip: &str, tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<f64> {
     let timeout = Duration::from_secs(8);
     let mut rtts = Vec::new();
@@ -108,7 +108,8 @@ fn probe(ip: &str, tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<f64> {
         let t = Instant::now();
         let c = TcpStream::connect_timeout(&tcp, timeout);
         let took = t.elapsed();
-        // The median keeps a lost SYN (a 1 s retransmission) from counting as the RTT.
+        // The least sample is the path's RTT, as ping's min: the delay line never releases a
+        // frame early, so only a lost SYN (a 1 s retransmission) or a busy CPU adds to it.
         match c {
             Ok(_) if k > 0 => rtts.push(took.as_secs_f64() * 1e3),
             Ok(_) => {}
@@ -123,6 +124,5 @@ fn probe(ip: &str, tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<f64> {
         let _ = sock.send_to(&d, udp);
         std::thread::sleep(Duration::from_millis(1));
     }
-    rtts.sort_by(f64::total_cmp);
-    Ok(rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN))
+    Ok(rtts.into_iter().reduce(f64::min).unwrap_or(f64::NAN))
 }
