@@ -240,6 +240,9 @@ pub struct SessionParts {
     pub cancel: CancellationToken,
     /// A private swarm's stored roster.
     pub roster: Option<shoal_tracker::roster::Roster>,
+    /// Spread pieces one peer at a time while seeding alone (see [`crate::superseed`]): only
+    /// when the operator caps the upload, the sign that it is the swarm's scarce resource.
+    pub super_seed: bool,
 }
 
 impl Torrent {
@@ -258,7 +261,7 @@ impl Torrent {
         let n = p.meta.piece_count();
         // Only a session that starts with every piece is a seeder whose upload to spread; one
         // that completes later has shown its peers its pieces as they came.
-        let seed = SuperSeed::new(n, n > 0 && p.bits.count() == n);
+        let seed = SuperSeed::new(n, p.super_seed && n > 0 && p.bits.count() == n);
         Arc::new(Torrent {
             membership,
             hash: p.hash,
