@@ -98,6 +98,9 @@ pub struct PeerConfig {
     pub max_pieces_verifying: usize,
     /// Upload rate limit per second for the whole daemon, e.g. "16MiB" ("0": unlimited).
     pub max_upload_rate: String,
+    /// A torrent that starts complete spreads its pieces one leecher at a time until every
+    /// piece reached one (super-seeding, after BEP 16), while no other seeder is known.
+    pub super_seed: bool,
     /// Log filter when RUST_LOG is not set (tracing env-filter syntax).
     pub log: String,
     /// HTTP address for `/metrics`, the JSON API and the dashboard ("": off).
@@ -131,6 +134,7 @@ impl Default for PeerConfig {
             random_first_pieces: 4,
             max_pieces_verifying: 8,
             max_upload_rate: "0".into(),
+            super_seed: true,
             log: "info".into(),
             http: String::new(),
             http_token: String::new(),

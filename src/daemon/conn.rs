@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -413,10 +413,10 @@ const CTRL_QUEUE: usize = 1024;
 /// Round-trip samples the RTT estimate is the minimum of: queueing behind a piece on either
 /// side only ever adds to a sample, so the minimum of the last few is the distance.
 const RTT_WINDOW: usize = 8;
-/// An offer unasked for this long (at least) stops holding back new offers.
-const MIN_OFFER_FRESH_SECS: f64 = 0.25;
-/// Offers one peer holds at most, in pipelines' worth.
-const MAX_OFFERS_PIPELINES: usize = 4;
+/// A super-seeder's peer that asks for none of its offers for this many pipelines' time (and
+/// at least [`MIN_OFFERS_IGNORED_SECS`]), with nothing queued, is shown every piece instead.
+const OFFERS_IGNORED_PIPELINES: f64 = 8.0;
+const MIN_OFFERS_IGNORED_SECS: f64 = 1.5;
 /// A PING unanswered this long is given up and a new one sent.
 const PING_GIVE_UP: Duration = Duration::from_secs(10);
 /// Unsent bytes the kernel may hold per connection. Past it the writer holds them, so a
@@ -461,6 +461,8 @@ struct Shared {
     sent_bytes: AtomicU64,
     /// The PING in flight: its id and when the writer handed it to the socket.
     ping: Mutex<Option<(u64, Instant)>>,
+    /// The writer is sending a piece it took from the queue (a slow link's piece takes long).
+    sending: AtomicBool,
 }
 
 impl Shared {
@@ -468,6 +470,7 @@ impl Shared {
         let mut q = self.uploads.lock().expect("upload queue lock");
         let i = q.order.pop_front()?;
         q.bytes -= size(i);
+        self.sending.store(true, Ordering::Relaxed);
         Some(i)
     }
 
@@ -548,6 +551,8 @@ struct Session {
     super_mode: bool,
     /// Pieces offered to this peer that it has not asked for yet, and when.
     offers: HashMap<u32, Instant>,
+    /// When the peer last asked us for a piece (or the connection began).
+    last_asked: Instant,
     conn_id: u64,
     next_ping: u64,
     /// When the PING in flight was queued.
@@ -660,6 +665,7 @@ async fn session<R, W>(
         ticks: 0,
         super_mode,
         offers: HashMap::new(),
+        last_asked: Instant::now(),
         conn_id,
         next_ping: 0,
         ping_asked: None,
@@ -825,7 +831,10 @@ impl Session {
                 if bits.set(index) {
                     let mut st = self.t.lock();
                     st.picker.add_have(index);
-                    if !self.peer_complete && st.seed.on_peer_has(index) {
+                    if !self.peer_complete && st.seed.on_have(index) {
+                        if st.seed.saw_other_source() {
+                            info!(peer = %self.remote, index, "a leecher got a piece we never sent: another seeder serves the swarm, super-seeding off");
+                        }
                         let _ = self.t.events.send(TorrentEvent::AdvertiseAll);
                     }
                 }
@@ -913,6 +922,7 @@ impl Session {
     }
 
     async fn on_request(&mut self, index: u32) -> Result<(), End> {
+        self.last_asked = Instant::now();
         let have = self.t.lock().picker.have().get(index);
         if !have {
             return self
@@ -1172,8 +1182,10 @@ impl Session {
         Ok(())
     }
 
-    /// Super-seeding: keep this peer offered a few pieces nobody else was offered, as many as
-    /// its link drains in a couple of round trips, so it always has one more to ask for.
+    /// Super-seeding: keep this peer's pipeline to us full of pieces nobody else was offered:
+    /// what it has queued with us plus the offers it has not asked for yet come to what our
+    /// queue for it holds (its link drains that in a couple of round trips), so it always has
+    /// one to ask for as a piece goes out.
     async fn fill_offers(&mut self) -> Result<(), End> {
         if !self.super_mode || self.peer_complete {
             return Ok(());
@@ -1182,12 +1194,24 @@ impl Session {
             return Ok(()); // Its BITFIELD first: offer nothing it has.
         };
         let piece = u64::from(self.t.meta.piece_length);
+        // What our queue for it accepts (the piece being sent is beyond it): more offers would
+        // be asked for and refused as busy.
         let target = (self.upload_bound() / piece).max(2) as usize;
-        // An offer not asked for within a pipeline's time is one the peer is getting
-        // elsewhere (another seeder has it in flight) or cannot ask for yet: it stays the
-        // peer's, but no longer holds back new offers, up to a few pipelines' worth.
-        let stale_after = Duration::from_secs_f64(
-            crate::scorer::pipeline_secs(self.rtt).max(MIN_OFFER_FRESH_SECS),
+        let queued = self
+            .shared
+            .uploads
+            .lock()
+            .expect("upload queue lock")
+            .order
+            .len();
+        let sending = self.shared.sending.load(Ordering::Relaxed);
+        // A peer that asks for none of what we offer, for long, while nothing of ours is
+        // queued for it (it wants only some files of a tree, or gets everything elsewhere):
+        // offering more cannot help it; show it everything (below). A peer whose pipeline to
+        // us is full is not ignoring us: it asks as the pipeline drains, however slow the link.
+        let ignored_after = Duration::from_secs_f64(
+            (OFFERS_IGNORED_PIPELINES * crate::scorer::pipeline_secs(self.rtt))
+                .max(MIN_OFFERS_IGNORED_SECS),
         );
         let mut fresh = Vec::new();
         let give_up;
@@ -1198,20 +1222,15 @@ impl Session {
             }
             // An offer spread elsewhere (another seeder's upload) no longer counts.
             self.offers.retain(|&i, _| !st.seed.is_spread(i));
-            let mut live = self
-                .offers
-                .values()
-                .filter(|at| at.elapsed() < stale_after)
-                .count();
-            // It asks for none of what we offer (it wants only some files of a tree, or gets
-            // everything elsewhere): offering more cannot help it; show it all (below).
-            give_up = live == 0 && self.offers.len() >= MAX_OFFERS_PIPELINES * target;
-            while !give_up && live < target && self.offers.len() < MAX_OFFERS_PIPELINES * target {
+            give_up = queued == 0
+                && !sending
+                && !self.offers.is_empty()
+                && self.last_asked.elapsed() > ignored_after;
+            while !give_up && queued + self.offers.len() < target {
                 match st.seed.offer(self.conn_id, bits, &mut self.rng) {
                     Some(i) => {
                         self.offers.insert(i, Instant::now());
                         fresh.push(i);
-                        live += 1;
                     }
                     None => break,
                 }
@@ -1387,6 +1406,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         };
         // The bytes are in the socket now; drop the pages from our resident set.
         storage.release(index);
+        shared.sending.store(false, Ordering::Relaxed);
         if r.is_err() {
             return;
         }

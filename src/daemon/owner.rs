@@ -338,7 +338,7 @@ impl Owner {
                     scores,
                     store: self.ctx.store.clone(),
                     roster,
-                    super_seed: self.ctx.net.upload_limit.is_some(),
+                    super_seed: cfg.super_seed,
                     picker: if meta.is_tree() {
                         Picker::with_skip(
                             self.bits.clone(),

@@ -240,8 +240,7 @@ pub struct SessionParts {
     pub cancel: CancellationToken,
     /// A private swarm's stored roster.
     pub roster: Option<shoal_tracker::roster::Roster>,
-    /// Spread pieces one peer at a time while seeding alone (see [`crate::superseed`]): only
-    /// when the operator caps the upload, the sign that it is the swarm's scarce resource.
+    /// Spread pieces one peer at a time while seeding alone (see [`crate::superseed`]).
     pub super_seed: bool,
 }
 

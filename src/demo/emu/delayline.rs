@@ -2,10 +2,15 @@
 //! link's one-way delay, or dropped with the link's loss probability, then written to the other
 //! side in order. This kernel has no netem, so delay and loss are done here; the rate is the
 //! kernel's (tc tbf on the sending interface), upstream of the line.
+//!
+//! Every frame of every emulated host crosses two lines, so their cost per frame is what
+//! bounds how much traffic one machine can emulate: the reader drains its queue without a poll
+//! per frame and hands frames over in batches, and the writer wakes once per batch (frames
+//! due within [`QUANTUM`] go together), not once per frame.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -20,6 +25,11 @@ use super::sys;
 const MAX_HELD_BYTES: usize = 32 << 20;
 /// The largest frame a TAP queue gives (MTU up to 64 KiB).
 const MAX_FRAME: usize = 65_536 + 64;
+/// Frames read before they are handed to the writer at most (one lock, one wake-up).
+const READ_BATCH: usize = 64;
+/// Frames due within this much of the first due one leave with it: a frame leaves at most
+/// this early, and the writer wakes once per batch instead of once per frame.
+const QUANTUM: Duration = Duration::from_micros(200);
 
 /// What a line did, for the report.
 #[derive(Debug, Default)]
@@ -36,6 +46,7 @@ struct Held {
 }
 
 /// Start the two threads of one direction; they stop when `stop` is set (within 100 ms).
+/// `from` must be non-blocking ([`sys::open_tap`] opens it so).
 pub(crate) fn spawn(
     name: String,
     from: Arc<File>,
@@ -54,29 +65,53 @@ pub(crate) fn spawn(
                 let mut rng = rand::thread_rng();
                 let mut buf = vec![0u8; MAX_FRAME];
                 let mut f = &*from;
+                let mut batch: Vec<(Instant, Vec<u8>)> = Vec::with_capacity(READ_BATCH);
                 while !stop.load(Ordering::Relaxed) {
-                    if !sys::readable(&from, 100) {
-                        continue;
+                    // Drain what is queued, then hand it over at once.
+                    let mut gone = false;
+                    while batch.len() < READ_BATCH {
+                        match f.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                stats.frames.fetch_add(1, Ordering::Relaxed);
+                                if loss > 0.0 && rng.gen::<f64>() < loss {
+                                    stats.lost.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                batch.push((Instant::now() + delay, buf[..n].to_vec()));
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(_) => {
+                                gone = true; // The device went away: the emulation is ending.
+                                break;
+                            }
+                        }
                     }
-                    let n = match f.read(&mut buf) {
-                        Ok(n) if n > 0 => n,
-                        Ok(_) => continue,
-                        Err(_) => break, // The device went away: the emulation is ending.
-                    };
-                    stats.frames.fetch_add(1, Ordering::Relaxed);
-                    if loss > 0.0 && rng.gen::<f64>() < loss {
-                        stats.lost.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    if !batch.is_empty() {
+                        let (lock, cv) = &*held;
+                        let mut h = lock.lock().expect("delay line lock");
+                        // The delay is the same for every frame, so a frame queued behind
+                        // others is due after them: only an empty queue's writer needs waking.
+                        let was_empty = h.q.is_empty();
+                        for (due, frame) in batch.drain(..) {
+                            if h.bytes + frame.len() > MAX_HELD_BYTES {
+                                stats.overflow.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            h.bytes += frame.len();
+                            h.q.push_back((due, frame));
+                        }
+                        drop(h);
+                        if was_empty {
+                            cv.notify_one();
+                        }
+                        continue; // More may be queued: read again before polling.
                     }
-                    let (lock, cv) = &*held;
-                    let mut h = lock.lock().expect("delay line lock");
-                    if h.bytes + n > MAX_HELD_BYTES {
-                        stats.overflow.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    if gone {
+                        break;
                     }
-                    h.bytes += n;
-                    h.q.push_back((Instant::now() + delay, buf[..n].to_vec()));
-                    cv.notify_one();
+                    sys::readable(&from, 100);
                 }
             })?
     };
@@ -86,6 +121,7 @@ pub(crate) fn spawn(
             let mut f = &*to;
             let (lock, cv) = &*held;
             let mut h = lock.lock().expect("delay line lock");
+            let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let Some(&(due, _)) = h.q.front() else {
                     h = cv
@@ -95,19 +131,22 @@ pub(crate) fn spawn(
                     continue;
                 };
                 let now = Instant::now();
-                if due > now {
-                    h = cv.wait_timeout(h, due - now).expect("delay line lock").0;
+                if due > now + QUANTUM {
+                    h = cv
+                        .wait_timeout(h, due - now - QUANTUM / 2)
+                        .expect("delay line lock")
+                        .0;
                     continue;
                 }
-                // Everything due goes out in one batch, outside the lock.
-                let mut out = Vec::new();
-                while h.q.front().is_some_and(|(d, _)| *d <= now) {
+                // Everything due (within the quantum) goes out in one batch, outside the lock.
+                let horizon = now + QUANTUM;
+                while h.q.front().is_some_and(|(d, _)| *d <= horizon) {
                     let (_, frame) = h.q.pop_front().expect("front");
                     h.bytes -= frame.len();
                     out.push(frame);
                 }
                 drop(h);
-                for frame in out {
+                for frame in out.drain(..) {
                     // A full queue on the far side drops the frame, as a wire would.
                     let _ = f.write(&frame);
                 }

@@ -43,9 +43,12 @@ pub(crate) fn open_tap(name: &str) -> io::Result<File> {
             "interface name",
         ));
     }
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: a delay line drains its queue and polls only when it is empty.
     let f = OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open("/dev/net/tun")?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
