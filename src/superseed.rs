@@ -113,7 +113,8 @@ impl SuperSeed {
         }
     }
 
-    /// We uploaded piece `i`. Returns true when this ended the phase.
+    /// We upload piece `i` (counted as its first byte goes). Returns true when this ended the
+    /// phase.
     pub fn on_uploaded(&mut self, i: u32) -> bool {
         let u = &mut self.uploads[i as usize];
         if self.active && *u > 0 {
@@ -139,8 +140,9 @@ impl SuperSeed {
     /// source, another seeder most likely: then the phase ends (BEP 16 is the initial
     /// seeder's mode). Two seeders offering pieces one at a time pin each piece to whichever
     /// offered it, however slow (measured: 9 of 64 pieces from a seeder answering 300 ms
-    /// late, against 0 to 1 with one of them showing everything). Our own upload reaches a
-    /// leecher's HAVE only after [`Self::on_uploaded`], so this is no race. Returns true when
+    /// late, against 0 to 1 with one of them showing everything). Our own upload is counted
+    /// before its first byte goes ([`Self::on_uploaded`]), so its HAVE is never taken for
+    /// another source's. Returns true when
     /// this ended the phase.
     pub fn on_have(&mut self, i: u32) -> bool {
         if self.active && self.uploads[i as usize] == 0 {

@@ -1237,6 +1237,7 @@ impl Session {
             }
         }
         if give_up {
+            debug!("the peer asks for none of our offers: showing it every piece");
             return self.advertise_all().await;
         }
         for i in fresh {
@@ -1394,6 +1395,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         storage.prefetch(index);
+        if action != Action::Drop {
+            t.on_upload_start(index);
+        }
         let data = storage.piece(index);
         let header = PeerMsg::Piece {
             index,
@@ -1414,7 +1418,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             shared
                 .sent_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            t.on_uploaded(&remote, index, data.len() as u64);
+            t.on_uploaded(&remote, data.len() as u64);
         }
     }
 }

@@ -403,13 +403,18 @@ impl Torrent {
         }
     }
 
-    /// We sent piece `index` (`bytes` long) to `peer_id`.
-    pub fn on_uploaded(&self, peer_id: &str, index: u32, bytes: u64) {
-        let mut s = self.lock();
-        if s.seed.on_uploaded(index) {
+    /// We start sending piece `index`: counted for super-seeding before the first byte goes,
+    /// so the leecher's HAVE for it can never arrive first and look like another source's.
+    pub fn on_upload_start(&self, index: u32) {
+        if self.lock().seed.on_uploaded(index) {
             info!(info_hash = %self.hex, "super-seeding done: every piece reached a leecher");
             let _ = self.events.send(TorrentEvent::AdvertiseAll);
         }
+    }
+
+    /// We sent piece `index` (`bytes` long) to `peer_id`.
+    pub fn on_uploaded(&self, peer_id: &str, bytes: u64) {
+        let mut s = self.lock();
         s.session_up += bytes;
         crate::metrics::peer().bytes_uploaded.inc_by(bytes);
         s.record.uploaded += bytes;
