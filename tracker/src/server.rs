@@ -31,6 +31,10 @@ use crate::wire::{FrameError, FrameReader, FrameWriter, Limits, Timeouts};
 /// for long between two batches.
 pub const RETENTION_CHUNK_ROWS: usize = 1000;
 
+/// Live peers looked at per step of a prune pass (a step holds the swarm lock: about a
+/// millisecond at this size).
+const PRUNE_STEP_PEERS: usize = 4096;
+
 /// The monotonic clock starts this far ahead of zero, so that the age of a peer restored from
 /// the database (up to a day) can be represented before it.
 const MONO_ORIGIN_MS: u64 = 24 * 3600 * 1000;
@@ -259,47 +263,7 @@ impl Tracker {
             shared,
             writer,
         } = self;
-        let tasks = TaskTracker::new();
-        {
-            let shared = shared.clone();
-            let token = shutdown.clone();
-            tasks.spawn(async move { prune_loop(shared, token).await });
-        }
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let (stream, addr) = match accepted {
-                Ok(x) => {
-                    backoff = Duration::from_millis(10);
-                    x
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: wait and retry rather than exit.
-                    warn!(cause = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let (id, last_active, close) = shared.conns.lock().expect("conns poisoned").admit(
-                addr.ip(),
-                shared.clock.now().mono_ms,
-                shared.cfg.max_connections,
-                shared.cfg.max_connections_per_addr,
-            );
-            let shared = shared.clone();
-            let token = shutdown.clone();
-            tasks.spawn(async move {
-                serve(stream, addr, &shared, &token, &close, &last_active).await;
-                shared.conns.lock().expect("conns poisoned").remove(id);
-            });
-        }
-        drop(listener);
-        tasks.close();
-        tasks.wait().await;
+        accept_loop(listener, shared.clone(), shutdown).await;
         // The writer commits what is left and exits.
         *shared.writer.closing.lock().expect("writer queue poisoned") = true;
         shared.writer.wake.notify_all();
@@ -311,6 +275,51 @@ impl Tracker {
     }
 }
 
+/// Accept connections and serve them until `shutdown`; returns once every connection closed.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let tasks = TaskTracker::new();
+    {
+        let shared = shared.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move { prune_loop(shared, token).await });
+    }
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, addr) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait and retry rather than exit.
+                warn!(cause = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let (id, last_active, close) = shared.conns.lock().expect("conns poisoned").admit(
+            addr.ip(),
+            shared.clock.now().mono_ms,
+            shared.cfg.max_connections,
+            shared.cfg.max_connections_per_addr,
+        );
+        let shared = shared.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            serve(stream, addr, &shared, &token, &close, &last_active).await;
+            shared.conns.lock().expect("conns poisoned").remove(id);
+        });
+    }
+    drop(listener);
+    tasks.close();
+    tasks.wait().await;
+}
+
 async fn prune_loop(shared: Arc<Shared>, token: CancellationToken) {
     let ttl_ms = shared.cfg.ttl.as_millis() as u64;
     // Check often enough that a peer leaves within a quarter TTL of expiring.
@@ -320,18 +329,36 @@ async fn prune_loop(shared: Arc<Shared>, token: CancellationToken) {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let mut changes = Vec::new();
-        let n = shared.swarm.lock().expect("swarm lock poisoned").prune(
-            shared.clock.now(),
-            ttl_ms,
-            &mut changes,
-        );
+        // In steps of a few thousand peers, the lock released and the runtime yielded between
+        // them: one pass over a million peers in one go held every announce for tens of ms.
+        let (mut n, mut cursor) = (0, None);
+        loop {
+            let mut changes = Vec::new();
+            let (k, next) = shared
+                .swarm
+                .lock()
+                .expect("swarm lock poisoned")
+                .prune_some(
+                    shared.clock.now(),
+                    ttl_ms,
+                    cursor,
+                    PRUNE_STEP_PEERS,
+                    &mut changes,
+                );
+            n += k;
+            // Expiries are persisted even past max_pending_rows: the memory they take is
+            // bounded by the live swarm, and dropping them would leave dead peers in the
+            // database.
+            shared.persist(changes);
+            match next {
+                Some(c) if !token.is_cancelled() => cursor = Some(c),
+                _ => break,
+            }
+            tokio::task::yield_now().await;
+        }
         if n > 0 {
             info!(expired = n, "pruned silent peers");
         }
-        // Expiries are persisted even past max_pending_rows: the memory they take is bounded
-        // by the live swarm, and dropping them would leave dead peers in the database.
-        shared.persist(changes);
     }
 }
 
@@ -402,6 +429,10 @@ async fn serve(
         if !reader.has_buffered() && writer.flush().await.is_err() {
             break;
         }
+        // A pipelined burst is answered from the buffer without touching the socket, which
+        // alone never makes the task yield: count each request against the task's budget so
+        // that a flooding connection cannot hold the runtime from the others.
+        tokio::task::consume_budget().await;
     }
 }
 

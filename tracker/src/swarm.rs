@@ -213,9 +213,7 @@ type Key = [u8; 32];
 
 /// The key of a 64-hex-digit info hash (either case).
 fn key_of(info_hash: &str) -> Option<Key> {
-    let mut k = [0u8; 32];
-    hex::decode_to_slice(info_hash, &mut k).ok()?;
-    Some(k)
+    keys::hex32_any_case(info_hash)
 }
 
 /// A swarm proven private: its proof and the newest roster the tracker was given.
@@ -560,7 +558,9 @@ impl Swarm {
             }));
         }
         let role = Role::of(a.have, a.total);
-        let previous = idx.and_then(|i| torrent.peers.get_index_mut(i)).map(|(_, p)| p);
+        let previous = idx
+            .and_then(|i| torrent.peers.get_index_mut(i))
+            .map(|(_, p)| p);
         let first_seen = previous.as_ref().map_or(now_s, |p| p.first_seen);
         let mut event = true;
         match &previous {
@@ -617,8 +617,7 @@ impl Swarm {
                 p.port = a.port;
                 p.have = a.have;
                 p.total = a.total;
-                p.entry_json
-                    .set(&a.peer_id, addr, a.port, a.have, a.total);
+                p.entry_json.set(&a.peer_id, addr, a.port, a.have, a.total);
             }
             p.src = src;
             p.last_ts = checked.ts.unwrap_or(0);
@@ -770,12 +769,47 @@ impl Swarm {
     /// Remove every peer not heard from for longer than `ttl_ms` of the monotonic clock, with an
     /// `expired` event each; files left without a peer leave memory.
     pub fn prune(&mut self, now: Now, ttl_ms: u64, changes: &mut Vec<Change>) -> usize {
+        let (mut n, mut cursor) = (0, None);
+        loop {
+            let (k, next) = self.prune_some(now, ttl_ms, cursor, usize::MAX, changes);
+            n += k;
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return n,
+            }
+        }
+    }
+
+    /// One step of [`Swarm::prune`]: the files after `cursor` (from the first when `None`), in
+    /// order, until about `max_peers` peers were looked at. Returns the peers removed and the
+    /// cursor of the next step, `None` when the pass is over (the per-address windows and the
+    /// departed peers' `ts` are then cleaned too). In steps, a pass over a million live peers
+    /// never holds the swarm for longer than a step.
+    pub fn prune_some(
+        &mut self,
+        now: Now,
+        ttl_ms: u64,
+        cursor: Option<Key>,
+        max_peers: usize,
+        changes: &mut Vec<Change>,
+    ) -> (usize, Option<Key>) {
         let mut n = 0;
+        let mut seen = 0;
         let now_s = now.unix_s();
         let live_by_src = &mut self.live_by_src;
         let mut emptied = Vec::new();
-        for (key, t) in &mut self.torrents {
+        let lower = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut next = None;
+        for key in self.order.range((lower, Bound::Unbounded)) {
+            if seen >= max_peers {
+                break;
+            }
+            next = Some(*key);
+            let Some(t) = self.torrents.get_mut(key) else {
+                continue;
+            };
             let before = t.peers.len();
+            seen += before;
             let mut gone = Vec::new();
             let mut hex_hash: Option<String> = None;
             t.peers.retain(|peer_id, p| {
@@ -819,11 +853,21 @@ impl Swarm {
             self.torrents.remove(&key);
             self.order.remove(&key);
         }
+        // The pass is over when nothing is left after the last file looked at.
+        let more = next.is_some_and(|k| {
+            self.order
+                .range((Bound::Excluded(k), Bound::Unbounded))
+                .next()
+                .is_some()
+        });
+        if more {
+            return (n, next);
+        }
         self.new_by_src
             .retain(|_, w| now.mono_ms.saturating_sub(w.0) < MINUTE_MS);
         let oldest = (now.unix_ms.max(0) as u64).saturating_sub(crate::auth::TS_WINDOW_MS);
         self.gone_ts.retain(|_, ts| *ts >= oldest);
-        n
+        (n, None)
     }
 
     /// One page of the files with a live peer, in info-hash order, starting after the cursor
