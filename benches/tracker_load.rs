@@ -19,7 +19,7 @@
 //!
 //! Run: `cargo bench --bench tracker_load`. Vary with SHOAL_BENCH_SCALES (comma-separated live
 //! peer counts), SHOAL_BENCH_SWARMS, SHOAL_BENCH_CLIENTS, SHOAL_BENCH_SECS, SHOAL_BENCH_FLOOD,
-//! SHOAL_BENCH_KEYS.
+//! SHOAL_BENCH_KEYS, SHOAL_BENCH_NET_THREADS (the tracker's `net_threads`, default 1).
 
 #[path = "common.rs"]
 mod common;
@@ -149,7 +149,12 @@ fn mib(b: u64) -> f64 {
 fn start_tracker(dir: &Path, config: &str) -> (common::Daemon, String) {
     let db = dir.join("tracker.db");
     let cfg = dir.join("tracker.toml");
-    std::fs::write(&cfg, format!("[tracker]\n{config}")).unwrap();
+    let threads = common::env_or("SHOAL_BENCH_NET_THREADS", 1);
+    std::fs::write(
+        &cfg,
+        format!("[tracker]\nnet_threads = {threads}\n{config}"),
+    )
+    .unwrap();
     let d = common::spawn(
         dir,
         &[
