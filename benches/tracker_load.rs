@@ -19,7 +19,8 @@
 //!
 //! Run: `cargo bench --bench tracker_load`. Vary with SHOAL_BENCH_SCALES (comma-separated live
 //! peer counts), SHOAL_BENCH_SWARMS, SHOAL_BENCH_CLIENTS, SHOAL_BENCH_SECS, SHOAL_BENCH_FLOOD,
-//! SHOAL_BENCH_KEYS, SHOAL_BENCH_NET_THREADS (the tracker's `net_threads`, default 1).
+//! SHOAL_BENCH_KEYS, SHOAL_BENCH_NET_THREADS (the tracker's `net_threads`), and SHOAL_BENCH_BIN
+//! (another build's `shoal` binary, to compare two builds in the same conditions).
 
 #[path = "common.rs"]
 mod common;
@@ -149,13 +150,16 @@ fn mib(b: u64) -> f64 {
 fn start_tracker(dir: &Path, config: &str) -> (common::Daemon, String) {
     let db = dir.join("tracker.db");
     let cfg = dir.join("tracker.toml");
-    let threads = common::env_or("SHOAL_BENCH_NET_THREADS", 1);
-    std::fs::write(
-        &cfg,
-        format!("[tracker]\nnet_threads = {threads}\n{config}"),
-    )
-    .unwrap();
-    let d = common::spawn(
+    // The tracker's default unless asked (and then unwritten, so that an older build, which
+    // refuses an unknown setting, can run this bench through SHOAL_BENCH_BIN).
+    let threads = std::env::var("SHOAL_BENCH_NET_THREADS")
+        .map(|t| format!("net_threads = {t}\n"))
+        .unwrap_or_default();
+    std::fs::write(&cfg, format!("[tracker]\n{threads}{config}")).unwrap();
+    // SHOAL_BENCH_BIN: another build's `shoal` (to compare two builds in the same conditions).
+    let bin = std::env::var("SHOAL_BENCH_BIN").unwrap_or_else(|_| common::shoal_bin().into());
+    let d = common::spawn_bin(
+        &bin,
         dir,
         &[
             "tracker",

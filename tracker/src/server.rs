@@ -298,14 +298,16 @@ impl Tracker {
                 });
                 let _ = tx.send(res); // Only fails when `run` was dropped: nobody to tell.
             })?;
-        rx.await
-            .map_err(|_| anyhow::anyhow!("tracker network thread panicked"))??;
-        // The writer commits what is left and exits.
+        let served = rx
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("tracker network thread panicked")));
+        // The writer commits what is left and exits, whatever became of the network thread.
         *shared.writer.closing.lock().expect("writer queue poisoned") = true;
         shared.writer.wake.notify_all();
         tokio::task::spawn_blocking(move || writer.join())
             .await?
             .map_err(|_| anyhow::anyhow!("tracker writer panicked"))?;
+        served?;
         info!("tracker stopped");
         Ok(())
     }
