@@ -19,7 +19,8 @@
 //!
 //! Run: `cargo bench --bench tracker_load`. Vary with SHOAL_BENCH_SCALES (comma-separated live
 //! peer counts), SHOAL_BENCH_SWARMS, SHOAL_BENCH_CLIENTS, SHOAL_BENCH_SECS, SHOAL_BENCH_FLOOD,
-//! SHOAL_BENCH_KEYS.
+//! SHOAL_BENCH_KEYS, SHOAL_BENCH_NET_THREADS (the tracker's `net_threads`), and SHOAL_BENCH_BIN
+//! (another build's `shoal` binary, to compare two builds in the same conditions).
 
 #[path = "common.rs"]
 mod common;
@@ -90,6 +91,42 @@ fn ed25519_verify_cost() {
     );
 }
 
+/// A process's CPU time so far (all its threads), from /proc/PID/stat, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+impl Cpu {
+    fn of(pid: u32) -> Cpu {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+        let rest = &s[s.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Cpu {
+            user: f[11].parse::<f64>().unwrap() / hz,
+            system: f[12].parse::<f64>().unwrap() / hz,
+        }
+    }
+
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - o.user,
+            system: self.system - o.system,
+        }
+    }
+}
+
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -113,8 +150,16 @@ fn mib(b: u64) -> f64 {
 fn start_tracker(dir: &Path, config: &str) -> (common::Daemon, String) {
     let db = dir.join("tracker.db");
     let cfg = dir.join("tracker.toml");
-    std::fs::write(&cfg, format!("[tracker]\n{config}")).unwrap();
-    let d = common::spawn(
+    // The tracker's default unless asked (and then unwritten, so that an older build, which
+    // refuses an unknown setting, can run this bench through SHOAL_BENCH_BIN).
+    let threads = std::env::var("SHOAL_BENCH_NET_THREADS")
+        .map(|t| format!("net_threads = {t}\n"))
+        .unwrap_or_default();
+    std::fs::write(&cfg, format!("[tracker]\n{threads}{config}")).unwrap();
+    // SHOAL_BENCH_BIN: another build's `shoal` (to compare two builds in the same conditions).
+    let bin = std::env::var("SHOAL_BENCH_BIN").unwrap_or_else(|_| common::shoal_bin().into());
+    let d = common::spawn_bin(
+        &bin,
         dir,
         &[
             "tracker",
@@ -282,7 +327,7 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
     let join_s = t_join.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Measure: closed-loop authenticated heartbeats (session MACs) on persistent connections.
-    let cpu0 = common::proc_cpu(pid);
+    let cpu0 = Cpu::of(pid);
     let start = Instant::now() + Duration::from_millis(300);
     let stop = start + Duration::from_secs(secs);
     let mut set = tokio::task::JoinSet::new();
@@ -321,7 +366,7 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
         busy_run += b;
         lat.extend(l);
     }
-    let cpu = common::proc_cpu(pid) - cpu0;
+    let cpu = Cpu::of(pid) - cpu0;
     lat.sort_by(f64::total_cmp);
     // How long the writer takes to have every live peer durable, then kill -9 and count.
     let ended = Instant::now();
@@ -342,13 +387,15 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
         pct(&lat, 1.0)
     );
     println!(
-        "    tracker CPU {:.1} us per announce ({:.0} announces per CPU-second)  peak RSS {:.0} MiB  database {:.1} MiB + WAL {:.1} MiB  every live peer durable {durable_after:.1} s after the run; after kill -9: {rows} peer rows (want {})",
-        peers + keys,
-        cpu * 1e6 / count.max(1) as f64,
-        count as f64 / cpu.max(1e-9),
+        "    tracker CPU {:.1} us per announce ({:.0} announces per CPU-second; user {:.1} + system {:.1} us)  peak RSS {:.0} MiB  database {:.1} MiB + WAL {:.1} MiB  every live peer durable {durable_after:.1} s after the run; after kill -9: {rows} peer rows (want {})",
+        cpu.total() * 1e6 / count.max(1) as f64,
+        count as f64 / cpu.total().max(1e-9),
+        cpu.user * 1e6 / count.max(1) as f64,
+        cpu.system * 1e6 / count.max(1) as f64,
         hwm as f64 / 1024.0,
         mib(db_len),
-        mib(wal_len)
+        mib(wal_len),
+        peers + keys,
     );
 }
 

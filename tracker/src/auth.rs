@@ -69,9 +69,8 @@ fn put_opt32(out: &mut Vec<u8>, s: Option<&String>) {
 pub fn signing_bytes(a: &Announce, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(ANNOUNCE_TAG);
-    let mut h = [0u8; 32];
-    let _ = hex::decode_to_slice(&a.info_hash, &mut h); // Validated before; zeros otherwise.
-    out.extend_from_slice(&h);
+    // Validated before; zeros otherwise.
+    out.extend_from_slice(&keys::hex32_any_case(&a.info_hash).unwrap_or_default());
     put_str(out, &a.peer_id);
     out.extend_from_slice(&a.port.to_be_bytes());
     out.push(match a.event {

@@ -6,14 +6,49 @@
 
 use ed25519_dalek::{Signature, VerifyingKey};
 
+/// Digit values of hex characters; 0x10 marks a non-digit (the `hex` crate's general decoder
+/// was a visible part of every announce, which decodes several of these).
+const HEX_LOWER: [u8; 256] = hex_table(false);
+const HEX_ANY: [u8; 256] = hex_table(true);
+
+const fn hex_table(upper: bool) -> [u8; 256] {
+    let mut t = [0x10u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        if upper {
+            t[b'A' as usize + i] = 10 + i as u8;
+        }
+        i += 1;
+    }
+    t
+}
+
+fn decode32(s: &str, table: &[u8; 256]) -> Option<[u8; 32]> {
+    let b: &[u8; 64] = s.as_bytes().try_into().ok()?;
+    let mut out = [0u8; 32];
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let (h, l) = (table[usize::from(pair[0])], table[usize::from(pair[1])]);
+        bad |= h | l;
+        *o = (h << 4) | l;
+    }
+    (bad & 0x10 == 0).then_some(out)
+}
+
 /// The 32 bytes behind 64 lower-case hex digits.
 pub fn hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).ok()?;
-    Some(out)
+    decode32(s, &HEX_LOWER)
+}
+
+/// The 32 bytes behind 64 hex digits of either case (an info hash).
+pub fn hex32_any_case(s: &str) -> Option<[u8; 32]> {
+    decode32(s, &HEX_ANY)
 }
 
 /// The public key a peer id names: 64 lower-case hex digits of a valid Ed25519 point that is
@@ -113,5 +148,19 @@ mod tests {
         assert!(verify(&id, b"hello", &sig[..126]).is_err());
         assert!(verify(&id, b"hello", "zz").is_err());
         assert!(verify("not-a-key", b"hello", &sig).is_err());
+    }
+
+    #[test]
+    fn it_should_decode_hex_like_the_hex_crate() {
+        let lower = hex::encode([0xa5u8, 0x0f].repeat(16));
+        let want: [u8; 32] = [0xa5u8, 0x0f].repeat(16).try_into().unwrap();
+        assert_eq!(hex32(&lower), Some(want));
+        assert_eq!(hex32(&lower.to_uppercase()), None);
+        assert_eq!(hex32_any_case(&lower.to_uppercase()), Some(want));
+        assert_eq!(hex32(&lower[..62]), None);
+        for bad in ["g", "G", " ", "/", ":", "@", "`", "\u{e9}"] {
+            let s = format!("{bad}{}", &lower[bad.len()..]);
+            assert_eq!(hex32_any_case(&s), None, "{s}");
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! - [`proto`]: the peer-to-tracker messages, a contract other clients use.
 //! - [`swarm`]: the live swarm in memory, pure rules (roles, events, pruning).
 //! - [`store`]: SQLite persistence and the schema migrations from `migrations/`.
-//! - [`server`]: the tokio server, the prune task and the writer thread.
+//! - [`server`]: the tokio server, the prune task and the writer thread; [`conn`]: its side
+//!   of a connection.
 //! - [`client`]: a tracker client with bounded waits.
 //! - [`keys`], [`roster`]: peer keys and private-swarm rosters, shared with the peer crate.
 //! - [`auth`]: signed announces and the tracker sessions that make repeat announces cheap.
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod http;
 pub mod keys;
 pub mod metrics;

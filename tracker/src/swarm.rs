@@ -86,7 +86,8 @@ struct Peer {
     persisted_mono: u64,
     /// This peer's PEERS entry, serialized once per announce of its own: a reply is then a
     /// concatenation, not a serialization of every listed peer (the tracker's hottest cost).
-    entry_json: Vec<u8>,
+    /// Kept inline, so that a reply reads the swarm's entries from one contiguous array.
+    entry_json: EntryJson,
     /// The `ts` of its last authenticated announce (0: none): a replay is not above it.
     last_ts: u64,
 }
@@ -96,15 +97,72 @@ impl Peer {
         Role::of(self.have, self.total)
     }
 
-    fn entry_json(peer_id: &str, addr: &str, port: u16, have: u64, total: u64) -> Vec<u8> {
-        serde_json::to_vec(&crate::proto::PeerEntryRef {
+    fn entry_json(peer_id: &str, addr: &str, port: u16, have: u64, total: u64) -> EntryJson {
+        let mut e = EntryJson::default();
+        e.set(peer_id, addr, port, have, total);
+        e
+    }
+}
+
+/// Bytes of a PEERS entry kept inline in its [`Peer`]: a key's id (64 hex digits), an IPv4
+/// address and ordinary counts fit; longer entries go to the heap.
+const ENTRY_INLINE: usize = 160;
+
+/// One peer's serialized PEERS entry. Inline, the bytes sit next to the rest of the peer in the
+/// swarm's entry array: a heap buffer per peer cost a cache miss per listed peer, and copying
+/// the listed entries was the largest part of an announce at 100k live peers.
+#[derive(Debug, Clone)]
+struct EntryJson {
+    len: u8,
+    inline: [u8; ENTRY_INLINE],
+    heap: Option<Box<[u8]>>,
+}
+
+impl Default for EntryJson {
+    fn default() -> Self {
+        EntryJson {
+            len: 0,
+            inline: [0; ENTRY_INLINE],
+            heap: None,
+        }
+    }
+}
+
+impl EntryJson {
+    fn set(&mut self, peer_id: &str, addr: &str, port: u16, have: u64, total: u64) {
+        let entry = crate::proto::PeerEntryRef {
             peer_id,
             addr,
             port,
             have,
             total,
-        })
-        .expect("peer entry serializes")
+        };
+        let mut w = std::io::Cursor::new(&mut self.inline[..]);
+        match serde_json::to_writer(&mut w, &entry) {
+            Ok(()) => {
+                // Below ENTRY_INLINE (< 256), so the cast keeps the value.
+                #[allow(clippy::cast_possible_truncation)]
+                let len = w.position() as u8;
+                self.len = len;
+                self.heap = None;
+            }
+            Err(_) => {
+                // Too long for the inline buffer (a long id, an IPv6 or announced address).
+                self.len = 0;
+                self.heap = Some(
+                    serde_json::to_vec(&entry)
+                        .expect("peer entry serializes")
+                        .into_boxed_slice(),
+                );
+            }
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match &self.heap {
+            Some(h) => h,
+            None => &self.inline[..usize::from(self.len)],
+        }
     }
 }
 
@@ -155,9 +213,7 @@ type Key = [u8; 32];
 
 /// The key of a 64-hex-digit info hash (either case).
 fn key_of(info_hash: &str) -> Option<Key> {
-    let mut k = [0u8; 32];
-    hex::decode_to_slice(info_hash, &mut k).ok()?;
-    Some(k)
+    keys::hex32_any_case(info_hash)
 }
 
 /// A swarm proven private: its proof and the newest roster the tracker was given.
@@ -398,12 +454,20 @@ impl Swarm {
             return Ok(None);
         };
         let private = self.check_private(key, a, checked, changes)?;
+        // One hash lookup of the peer per announce: its index serves every step below (each
+        // lookup hashes the id and chases its key, and there were four).
+        let found = self
+            .torrents
+            .get(&key)
+            .map(|t| (t.peers.get_index_of(&a.peer_id), t.peers.len()));
+        let idx = found.and_then(|(i, _)| i);
         if let Some(ts) = checked.ts {
-            let live = self
-                .torrents
-                .get(&key)
-                .and_then(|t| t.peers.get(&a.peer_id))
-                .map(|p| p.last_ts);
+            let live = idx.and_then(|i| {
+                self.torrents
+                    .get(&key)
+                    .and_then(|t| t.peers.get_index(i))
+                    .map(|(_, p)| p.last_ts)
+            });
             let last = live
                 .or_else(|| self.gone_ts.get(&(key, a.peer_id.clone())).copied())
                 .unwrap_or(0);
@@ -434,11 +498,15 @@ impl Swarm {
             peers_json.extend_from_slice(b"[]");
             return Ok(private);
         }
-        let torrent = self.torrents.get(&key);
-        let previous = torrent.and_then(|t| t.peers.get(&a.peer_id));
+        let previous_src = idx.and_then(|i| {
+            self.torrents
+                .get(&key)
+                .and_then(|t| t.peers.get_index(i))
+                .map(|(_, p)| p.src)
+        });
         // Caps apply to what would be new for this source address; refuse before changing
         // anything.
-        if previous.is_none_or(|p| p.src != src) {
+        if previous_src != Some(src) {
             let live = self.live_by_src.get(&src).copied().unwrap_or(0);
             if live >= self.limits.max_live_per_addr {
                 return Err(Refusal::TooManyLive {
@@ -447,7 +515,7 @@ impl Swarm {
                 });
             }
         }
-        if torrent.is_none() {
+        if found.is_none() {
             let max = self.limits.max_new_torrents_per_minute;
             let w = self.new_by_src.entry(src).or_insert((now.mono_ms, 0));
             if now.mono_ms.saturating_sub(w.0) >= MINUTE_MS {
@@ -462,8 +530,6 @@ impl Swarm {
                 });
             }
             w.1 += 1;
-        }
-        if torrent.is_none() {
             self.order.insert(key);
         }
         let torrent = self.torrents.entry(key).or_insert_with(|| {
@@ -491,11 +557,13 @@ impl Swarm {
                 first_seen: now_s,
             }));
         }
-        let previous = torrent.peers.get(&a.peer_id);
-        let first_seen = previous.map_or(now_s, |p| p.first_seen);
         let role = Role::of(a.have, a.total);
+        let previous = idx
+            .and_then(|i| torrent.peers.get_index_mut(i))
+            .map(|(_, p)| p);
+        let first_seen = previous.as_ref().map_or(now_s, |p| p.first_seen);
         let mut event = true;
-        match previous {
+        match &previous {
             None => changes.push(event_row("started")),
             // A retried `started` (a peer waiting for metadata, a lost reply) is no new event;
             // a restart that changed where the peer is or what it has is.
@@ -514,13 +582,13 @@ impl Swarm {
             Some(_) => event = false,
         }
         let persist = event
-            || previous.is_none_or(|p| {
+            || previous.as_ref().is_none_or(|p| {
                 p.addr != addr
                     || p.port != a.port
                     || p.total != a.total
                     || now.mono_ms.saturating_sub(p.persisted_mono) >= self.limits.persist_every_ms
             });
-        let persisted_mono = match previous {
+        let persisted_mono = match &previous {
             Some(p) if !persist => p.persisted_mono,
             _ => now.mono_ms,
         };
@@ -537,9 +605,9 @@ impl Swarm {
                 last_seen: now_s,
             }));
         }
-        if let Some(p) = torrent.peers.get_mut(&a.peer_id) {
+        if let Some(p) = previous {
             // A heartbeat updates the entry in place: no new key, and the PEERS entry is
-            // re-serialized (into its own buffer) only when it changed.
+            // re-serialized only when it changed.
             let old_role = p.role();
             let old_src = p.src;
             if p.addr != addr || p.port != a.port || p.have != a.have || p.total != a.total {
@@ -549,18 +617,7 @@ impl Swarm {
                 p.port = a.port;
                 p.have = a.have;
                 p.total = a.total;
-                p.entry_json.clear();
-                serde_json::to_writer(
-                    &mut p.entry_json,
-                    &crate::proto::PeerEntryRef {
-                        peer_id: &a.peer_id,
-                        addr,
-                        port: a.port,
-                        have: a.have,
-                        total: a.total,
-                    },
-                )
-                .expect("peer entry serializes");
+                p.entry_json.set(&a.peer_id, addr, a.port, a.have, a.total);
             }
             p.src = src;
             p.last_ts = checked.ts.unwrap_or(0);
@@ -712,12 +769,47 @@ impl Swarm {
     /// Remove every peer not heard from for longer than `ttl_ms` of the monotonic clock, with an
     /// `expired` event each; files left without a peer leave memory.
     pub fn prune(&mut self, now: Now, ttl_ms: u64, changes: &mut Vec<Change>) -> usize {
+        let (mut n, mut cursor) = (0, None);
+        loop {
+            let (k, next) = self.prune_some(now, ttl_ms, cursor, usize::MAX, changes);
+            n += k;
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return n,
+            }
+        }
+    }
+
+    /// One step of [`Swarm::prune`]: the files after `cursor` (from the first when `None`), in
+    /// order, until about `max_peers` peers were looked at. Returns the peers removed and the
+    /// cursor of the next step, `None` when the pass is over (the per-address windows and the
+    /// departed peers' `ts` are then cleaned too). In steps, a pass over a million live peers
+    /// never holds the swarm for longer than a step.
+    pub fn prune_some(
+        &mut self,
+        now: Now,
+        ttl_ms: u64,
+        cursor: Option<Key>,
+        max_peers: usize,
+        changes: &mut Vec<Change>,
+    ) -> (usize, Option<Key>) {
         let mut n = 0;
+        let mut seen = 0;
         let now_s = now.unix_s();
         let live_by_src = &mut self.live_by_src;
         let mut emptied = Vec::new();
-        for (key, t) in &mut self.torrents {
+        let lower = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut next = None;
+        for key in self.order.range((lower, Bound::Unbounded)) {
+            if seen >= max_peers {
+                break;
+            }
+            next = Some(*key);
+            let Some(t) = self.torrents.get_mut(key) else {
+                continue;
+            };
             let before = t.peers.len();
+            seen += before;
             let mut gone = Vec::new();
             let mut hex_hash: Option<String> = None;
             t.peers.retain(|peer_id, p| {
@@ -761,11 +853,21 @@ impl Swarm {
             self.torrents.remove(&key);
             self.order.remove(&key);
         }
+        // The pass is over when nothing is left after the last file looked at.
+        let more = next.is_some_and(|k| {
+            self.order
+                .range((Bound::Excluded(k), Bound::Unbounded))
+                .next()
+                .is_some()
+        });
+        if more {
+            return (n, next);
+        }
         self.new_by_src
             .retain(|_, w| now.mono_ms.saturating_sub(w.0) < MINUTE_MS);
         let oldest = (now.unix_ms.max(0) as u64).saturating_sub(crate::auth::TS_WINDOW_MS);
         self.gone_ts.retain(|_, ts| *ts >= oldest);
-        n
+        (n, None)
     }
 
     /// One page of the files with a live peer, in info-hash order, starting after the cursor
@@ -887,8 +989,10 @@ fn entry_bytes(e: &impl serde::Serialize) -> usize {
 
 /// Write up to `numwant` peers of `t` other than `me` (and no seeders for a seeder) as a JSON
 /// array. Large swarms are sampled by random index, so the cost follows numwant, not the
-/// swarm's size.
+/// swarm's size; smaller ones are read in order from a random start (one pass over a
+/// contiguous array, and not always the same first peers).
 fn write_peers(t: &Torrent, me: &str, role: Role, numwant: usize, out: &mut Vec<u8>) {
+    use rand::Rng;
     out.push(b'[');
     let wanted = |(id, p): &(&String, &Peer)| {
         id.as_str() != me && !(role == Role::Seeder && p.role() == Role::Seeder)
@@ -896,10 +1000,15 @@ fn write_peers(t: &Torrent, me: &str, role: Role, numwant: usize, out: &mut Vec<
     let len = t.peers.len();
     // Oversample so that skipping the asker and fellow seeders still fills the reply.
     let draw = (numwant * 4 + 1).min(len);
-    let chosen: Box<dyn Iterator<Item = (&String, &Peer)>> = if numwant == 0 {
+    let chosen: Box<dyn Iterator<Item = (&String, &Peer)>> = if numwant == 0 || len == 0 {
         Box::new(std::iter::empty())
     } else if draw == len {
-        Box::new(t.peers.iter())
+        let start = rand::thread_rng().gen_range(0..len);
+        Box::new(
+            (start..len)
+                .chain(0..start)
+                .map(|i| t.peers.get_index(i).expect("below len")),
+        )
     } else {
         Box::new(
             rand::seq::index::sample(&mut rand::thread_rng(), len, draw)
@@ -911,7 +1020,7 @@ fn write_peers(t: &Torrent, me: &str, role: Role, numwant: usize, out: &mut Vec<
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&p.entry_json);
+        out.extend_from_slice(p.entry_json.as_bytes());
     }
     out.push(b']');
 }

@@ -122,7 +122,7 @@ struct Envelope {
 }
 
 /// Validate a header length prefix against the limits.
-fn check_header_len(len: usize, limits: &Limits) -> Result<(), FrameError> {
+pub fn check_header_len(len: usize, limits: &Limits) -> Result<(), FrameError> {
     if len == 0 {
         return Err(FrameError::EmptyHeader);
     }
