@@ -27,10 +27,6 @@ use serde::{Deserialize, Serialize};
 pub(crate) use delayline::LineStats;
 pub(crate) use measure::{measure, PathCheck};
 
-/// The congestion control of every emulated host: what home hosts run (Linux, Windows and
-/// macOS default to CUBIC), whatever this machine's default is (BBR here, a server's choice).
-const HOST_CONGESTION: &str = "cubic";
-
 /// Namespace names start with this, then the owner's pid.
 const PREFIX: &str = "shoaldemo-";
 
@@ -266,9 +262,6 @@ impl Emulator {
             run("ip", &["netns", "add", &ns])?;
             emu.created.push(ns.clone());
             run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-            // A home host's TCP, not this machine's: best effort (the kernel may lack it).
-            let cc = format!("net.ipv4.tcp_congestion_control={HOST_CONGESTION}");
-            let _ = run("ip", &["netns", "exec", &ns, "sysctl", "-qw", &cc]);
             let port = format!("p{i}");
             let (host_tap, sw_tap) = (
                 in_netns(&ns, || sys::open_tap("eth0"))??,
