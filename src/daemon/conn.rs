@@ -9,7 +9,7 @@
 //!
 //! Control never waits behind data: the writer takes control frames (REQUEST, HAVE, CANCEL,
 //! PING/PONG, KEEPALIVE) from their own queue and sends all of them before each piece, the
-//! kernel holds at most [`UNSENT_LOWAT_MAX`] unsent (less on a thin link), and the pieces a peer may have queued
+//! kernel holds at most [`UNSENT_LOWAT_BYTES`] unsent, and the pieces a peer may have queued
 //! are bounded by what its link drains in a couple of round trips (more get a busy REJECT).
 //! RTT is measured by PING/PONG, apart from throughput; both set the pipelining depth.
 //!
@@ -201,15 +201,14 @@ type Reader = FrameReader<SecureRead<OwnedReadHalf>>;
 type Writer = FrameWriter<SecureWrite<OwnedWriteHalf>>;
 
 /// Run the Noise handshake on a fresh stream, bounded by the connect timeout. Returns the
-/// framed halves, the remote's authenticated peer id, and the socket's unsent limit.
+/// framed halves and the remote's authenticated peer id.
 async fn secure(
     d: &Net,
     stream: TcpStream,
     outgoing: bool,
-) -> Result<(Reader, Writer, String, Unsent), ConnError> {
+) -> Result<(Reader, Writer, String), ConnError> {
     let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
-    let mut unsent = Unsent::of(&stream);
-    unsent.set(UNSENT_LOWAT_MAX);
+    limit_unsent(&stream);
     let (r, w) = stream.into_split();
     let hs = async {
         if outgoing {
@@ -229,7 +228,6 @@ async fn secure(
         FrameReader::new(ch.reader, Limits::default(), t),
         FrameWriter::new(ch.writer, d.cfg.read_timeout),
         ch.remote_id,
-        unsent,
     ))
 }
 
@@ -268,7 +266,7 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
     };
     let secured = secure(&d, stream, false).await;
     drop(half_open);
-    let (mut reader, mut writer, remote_id, unsent) = match secured {
+    let (mut reader, mut writer, remote_id) = match secured {
         Ok(c) => c,
         Err(e) => {
             // Nothing can be said on a channel that failed; a plaintext peer was told why.
@@ -317,7 +315,7 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
     }
     // Known by the address it listens on, so the dialer does not call it again.
     let listen_addr = SocketAddr::new(addr.ip(), hello.port);
-    session(d, t, reader, writer, unsent, &hello, listen_addr, false).await;
+    session(d, t, reader, writer, &hello, listen_addr, false).await;
 }
 
 /// Dial `addr` for torrent `t`.
@@ -329,7 +327,7 @@ pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Res
         return Err(ConnError::Refused(why));
     }
     let stream = connect(&d, addr).await?;
-    let (mut reader, mut writer, remote_id, unsent) = secure(&d, stream, true).await?;
+    let (mut reader, mut writer, remote_id) = secure(&d, stream, true).await?;
     if remote_id == d.peer_id {
         return Err(ConnError::Refused("that is ourselves".into()));
     }
@@ -344,7 +342,7 @@ pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Res
         return Err(ConnError::Protocol("HELLO for another torrent".into()));
     }
     admit(&t, &mut reader, &mut writer, &hello).await?;
-    session(d, t, reader, writer, unsent, &hello, addr, true).await;
+    session(d, t, reader, writer, &hello, addr, true).await;
     Ok(())
 }
 
@@ -362,7 +360,7 @@ pub async fn fetch_metadata(
         return Err(ConnError::Refused(why));
     }
     let stream = connect(d, addr).await?;
-    let (mut reader, mut writer, remote_id, _) = secure(d, stream, true).await?;
+    let (mut reader, mut writer, remote_id) = secure(d, stream, true).await?;
     if let Some(why) = d.bans.banned(&remote_id, addr.ip()) {
         return Err(ConnError::Refused(why));
     }
@@ -421,64 +419,28 @@ const OFFERS_IGNORED_PIPELINES: f64 = 8.0;
 const MIN_OFFERS_IGNORED_SECS: f64 = 1.5;
 /// A PING unanswered this long is given up and a new one sent.
 const PING_GIVE_UP: Duration = Duration::from_secs(10);
-/// Unsent bytes the kernel may hold per connection, at most and at least. Past it the writer
-/// holds them, so a control frame queued now waits for at most this much plus the rest of the
-/// piece being written, not for the several MiB a send buffer grows to. Within the bounds it
-/// follows what the connection drains in [`UNSENT_DRAIN_SECS`]: on a thin uplink shared by many
-/// connections, 128 KiB each is a second of REQUESTs waiting behind pieces.
-const UNSENT_LOWAT_MAX: u64 = 128 * 1024;
-const UNSENT_LOWAT_MIN: u64 = 16 * 1024;
-const UNSENT_DRAIN_SECS: f64 = 0.02;
+/// Unsent bytes the kernel may hold per connection. Past it the writer holds them, so a
+/// control frame queued now waits for at most this much plus the rest of the piece being
+/// written, not for the several MiB a send buffer grows to on a fast link.
+const UNSENT_LOWAT_BYTES: libc::c_int = 128 * 1024;
 
-/// The kernel's limit on a connection's unsent bytes (`TCP_NOTSENT_LOWAT`), on a duplicate of
-/// the socket's descriptor (so it never outlives the socket into another's number). Best
-/// effort: without it the connection works, control just waits longer on a thin link.
-struct Unsent {
-    fd: Option<std::os::fd::OwnedFd>,
-    bytes: u64,
-}
-
-impl Unsent {
-    fn of(stream: &TcpStream) -> Unsent {
-        use std::os::fd::AsFd;
-        Unsent {
-            fd: stream.as_fd().try_clone_to_owned().ok(),
-            bytes: 0,
-        }
-    }
-
-    /// For a connection that drains `bytes_per_sec` (0: not measured yet).
-    fn follow(&mut self, bytes_per_sec: f64) {
-        if bytes_per_sec > 0.0 {
-            let b = (bytes_per_sec * UNSENT_DRAIN_SECS) as u64;
-            self.set(b.clamp(UNSENT_LOWAT_MIN, UNSENT_LOWAT_MAX));
-        }
-    }
-
-    fn set(&mut self, bytes: u64) {
-        use std::os::fd::AsRawFd;
-        // Only a change worth a system call.
-        if self.bytes != 0 && bytes.abs_diff(self.bytes) < self.bytes / 4 {
-            return;
-        }
-        let Some(fd) = &self.fd else { return };
-        let v = bytes as libc::c_int;
-        // SAFETY: setsockopt on an open descriptor we own, with a pointer to a c_int and its
-        // size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                std::ptr::addr_of!(v).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            self.bytes = bytes;
-        } else {
-            debug!(cause = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
-        }
+/// Limit the kernel's unsent bytes (see [`UNSENT_LOWAT_BYTES`]). Best effort: without it the
+/// connection works, control just waits longer on a thin link.
+fn limit_unsent(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = UNSENT_LOWAT_BYTES;
+    // SAFETY: setsockopt on an open socket we own, with a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::addr_of!(v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(cause = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
     }
 }
 
@@ -600,7 +562,6 @@ struct Session {
     rtt: f64,
     /// Piece bytes per second we upload to this peer while it has work queued.
     up_rate: f64,
-    unsent: Unsent,
     sent_mark: u64,
 }
 
@@ -621,7 +582,6 @@ async fn session<R, W>(
     t: Arc<Torrent>,
     mut reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
-    unsent: Unsent,
     hello: &Hello,
     addr: SocketAddr,
     outgoing: bool,
@@ -717,7 +677,6 @@ async fn session<R, W>(
         rtt_samples: VecDeque::new(),
         rtt: 0.0,
         up_rate: 0.0,
-        unsent,
         sent_mark: 0,
     };
     let _ = s
@@ -1197,7 +1156,6 @@ impl Session {
         self.sent_mark = sent;
         if dt > 0.0 && up > 0 {
             self.up_rate = crate::scorer::ewma(self.up_rate, up as f64 / dt);
-            self.unsent.follow(self.up_rate);
         }
         if self.ping_asked.is_none_or(|at| at.elapsed() > PING_GIVE_UP) {
             self.ping().await?;
