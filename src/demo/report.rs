@@ -89,6 +89,10 @@ pub(crate) struct HostReport {
     lost: u64,
     /// Frames dropped because a delay line held its maximum.
     overflow: u64,
+    /// Frames a delay line released more than 1 ms late, and the latest (ms): delay the
+    /// scenario did not ask for, added by a busy machine.
+    late: u64,
+    late_max_ms: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -417,6 +421,14 @@ fn efficiency(demo: &Demo, size: u64, o: &Observed, r: &mut Report) {
                 frames_down: h.down_stats.frames.load(Relaxed),
                 lost: h.up_stats.lost.load(Relaxed) + h.down_stats.lost.load(Relaxed),
                 overflow: h.up_stats.overflow.load(Relaxed) + h.down_stats.overflow.load(Relaxed),
+                late: h.up_stats.late.load(Relaxed) + h.down_stats.late.load(Relaxed),
+                late_max_ms: h
+                    .up_stats
+                    .late_max_us
+                    .load(Relaxed)
+                    .max(h.down_stats.late_max_us.load(Relaxed))
+                    as f64
+                    / 1e3,
             })
             .collect();
     }
@@ -432,12 +444,21 @@ fn render_network(r: &Report) -> String {
         "\nnetwork: one namespace per host; rates by tc tbf, delay and loss by delay lines\n",
     );
     s.push_str(&format!(
-        "  {:<10} {:<13} {:>14} {:>14} {:>9} {:>6} {:>9} {:>8}\n",
-        "host", "address", "up", "down", "delay", "loss", "lost", "overflow"
+        "  {:<10} {:<13} {:>14} {:>14} {:>9} {:>6} {:>9} {:>8} {:>9} {:>9}\n",
+        "host",
+        "address",
+        "up",
+        "down",
+        "delay",
+        "loss",
+        "lost",
+        "overflow",
+        "late>1ms",
+        "max late"
     ));
     for h in &r.hosts {
         s.push_str(&format!(
-            "  {:<10} {:<13} {:>14} {:>14} {:>7.0}ms {:>5.1}% {:>9} {:>8}\n",
+            "  {:<10} {:<13} {:>14} {:>14} {:>7.0}ms {:>5.1}% {:>9} {:>8} {:>9} {:>7.1}ms\n",
             h.name,
             h.ip,
             fmt_rate(h.link.up_bps),
@@ -445,7 +466,9 @@ fn render_network(r: &Report) -> String {
             h.link.delay.as_secs_f64() * 1e3,
             h.link.loss * 100.0,
             h.lost,
-            h.overflow
+            h.overflow,
+            h.late,
+            h.late_max_ms
         ));
     }
     if !r.paths.is_empty() {

@@ -37,7 +37,15 @@ pub(crate) struct LineStats {
     pub(crate) frames: AtomicU64,
     pub(crate) lost: AtomicU64,
     pub(crate) overflow: AtomicU64,
+    /// Frames released more than [`LATE`] after they were due (the machine did not run this
+    /// line in time): each adds that much to some packet's RTT.
+    pub(crate) late: AtomicU64,
+    /// The latest release, microseconds after due.
+    pub(crate) late_max_us: AtomicU64,
 }
+
+/// Lateness that counts as late.
+pub(crate) const LATE: Duration = Duration::from_millis(1);
 
 #[derive(Default)]
 struct Held {
@@ -141,12 +149,19 @@ pub(crate) fn spawn(
                 // Everything due (within the quantum) goes out in one batch, outside the lock.
                 let horizon = now + QUANTUM;
                 while h.q.front().is_some_and(|(d, _)| *d <= horizon) {
-                    let (_, frame) = h.q.pop_front().expect("front");
+                    let (due, frame) = h.q.pop_front().expect("front");
                     h.bytes -= frame.len();
-                    out.push(frame);
+                    out.push((due, frame));
                 }
                 drop(h);
-                for frame in out.drain(..) {
+                for (due, frame) in out.drain(..) {
+                    let late = Instant::now().saturating_duration_since(due);
+                    if late > LATE {
+                        stats.late.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stats
+                        .late_max_us
+                        .fetch_max(late.as_micros() as u64, Ordering::Relaxed);
                     // A full queue on the far side drops the frame, as a wire would.
                     let _ = f.write(&frame);
                 }
