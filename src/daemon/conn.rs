@@ -549,8 +549,8 @@ struct Session {
     ticks: u64,
     /// We are a seeder offering this peer pieces one HAVE at a time ([`crate::superseed`]).
     super_mode: bool,
-    /// Pieces offered to this peer that it has not asked for yet, and when.
-    offers: HashMap<u32, Instant>,
+    /// Pieces offered to this peer that it has not asked for yet.
+    offers: HashSet<u32>,
     /// When the peer last asked us for a piece (or the connection began).
     last_asked: Instant,
     conn_id: u64,
@@ -669,7 +669,7 @@ async fn session<R, W>(
         rng: rand::rngs::StdRng::from_entropy(),
         ticks: 0,
         super_mode,
-        offers: HashMap::new(),
+        offers: HashSet::new(),
         last_asked: Instant::now(),
         conn_id,
         next_ping: 0,
@@ -1226,7 +1226,7 @@ impl Session {
                 return Ok(()); // AdvertiseAll is on its way.
             }
             // An offer spread elsewhere (another seeder's upload) no longer counts.
-            self.offers.retain(|&i, _| !st.seed.is_spread(i));
+            self.offers.retain(|&i| !st.seed.is_spread(i));
             give_up = queued == 0
                 && !sending
                 && !self.offers.is_empty()
@@ -1234,7 +1234,7 @@ impl Session {
             while !give_up && queued + self.offers.len() < target {
                 match st.seed.offer(self.conn_id, bits, &mut self.rng) {
                     Some(i) => {
-                        self.offers.insert(i, Instant::now());
+                        self.offers.insert(i);
                         fresh.push(i);
                     }
                     None => break,
