@@ -533,7 +533,8 @@ fn it_should_need_a_recheck_when_one_working_file_of_a_tree_is_deleted_or_replac
             .as_str()
             .unwrap()
             .contains(&format!("{hash}-1.part")),
-        "{st}"
+        "{st}\n{}",
+        l.proc.stderr()
     );
     assert!(!out.join("wt").exists());
 

@@ -212,6 +212,14 @@ impl Owner {
         }
     }
 
+    /// Status falls back to the snapshot once the session is gone: publish the new one first,
+    /// or a status in between shows the state before the session (a stale fault, say).
+    fn retire_session(&self) {
+        self.handle
+            .set_snapshot(snapshot(&self.hash, &self.rec, &self.bits));
+        self.handle.set_live(None);
+    }
+
     async fn stored_bits(&self) -> Bitfield {
         let n = self.meta().map_or(0, |m| m.piece_count());
         let store = self.ctx.store.clone();
@@ -389,8 +397,7 @@ impl Owner {
         }
         self.rec = t.record();
         self.bits = t.durable_bits();
-        self.handle.set_live(None);
-        self.publish_snapshot();
+        self.retire_session();
     }
 
     async fn command(&mut self, cmd: Cmd) -> (anyhow::Result<String>, bool) {
@@ -515,16 +522,15 @@ impl Owner {
                 t.stop().await;
                 self.rec = t.record();
                 self.bits = t.durable_bits();
-                self.handle.set_live(None);
                 if clear_bits {
                     self.bits = Bitfield::new(self.bits.len());
                 }
                 self.rec.state = state;
                 self.rec.note = Some(note);
+                self.retire_session();
                 if let Err(e) = self.commit().await {
                     error!(info_hash = %self.hex, cause = %format!("{e:#}"), "cannot record the fault");
                 }
-                self.publish_snapshot();
             }
         }
     }
