@@ -29,6 +29,10 @@ pub enum PeerMsg {
         /// A private swarm: the version of the roster the sender holds.
         #[serde(default, skip_serializing_if = "is_zero")]
         roster: u64,
+        /// The sender reads PIECE_PART: pieces may come to it in parts (an older peer leaves
+        /// this out and gets whole PIECEs).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        parts: bool,
     },
     /// Payload: the sender's bitfield, MSB first.
     Bitfield {
@@ -46,6 +50,15 @@ pub enum PeerMsg {
     /// Payload: the piece.
     Piece {
         index: u32,
+        len: u32,
+    },
+    /// Payload: bytes `offset..offset + len` of piece `index`, which is `total` bytes. A piece
+    /// sent in parts comes in order, with no other piece between its parts; control frames
+    /// may come between them, so on a thin link they do not wait behind a whole piece.
+    PiecePart {
+        index: u32,
+        offset: u32,
+        total: u32,
         len: u32,
     },
     Reject {
@@ -93,6 +106,7 @@ impl PeerMsg {
             PeerMsg::Have { .. } => "HAVE",
             PeerMsg::Request { .. } => "REQUEST",
             PeerMsg::Piece { .. } => "PIECE",
+            PeerMsg::PiecePart { .. } => "PIECE_PART",
             PeerMsg::Reject { .. } => "REJECT",
             PeerMsg::Cancel { .. } => "CANCEL",
             PeerMsg::GetMetadata => "GET_METADATA",
@@ -120,6 +134,7 @@ mod tests {
                 peer_id: "p".into(),
                 port: 7,
                 roster: 0,
+                parts: false,
             },
             PeerMsg::Hello {
                 v: 1,
@@ -127,10 +142,12 @@ mod tests {
                 peer_id: "p".into(),
                 port: 7,
                 roster: 3,
+                parts: true,
             },
             PeerMsg::Roster { len: 0 },
             PeerMsg::Have { index: 3 },
             PeerMsg::Request { index: 4 },
+
             PeerMsg::Reject {
                 index: 4,
                 reason: "no".into(),
@@ -161,6 +178,28 @@ mod tests {
             PeerMsg::Piece { index: 1, len: 3 }
         );
         assert_eq!(&f.payload[..], b"abc");
+        // A part's `len` is its payload's, as for every frame.
+        let part = PeerMsg::PiecePart {
+            index: 4,
+            offset: 2,
+            total: 5,
+            len: 3,
+        };
+        let mut buf = Vec::new();
+        encode(&part, b"cde", &mut buf).unwrap();
+        let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
+        assert_eq!(f.kind(), "PIECE_PART");
+        assert_eq!(f.parse::<PeerMsg>().unwrap(), part);
+        assert_eq!(&f.payload[..], b"cde");
+        // A HELLO from a peer that predates parts: it gets whole pieces.
+        let old = br#"{"type":"HELLO","v":1,"info_hash":"ab","peer_id":"p","port":7}"#;
+        let mut buf = (old.len() as u32).to_be_bytes().to_vec();
+        buf.extend_from_slice(old);
+        let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
+        assert!(matches!(
+            f.parse::<PeerMsg>().unwrap(),
+            PeerMsg::Hello { parts: false, .. }
+        ));
         let bad = br#"{"type":"TELEPORT"}"#;
         let mut buf = (bad.len() as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(bad);

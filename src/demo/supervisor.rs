@@ -109,7 +109,11 @@ pub(crate) fn spawn_child(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log)?)
-        .env("RUST_LOG", "info")
+        // SHOAL_DEMO_LOG sets the hosts' log filter (e.g. `shoal=debug`) to see why a run is slow.
+        .env(
+            "RUST_LOG",
+            std::env::var("SHOAL_DEMO_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;
     let stdout = child.stdout.take().expect("piped");
