@@ -14,23 +14,9 @@
 //! (uploads per piece, repeats while the phase was on) are the seeder's own evidence that the
 //! rule held, shown by `query` and `status --json`.
 
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
-
 use rand::Rng;
 
 use crate::bitfield::Bitfield;
-
-/// Pieces we sent a leecher that no other peer has been seen with yet, at most, before it is
-/// offered another (BEP 16's propagation rule, with a little slack for the round trip): a
-/// leecher gets new pieces as fast as it passes them on, so a thin uplink is not handed
-/// pieces only it can serve. Measured on the heterogeneous scenario (uplinks 10-200 Mbit/s):
-/// without it the 10 Mbit/s leecher got as many first copies as the 200 Mbit/s one and
-/// wrote each to three peers at once, 2.5 s per piece.
-pub const MAX_UNFORWARDED: usize = 2;
-/// A piece not seen elsewhere after this long stops holding its leecher back (nobody may
-/// want it from there: the other leechers chose only some files).
-const FORWARD_ESCAPE: Duration = Duration::from_secs(4);
 
 /// No connection holds the offer.
 const NOBODY: u64 = u64::MAX;
@@ -49,12 +35,6 @@ pub struct SuperSeed {
     /// Uploads of a piece already uploaded once, while the phase was on (0 when the rule held).
     repeats: u64,
     other_source: bool,
-    /// Per connection: pieces first uploaded to it, when, not yet seen at another peer.
-    unforwarded: HashMap<u64, Vec<(u32, Instant)>>,
-    /// Connections to leechers (the propagation rule needs a second one to forward to).
-    leechers: HashSet<u64>,
-    /// A piece was seen passed on since [`Self::take_freed`]: its first holder may get more.
-    freed: bool,
 }
 
 impl SuperSeed {
@@ -67,43 +47,7 @@ impl SuperSeed {
             active: active && pieces > 0,
             repeats: 0,
             other_source: false,
-            unforwarded: HashMap::new(),
-            leechers: HashSet::new(),
-            freed: false,
         }
-    }
-
-    /// Connection `conn` is to a leecher (it showed an incomplete BITFIELD).
-    pub fn on_leecher(&mut self, conn: u64) {
-        self.leechers.insert(conn);
-    }
-
-    /// Pieces of ours connection `conn`'s peer holds that no other peer was seen with, within
-    /// [`FORWARD_ESCAPE`]; 0 while there is no second leecher to pass them to.
-    pub fn unforwarded(&mut self, conn: u64, now: Instant) -> usize {
-        if !self.active || self.leechers.len() < 2 {
-            return 0;
-        }
-        let Some(v) = self.unforwarded.get_mut(&conn) else {
-            return 0;
-        };
-        v.retain(|&(_, at)| now.duration_since(at) < FORWARD_ESCAPE);
-        v.len()
-    }
-
-    fn forwarded(&mut self, i: u32, seen_at: Option<u64>) {
-        for (&c, v) in &mut self.unforwarded {
-            if Some(c) != seen_at {
-                let before = v.len();
-                v.retain(|&(p, _)| p != i);
-                self.freed |= v.len() < before;
-            }
-        }
-    }
-
-    /// Whether a piece was seen passed on since the last call.
-    pub fn take_freed(&mut self) -> bool {
-        std::mem::take(&mut self.freed)
     }
 
     pub fn is_active(&self) -> bool {
@@ -162,8 +106,6 @@ impl SuperSeed {
     /// Connection `conn` ended: whatever it was offered and did not get may go elsewhere
     /// (including a piece being written when the connection broke).
     pub fn withdraw_all(&mut self, conn: u64) {
-        self.unforwarded.remove(&conn);
-        self.leechers.remove(&conn);
         for o in &mut self.offered {
             if *o == conn {
                 *o = NOBODY;
@@ -171,15 +113,12 @@ impl SuperSeed {
         }
     }
 
-    /// We upload piece `i` to connection `conn` (counted as its first byte goes). Returns
-    /// true when this ended the phase.
-    pub fn on_uploaded(&mut self, i: u32, conn: u64, now: Instant) -> bool {
+    /// We upload piece `i` (counted as its first byte goes). Returns true when this ended the
+    /// phase.
+    pub fn on_uploaded(&mut self, i: u32) -> bool {
         let u = &mut self.uploads[i as usize];
         if self.active && *u > 0 {
             self.repeats += 1;
-        }
-        if self.active && *u == 0 {
-            self.unforwarded.entry(conn).or_default().push((i, now));
         }
         *u = u.saturating_add(1);
         self.offered[i as usize] = NOBODY;
@@ -194,7 +133,6 @@ impl SuperSeed {
     /// A leecher showed piece `i` in its BITFIELD (it had it before we met). Returns true
     /// when this ended the phase.
     pub fn on_peer_has(&mut self, i: u32) -> bool {
-        self.forwarded(i, None);
         self.mark_spread(i)
     }
 
@@ -206,8 +144,7 @@ impl SuperSeed {
     /// before its first byte goes ([`Self::on_uploaded`]), so its HAVE is never taken for
     /// another source's. Returns true when
     /// this ended the phase.
-    pub fn on_have(&mut self, i: u32, conn: u64) -> bool {
-        self.forwarded(i, Some(conn));
+    pub fn on_have(&mut self, i: u32) -> bool {
         if self.active && self.uploads[i as usize] == 0 {
             self.active = false;
             self.other_source = true;
@@ -262,16 +199,16 @@ mod tests {
         // Another seeder's upload, seen at a leecher, spreads a piece too.
         assert!(!s.on_peer_has(seen[1]));
         for &i in &seen[2..] {
-            assert!(!s.on_uploaded(i, 1, Instant::now()));
+            assert!(!s.on_uploaded(i));
         }
         assert!(
-            s.on_uploaded(seen[0], 1, Instant::now()),
+            s.on_uploaded(seen[0]),
             "the last spread piece ends the phase"
         );
         assert!(!s.is_active());
         assert_eq!(s.offer(1, &none, &mut rng), None);
         assert_eq!(s.repeats(), 0);
-        s.on_uploaded(seen[0], 1, Instant::now());
+        s.on_uploaded(seen[0]);
         assert_eq!(s.uploads()[seen[0] as usize], 2);
         assert_eq!(s.repeats(), 0, "after the phase a second copy is no repeat");
     }
@@ -291,8 +228,8 @@ mod tests {
         assert_eq!(t.offer(6, &none, &mut rng), None);
         t.withdraw_all(5);
         assert_eq!(t.offer(6, &none, &mut rng), Some(0));
-        s.on_uploaded(2, 1, Instant::now());
-        s.on_uploaded(2, 1, Instant::now());
+        s.on_uploaded(2);
+        s.on_uploaded(2);
         assert_eq!(s.repeats(), 1);
         assert!(!SuperSeed::new(3, false).is_active());
     }
@@ -303,13 +240,13 @@ mod tests {
         let mut s = SuperSeed::new(4, true);
         let none = Bitfield::new(4);
         let i = s.offer(1, &none, &mut rng).unwrap();
-        assert!(!s.on_uploaded(i, 1, Instant::now()));
+        assert!(!s.on_uploaded(i));
         // Our piece, passed on between leechers: the phase goes on.
-        assert!(!s.on_have(i, 2));
+        assert!(!s.on_have(i));
         assert!(s.is_active() && !s.saw_other_source());
         // A piece we never sent: another seeder serves the swarm.
         let other = (0..4).find(|&j| j != i).unwrap();
-        assert!(s.on_have(other, 2), "the phase ends");
+        assert!(s.on_have(other), "the phase ends");
         assert!(!s.is_active() && s.saw_other_source());
         assert_eq!(s.offer(1, &none, &mut rng), None);
     }

@@ -477,8 +477,6 @@ struct Shared {
     ping: Mutex<Option<(u64, Instant)>>,
     /// The writer is sending a piece it took from the queue (a slow link's piece takes long).
     sending: AtomicBool,
-    /// The connection's id in the torrent (a super-seeder counts first copies per connection).
-    conn_id: u64,
     /// Send pieces in PIECE_PARTs of this many bytes (0: whole), so control frames queued
     /// meanwhile go out between parts: set while the link to this peer is slow.
     part_bytes: AtomicU32,
@@ -644,7 +642,6 @@ async fn session<R, W>(
     };
     let n = t.meta.piece_count();
     let shared = Arc::new(Shared {
-        conn_id,
         // Until the link is measured, parts: a thin link's first pieces hold control too.
         part_bytes: AtomicU32::new(if hello.parts { PART_BYTES } else { 0 }),
         ..Shared::default()
@@ -876,7 +873,6 @@ impl Session {
                 // What a leecher already has is spread, wherever it came from.
                 let mut ended = false;
                 if !self.peer_complete && st.seed.is_active() {
-                    st.seed.on_leecher(self.conn_id);
                     for i in bits.ones() {
                         ended |= st.seed.on_peer_has(i);
                     }
@@ -893,13 +889,11 @@ impl Session {
                 if bits.set(index) {
                     let mut st = self.t.lock();
                     st.picker.add_have(index);
-                    if !self.peer_complete && st.seed.on_have(index, self.conn_id) {
+                    if !self.peer_complete && st.seed.on_have(index) {
                         if st.seed.saw_other_source() {
                             info!(peer = %self.remote, index, "a leecher got a piece we never sent: another seeder serves the swarm, super-seeding off");
                         }
                         let _ = self.t.events.send(TorrentEvent::AdvertiseAll);
-                    } else if st.seed.take_freed() {
-                        let _ = self.t.events.send(TorrentEvent::Reoffer);
                     }
                 }
                 self.avoid.remove(&index);
@@ -1168,8 +1162,6 @@ impl Session {
             Ok(TorrentEvent::Have(i)) => self.on_have(i).await,
             Ok(TorrentEvent::Roster(r)) => self.on_roster(&r).await,
             Ok(TorrentEvent::AdvertiseAll) => self.advertise_all().await,
-            // The offers are filled after every step.
-            Ok(TorrentEvent::Reoffer) => Ok(()),
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 // A missed roster is sent again (and checked) whatever the mode.
                 if let Some(r) = self.t.membership.as_ref().and_then(|m| m.roster()) {
@@ -1352,10 +1344,7 @@ impl Session {
                 && !sending
                 && !self.offers.is_empty()
                 && self.last_asked.elapsed() > ignored_after;
-            // BEP 16's propagation rule: new pieces go as fast as this leecher passes them on.
-            let held = st.seed.unforwarded(self.conn_id, Instant::now());
-            let room = crate::superseed::MAX_UNFORWARDED.saturating_sub(held);
-            while !give_up && queued + self.offers.len() < target.min(room) {
+            while !give_up && queued + self.offers.len() < target {
                 match st.seed.offer(self.conn_id, bits, &mut self.rng) {
                     Some(i) => {
                         self.offers.insert(i);
@@ -1559,7 +1548,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         storage.prefetch(index);
         if action != Action::Drop {
-            t.on_upload_start(index, shared.conn_id);
+            t.on_upload_start(index);
         }
         let data = storage.piece(index);
         let header = PeerMsg::Piece {

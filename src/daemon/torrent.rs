@@ -63,8 +63,6 @@ pub enum TorrentEvent {
     Roster(Arc<shoal_tracker::roster::Roster>),
     /// Super-seeding ended (every piece reached a leecher): show every peer all we have.
     AdvertiseAll,
-    /// A super-seeder saw a piece passed on: the leecher it first went to may be offered more.
-    Reoffer,
 }
 
 /// What a session tells its owner.
@@ -407,12 +405,8 @@ impl Torrent {
 
     /// We start sending piece `index`: counted for super-seeding before the first byte goes,
     /// so the leecher's HAVE for it can never arrive first and look like another source's.
-    pub fn on_upload_start(&self, index: u32, conn_id: u64) {
-        if self
-            .lock()
-            .seed
-            .on_uploaded(index, conn_id, std::time::Instant::now())
-        {
+    pub fn on_upload_start(&self, index: u32) {
+        if self.lock().seed.on_uploaded(index) {
             info!(info_hash = %self.hex, "super-seeding done: every piece reached a leecher");
             let _ = self.events.send(TorrentEvent::AdvertiseAll);
         }
