@@ -147,7 +147,6 @@ mod tests {
             PeerMsg::Roster { len: 0 },
             PeerMsg::Have { index: 3 },
             PeerMsg::Request { index: 4 },
-
             PeerMsg::Reject {
                 index: 4,
                 reason: "no".into(),

@@ -151,6 +151,68 @@ fn it_should_send_a_pong_ahead_of_the_pieces_queued_for_a_reader_that_stalls() {
 }
 
 #[test]
+fn it_should_send_a_pong_between_the_parts_of_a_piece_to_a_reader_that_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_t, [seeder], hash, _desc) = seeded(d, 8, [("seeder", &[])]);
+    let id = shoal::secure::Identity::generate();
+    let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
+    // This reader takes pieces in parts: control may go between them.
+    let hello =
+        json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":1,"parts":true});
+    s.write(&frame(&hello, &[])).unwrap();
+    let (h, _) = s.read_frame().expect("HELLO");
+    assert_eq!(h["type"], "HELLO", "{h}");
+    assert_eq!(h["parts"], true, "the seeder reads parts too: {h}");
+    let mut batch = Vec::new();
+    for i in 0..6 {
+        batch.extend(frame(&json!({"type":"REQUEST","index":i}), &[]));
+    }
+    s.write(&batch).unwrap();
+    // Read nothing until the seeder's writer is stuck in the middle of the pieces (the
+    // socket's buffers hold far less than 6 MiB), then PING. Whole pieces would put the PONG
+    // after the piece being written; parts put it after the part being written. A PONG lands
+    // on a piece's boundary by chance once in 16 parts, so three PINGs are tried; a reader
+    // that gets whole pieces never sees one inside a piece.
+    let mut inside = 0;
+    let (mut next_offset, mut pieces) = (0u64, std::collections::BTreeMap::new());
+    for ping in 0..3u64 {
+        std::thread::sleep(Duration::from_millis(300));
+        s.write(&frame(&json!({"type":"PING","id":ping}), &[]))
+            .unwrap();
+        loop {
+            let (h, payload) = s.read_frame().expect("a frame before the read timeout");
+            match h["type"].as_str().unwrap() {
+                "PIECE_PART" => {
+                    let (off, len) = (h["offset"].as_u64().unwrap(), h["len"].as_u64().unwrap());
+                    assert_eq!(off, next_offset, "parts in order: {h}");
+                    assert_eq!(payload.len() as u64, len, "{h}");
+                    next_offset = if off + len == h["total"].as_u64().unwrap() {
+                        *pieces.entry(h["index"].as_u64().unwrap()).or_insert(0) += 1;
+                        0
+                    } else {
+                        off + len
+                    };
+                }
+                "PIECE" => panic!("a whole PIECE to a reader of parts: {h}"),
+                "PONG" if h["id"] == ping => {
+                    if next_offset > 0 {
+                        inside += 1;
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(inside > 0, "every PONG waited for the end of a piece");
+    assert!(
+        pieces.values().all(|&n| n == 1),
+        "each piece once: {pieces:?}"
+    );
+}
+
+#[test]
 fn it_should_report_an_rtt_within_20_percent_of_an_injected_delay_apart_from_throughput() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
