@@ -357,6 +357,33 @@ fn it_should_drop_a_misbehaving_peer_and_go_on_serving() {
     ));
     expect_error(b);
     expect_error(b"\x00\x00\x00\x05hello".to_vec());
+    // Pieces in parts: a part that does not start the piece, one whose total is not the
+    // piece's size, and parts of two pieces interleaved (1 MiB pieces here).
+    let part = |index: u32, offset: u32, total: u32| {
+        frame(
+            &json!({"type":"PIECE_PART","index":index,"offset":offset,"total":total,"len":16}),
+            &[7u8; 16],
+        )
+    };
+    for parts in [
+        vec![part(0, 16, 1 << 20)],
+        vec![part(0, 0, 1 << 19)],
+        vec![part(0, 0, 1 << 20), part(1, 0, 1 << 20)],
+        vec![part(0, 0, 1 << 20), part(0, 32, 1 << 20)],
+    ] {
+        let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
+        let mut b = frame(&hello(&me), &[]);
+        parts.into_iter().for_each(|p| b.extend(p));
+        s.write(&b).unwrap();
+        let reason = loop {
+            match s.read_frame() {
+                Some((h, _)) if h["type"] == "ERROR" => break h["reason"].to_string(),
+                Some(_) => {}
+                None => panic!("closed without an ERROR"),
+            }
+        };
+        assert!(reason.contains("PIECE_PART"), "{reason}");
+    }
     // The daemon is alive and serves a real leecher.
     assert!(
         seeder.proc.child.try_wait().unwrap().is_none(),
