@@ -21,7 +21,7 @@ use crate::bitfield::Bitfield;
 use crate::config::PieceSelection;
 
 /// At most this many requests for one piece at once (endgame).
-const MAX_REQUESTS_PER_PIECE: u8 = 2;
+const MAX_REQUESTS_PER_PIECE: u8 = 4;
 /// Equally rare pieces chosen among, in index order, after the random first pieces.
 const TIE_WINDOW: u32 = 16;
 
