@@ -12,7 +12,7 @@
 //! ```
 //!
 //! `InFlight` counts outstanding requests: in endgame (no missing piece left unrequested) a
-//! piece may be requested from a second peer; whoever's copy arrives first is written, and the
+//! piece may be requested from up to three more peers; whoever's copy arrives first is written, and the
 //! caller cancels the others. Synchronous and free of I/O, so the tests drive every transition.
 
 use rand::Rng;
