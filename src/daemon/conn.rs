@@ -31,7 +31,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, trace, warn, Instrument};
 
 use super::net::Net;
 use super::torrent::{ConnEntry, Torrent, TorrentEvent};
@@ -622,8 +622,10 @@ async fn session<R, W>(
             .await; // Best effort.
         return;
     };
+    // Instrumented, not entered: a guard held across awaits would lend this span to whatever
+    // task runs next on the thread (debug logs showed connections nested in each other).
     let span = tracing::debug_span!("conn", info_hash = %t.hex, peer = %remote, %addr);
-    let _guard = span.enter();
+    async move {
     debug!(outgoing, "connected");
     reader.set_timeouts(Timeouts {
         idle: d.cfg.idle_timeout,
@@ -809,6 +811,9 @@ async fn session<R, W>(
         writer_task.abort();
     }
     debug!("disconnected");
+    }
+    .instrument(span)
+    .await;
 }
 
 impl Session {
