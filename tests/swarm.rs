@@ -213,6 +213,46 @@ fn it_should_send_a_pong_between_the_parts_of_a_piece_to_a_reader_that_stalls() 
 }
 
 #[test]
+fn it_should_send_a_short_last_piece_at_once_on_a_quiet_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Two pieces: 1 MiB and 1000 bytes, the second far smaller than the writer's buffers.
+    random_file(&d.join("file.bin"), (1 << 20) + 1000);
+    let t = start_tracker(d, "t", &["--interval", "1s"]);
+    let seeder = start_peer(d, "seeder", &[t.addr], &[]);
+    let (hash, _desc) = publish(d, &seeder, "file.bin");
+    let id = shoal::secure::Identity::generate();
+    let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
+    let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":1});
+    s.write(&frame(&hello, &[])).unwrap();
+    // The seeder PINGs at once; unanswered, it sends no other until it gives that one up
+    // (10 s): the connection is quiet, nothing else flushes the writer.
+    loop {
+        let (h, _) = s.read_frame().expect("the seeder's first PING");
+        if h["type"] == "PING" {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = std::time::Instant::now();
+    s.write(&frame(&json!({"type":"REQUEST","index":1}), &[]))
+        .unwrap();
+    let (h, payload) = loop {
+        let (h, p) = s.read_frame().expect("the piece");
+        if h["type"] == "PIECE" {
+            break (h, p);
+        }
+    };
+    let waited = asked.elapsed();
+    assert_eq!((h["index"].as_u64(), payload.len()), (Some(1), 1000), "{h}");
+    // Left in the writer's buffers it would wait for the next frame to flush them.
+    assert!(
+        waited < Duration::from_secs(3),
+        "the short piece waited {waited:?} in the seeder's buffers"
+    );
+}
+
+#[test]
 fn it_should_report_an_rtt_within_20_percent_of_an_injected_delay_apart_from_throughput() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

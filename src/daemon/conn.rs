@@ -320,7 +320,10 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
     }
     // Known by the address it listens on, so the dialer does not call it again.
     let listen_addr = SocketAddr::new(addr.ip(), hello.port);
-    session(d, t, reader, writer, &hello, listen_addr, false).await;
+    let span = conn_span(&t, &hello, listen_addr);
+    session(d, t, reader, writer, &hello, listen_addr, false)
+        .instrument(span)
+        .await;
 }
 
 /// Dial `addr` for torrent `t`.
@@ -347,7 +350,10 @@ pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Res
         return Err(ConnError::Protocol("HELLO for another torrent".into()));
     }
     admit(&t, &mut reader, &mut writer, &hello).await?;
-    session(d, t, reader, writer, &hello, addr, true).await;
+    let span = conn_span(&t, &hello, addr);
+    session(d, t, reader, writer, &hello, addr, true)
+        .instrument(span)
+        .await;
     Ok(())
 }
 
@@ -622,10 +628,6 @@ async fn session<R, W>(
             .await; // Best effort.
         return;
     };
-    // Instrumented, not entered: a guard held across awaits would lend this span to whatever
-    // task runs next on the thread (debug logs showed connections nested in each other).
-    let span = tracing::debug_span!("conn", info_hash = %t.hex, peer = %remote, %addr);
-    async move {
     debug!(outgoing, "connected");
     reader.set_timeouts(Timeouts {
         idle: d.cfg.idle_timeout,
@@ -811,9 +813,13 @@ async fn session<R, W>(
         writer_task.abort();
     }
     debug!("disconnected");
-    }
-    .instrument(span)
-    .await;
+}
+
+/// The span a connection's logs carry. Instrumented, not entered: a guard held across awaits
+/// would lend it to whatever task runs next on the thread (debug logs showed connections
+/// nested in each other, naming the wrong peer).
+fn conn_span(t: &Torrent, hello: &Hello, addr: SocketAddr) -> tracing::Span {
+    tracing::debug_span!("conn", info_hash = %t.hex, peer = %hello.peer_id, %addr)
 }
 
 impl Session {
@@ -1569,6 +1575,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             Action::Serve => w.feed(&header, data).await,
             Action::Corrupt => w.feed(&header, &crate::sabotage::corrupt(data)).await,
             Action::Drop => Ok(()),
+        };
+        // Flushed: a piece's tail (a short piece whole) would otherwise sit in the buffers
+        // until the next frame, seconds on a quiet connection (measured: 9.5 s).
+        let r = match r {
+            Ok(()) if action != Action::Drop => w.flush().await,
+            r => r,
         };
         // The bytes are in the socket now; drop the pages from our resident set.
         storage.release(index);
