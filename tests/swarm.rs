@@ -25,6 +25,25 @@ fn peer_row(tor: &serde_json::Value, peer_id: &str) -> Option<serde_json::Value>
         .cloned()
 }
 
+/// A hand-written peer connected to `seeder` for `hash`, past both HELLOs (ours says whether
+/// it reads PIECE_PART); the seeder's HELLO is returned with it.
+fn raw_peer(
+    seeder: &PeerProc,
+    hash: &str,
+    parts: bool,
+) -> (crate::common::wire::Wire, serde_json::Value) {
+    let id = shoal::secure::Identity::generate();
+    let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
+    let mut hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":1});
+    if parts {
+        hello["parts"] = json!(true);
+    }
+    s.write(&frame(&hello, &[])).unwrap();
+    let (h, _) = s.read_frame().expect("HELLO");
+    assert_eq!(h["type"], "HELLO", "{h}");
+    (s, h)
+}
+
 #[test]
 fn it_should_send_no_piece_twice_before_every_piece_went_out_once_from_a_capped_seeder() {
     let dir = tempfile::tempdir().unwrap();
@@ -102,12 +121,7 @@ fn it_should_send_a_pong_ahead_of_the_pieces_queued_for_a_reader_that_stalls() {
     let d = dir.path();
     // 1 MiB pieces: the socket's buffers hold far less than the pieces queued behind them.
     let (_t, [seeder], hash, _desc) = seeded(d, 8, [("seeder", &[])]);
-    let id = shoal::secure::Identity::generate();
-    let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
-    let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":1});
-    s.write(&frame(&hello, &[])).unwrap();
-    let (h, _) = s.read_frame().expect("HELLO");
-    assert_eq!(h["type"], "HELLO", "{h}");
+    let (mut s, _) = raw_peer(&seeder, &hash, false);
     // Ask for six pieces and a PING in one write, then read nothing for a while: the seeder's
     // writer is stuck in the first piece, with the rest queued behind it.
     let mut batch = Vec::new();
@@ -155,14 +169,8 @@ fn it_should_send_a_pong_between_the_parts_of_a_piece_to_a_reader_that_stalls() 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (_t, [seeder], hash, _desc) = seeded(d, 8, [("seeder", &[])]);
-    let id = shoal::secure::Identity::generate();
-    let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
     // This reader takes pieces in parts: control may go between them.
-    let hello =
-        json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":1,"parts":true});
-    s.write(&frame(&hello, &[])).unwrap();
-    let (h, _) = s.read_frame().expect("HELLO");
-    assert_eq!(h["type"], "HELLO", "{h}");
+    let (mut s, h) = raw_peer(&seeder, &hash, true);
     assert_eq!(h["parts"], true, "the seeder reads parts too: {h}");
     let mut batch = Vec::new();
     for i in 0..6 {
@@ -221,10 +229,7 @@ fn it_should_send_a_short_last_piece_at_once_on_a_quiet_connection() {
     let t = start_tracker(d, "t", &["--interval", "1s"]);
     let seeder = start_peer(d, "seeder", &[t.addr], &[]);
     let (hash, _desc) = publish(d, &seeder, "file.bin");
-    let id = shoal::secure::Identity::generate();
-    let mut s = crate::common::wire::Wire::connect(seeder.addr, &id).expect("handshake");
-    let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),"port":1});
-    s.write(&frame(&hello, &[])).unwrap();
+    let (mut s, _) = raw_peer(&seeder, &hash, false);
     // The seeder PINGs at once; unanswered, it sends no other until it gives that one up
     // (10 s): the connection is quiet, nothing else flushes the writer.
     loop {
