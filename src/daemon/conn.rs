@@ -645,12 +645,14 @@ async fn session<R, W>(
         (st.picker.have().clone(), st.seed.is_active() && !local)
     };
     let n = t.meta.piece_count();
+    // Parts are for a thin link; a peer on this host gets whole pieces (as above, unless
+    // the upload is capped). Until the link is measured, parts: its first pieces hold
+    // control too.
+    let remote_parts = hello.parts && !local;
     let shared = Arc::new(Shared {
-        // Until the link is measured, parts: a thin link's first pieces hold control too.
-        part_bytes: AtomicU32::new(if hello.parts { PART_BYTES } else { 0 }),
+        part_bytes: AtomicU32::new(if remote_parts { PART_BYTES } else { 0 }),
         ..Shared::default()
     });
-    let remote_parts = hello.parts;
     let (ctrl_tx, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
     let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(2);
     let reader_task = tokio::spawn(async move {
