@@ -9,12 +9,6 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(120);
 
-fn write_config(d: &Path, name: &str, body: &str) -> String {
-    let p = d.join(name);
-    std::fs::write(&p, body).unwrap();
-    p.to_str().unwrap().to_string()
-}
-
 fn hash_bytes(hex_hash: &str) -> [u8; 32] {
     hex::decode(hex_hash).unwrap().try_into().unwrap()
 }

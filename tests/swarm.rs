@@ -1,7 +1,6 @@
 //! Swarm efficiency on loopback: super-seeding from the seeder's own counters, control frames
 //! ahead of queued pieces, and RTT measured apart from throughput.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
@@ -9,12 +8,6 @@ use serde_json::json;
 use crate::common::*;
 
 const T: Duration = Duration::from_secs(60);
-
-fn write_config(d: &Path, name: &str, body: &str) -> String {
-    let p = d.join(name);
-    std::fs::write(&p, body).unwrap();
-    p.to_str().unwrap().to_string()
-}
 
 /// The row of `peer_id` in a torrent's status `peers`.
 fn peer_row(tor: &serde_json::Value, peer_id: &str) -> Option<serde_json::Value> {

@@ -468,3 +468,10 @@ pub fn fetch_and_verify(dir: &Path, peer: &PeerProc, what: &str, out_dir: &str, 
         sha256sum(&dir.join(original))
     );
 }
+
+/// Write a config file `name` in `d` with `body`; its path, for `--config`.
+pub fn write_config(d: &Path, name: &str, body: &str) -> String {
+    let p = d.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.to_str().unwrap().to_string()
+}
