@@ -264,3 +264,47 @@ fn it_should_use_the_source_address_unless_told_to_trust_the_announced_one() {
     let t = start_tracker(dir.path(), "trusting", &["--config", cfg.to_str().unwrap()]);
     assert_eq!(ask(t.addr), "127.0.0.9");
 }
+
+fn environ_var(pid: u32, var: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    env.split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix(&format!("{var}=")).map(str::to_string))
+}
+
+/// The tracker keeps its heap on transparent huge pages (jemalloc's options, set by the tracker
+/// re-executing itself; see src/main.rs); a peer does not, and an operator's own options win.
+#[test]
+fn it_should_put_only_the_trackers_heap_on_huge_pages_unless_told_otherwise() {
+    const VAR: &str = "_RJEM_MALLOC_CONF";
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_tracker(dir.path(), "t", &[]);
+    let conf = environ_var(t.proc.child.id(), VAR);
+    assert_eq!(conf.as_deref(), Some("thp:always,metadata_thp:always"));
+    // Still the same process, serving.
+    let r = announce(t.addr, H, "p", 7001, "started", 0, 10);
+    assert_eq!(r["type"], "PEERS", "{r}");
+
+    let db = dir.path().join("own.db");
+    let (mut own, _line) = spawn_with_line(
+        dir.path(),
+        "own",
+        &[
+            "tracker",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        &[(VAR, "thp:default")],
+    );
+    assert_eq!(
+        environ_var(own.child.id(), VAR).as_deref(),
+        Some("thp:default")
+    );
+    own.kill9();
+
+    let p = start_peer(dir.path(), "peer", &[t.addr], &[]);
+    assert_eq!(environ_var(p.proc.child.id(), VAR), None);
+}

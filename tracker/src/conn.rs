@@ -161,7 +161,17 @@ impl Conn {
         }
         let dur = self.write_timeout;
         let Conn { stream, out, .. } = self;
-        tokio::time::timeout(dur, stream.write_all(out))
+        // A reply usually fits the socket buffer at once: try that before arming a timer.
+        let sent = match stream.try_write(out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e.into()),
+        };
+        if sent == out.len() {
+            out.clear();
+            return Ok(());
+        }
+        tokio::time::timeout(dur, stream.write_all(&out[sent..]))
             .await
             .map_err(|_| FrameError::Timeout("a reply to be written"))??;
         self.out.clear();

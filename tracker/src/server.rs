@@ -471,10 +471,14 @@ async fn serve(
     let mut conn = Conn::new(stream, shared.cfg.read_timeout, shared.cfg.read_timeout);
     let mut reply = Vec::with_capacity(4096);
     let mut scratch = Vec::with_capacity(512);
+    // Made once: a wait made per request registered and removed two waiters per announce.
+    let cancelled = token.cancelled();
+    let closed = close.cancelled();
+    tokio::pin!(cancelled, closed);
     loop {
         let next = tokio::select! {
-            _ = token.cancelled() => break,
-            _ = close.cancelled() => break,
+            _ = &mut cancelled => break,
+            _ = &mut closed => break,
             h = conn.next_header() => h,
         };
         let parsed = match next.and_then(|h| h.map(|r| parse_request(conn.header(r))).transpose()) {
@@ -497,10 +501,12 @@ async fn serve(
                 break;
             }
         };
-        last_active.store(shared.clock.now().mono_ms, Ordering::Relaxed);
+        // The clock is read once per request.
+        let now = shared.clock.now();
+        last_active.store(now.mono_ms, Ordering::Relaxed);
         reply.clear();
         match parsed {
-            Ok(req) => handle(shared, req, addr, &mut reply, &mut scratch),
+            Ok(req) => handle(shared, req, addr, now, &mut reply, &mut scratch),
             Err(reason) => encode_json(&Response::Error { reason }, &mut reply),
         }
         // Answer a pipelined batch of requests with one write.
@@ -538,6 +544,7 @@ fn handle(
     shared: &Shared,
     req: Request,
     addr: SocketAddr,
+    now: Now,
     out: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
 ) {
@@ -547,7 +554,7 @@ fn handle(
                 return error_reply(reason, out);
             }
             // Who wrote it, outside the swarm lock: a signature check is the costliest step.
-            let now_ms = unix_ms().max(0) as u64;
+            let now_ms = now.unix_ms.max(0) as u64;
             let verified =
                 match shared
                     .sessions
@@ -602,7 +609,6 @@ fn handle(
             out.extend_from_slice(b"{\"type\":\"PEERS\",\"interval\":");
             out.extend_from_slice(shared.cfg.interval.as_secs().max(1).to_string().as_bytes());
             out.extend_from_slice(b",\"peers\":");
-            let now = shared.clock.now();
             let res = shared.swarm.lock().expect("swarm lock poisoned").announce(
                 &a,
                 checked,

@@ -650,7 +650,9 @@ impl Swarm {
             );
             *self.live_by_src.entry(src).or_default() += 1;
         }
-        write_peers(torrent, &a.peer_id, role, numwant, peers_json);
+        // A new peer was appended: its index is the last.
+        let me = idx.unwrap_or(torrent.peers.len() - 1);
+        write_peers(torrent, me, role, numwant, peers_json);
         Ok(private)
     }
 
@@ -991,29 +993,27 @@ fn entry_bytes(e: &impl serde::Serialize) -> usize {
 /// array. Large swarms are sampled by random index, so the cost follows numwant, not the
 /// swarm's size; smaller ones are read in order from a random start (one pass over a
 /// contiguous array, and not always the same first peers).
-fn write_peers(t: &Torrent, me: &str, role: Role, numwant: usize, out: &mut Vec<u8>) {
+fn write_peers(t: &Torrent, me: usize, role: Role, numwant: usize, out: &mut Vec<u8>) {
     use rand::Rng;
     out.push(b'[');
-    let wanted = |(id, p): &(&String, &Peer)| {
-        id.as_str() != me && !(role == Role::Seeder && p.role() == Role::Seeder)
-    };
+    // The asker is skipped by its index: comparing ids read every listed peer's id from the
+    // heap, a cache miss per listed peer.
+    let wanted =
+        |(i, p): &(usize, &Peer)| *i != me && !(role == Role::Seeder && p.role() == Role::Seeder);
     let len = t.peers.len();
     // Oversample so that skipping the asker and fellow seeders still fills the reply.
     let draw = (numwant * 4 + 1).min(len);
-    let chosen: Box<dyn Iterator<Item = (&String, &Peer)>> = if numwant == 0 || len == 0 {
+    let entry = |i: usize| (i, &t.peers[i]);
+    let chosen: Box<dyn Iterator<Item = (usize, &Peer)>> = if numwant == 0 || len == 0 {
         Box::new(std::iter::empty())
     } else if draw == len {
         let start = rand::thread_rng().gen_range(0..len);
-        Box::new(
-            (start..len)
-                .chain(0..start)
-                .map(|i| t.peers.get_index(i).expect("below len")),
-        )
+        Box::new((start..len).chain(0..start).map(entry))
     } else {
         Box::new(
             rand::seq::index::sample(&mut rand::thread_rng(), len, draw)
                 .into_iter()
-                .map(|i| t.peers.get_index(i).expect("sampled below len")),
+                .map(entry),
         )
     };
     for (i, (_, p)) in chosen.filter(wanted).take(numwant).enumerate() {
