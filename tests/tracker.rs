@@ -285,25 +285,12 @@ fn it_should_put_only_the_trackers_heap_on_huge_pages_unless_told_otherwise() {
     let r = announce(t.addr, H, "p", 7001, "started", 0, 10);
     assert_eq!(r["type"], "PEERS", "{r}");
 
-    let db = dir.path().join("own.db");
-    let (mut own, _line) = spawn_with_line(
-        dir.path(),
-        "own",
-        &[
-            "tracker",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--db",
-            db.to_str().unwrap(),
-        ],
-        &[(VAR, "thp:default")],
-    );
+    let mut own = start_tracker_strict_env(dir.path(), "own", &[], &[(VAR, "thp:default")]);
     assert_eq!(
-        environ_var(own.child.id(), VAR).as_deref(),
+        environ_var(own.proc.child.id(), VAR).as_deref(),
         Some("thp:default")
     );
-    own.kill9();
+    own.proc.kill9();
 
     let p = start_peer(dir.path(), "peer", &[t.addr], &[]);
     assert_eq!(environ_var(p.proc.child.id(), VAR), None);

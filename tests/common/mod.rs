@@ -169,6 +169,16 @@ pub fn start_tracker_at(dir: &Path, name: &str, listen: &str, extra: &[&str]) ->
 
 /// A tracker with its default rules: unsigned announces refused.
 pub fn start_tracker_strict(dir: &Path, name: &str, extra: &[&str]) -> TrackerProc {
+    start_tracker_strict_env(dir, name, extra, &[])
+}
+
+/// [`start_tracker_strict`] with environment variables of its own.
+pub fn start_tracker_strict_env(
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> TrackerProc {
     let db = dir.join(format!("{name}.db"));
     let mut args = vec![
         "tracker",
@@ -179,7 +189,7 @@ pub fn start_tracker_strict(dir: &Path, name: &str, extra: &[&str]) -> TrackerPr
         db.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let (proc, line) = spawn_with_line(dir, name, &args, &[]);
+    let (proc, line) = spawn_with_line(dir, name, &args, env);
     TrackerProc {
         addr: addr_in(&line),
         proc,
