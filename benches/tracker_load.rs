@@ -9,7 +9,9 @@
 //!    connections, as fast as they can for a fixed time: every measured announce is
 //!    authenticated. Printed: announces/s, p50/p99 latency, the tracker's CPU per announce
 //!    (from /proc/PID/stat), its peak RSS (VmHWM from /proc/PID/status), the database size, and
-//!    after a kill -9 how many live peers the database holds;
+//!    after a kill -9 how many live peers the database holds; then the same heartbeats written
+//!    SHOAL_BENCH_PIPELINE (8) at a time per connection, as a client announcing several
+//!    torrents can, which prices the syscall pair each closed-loop announce pays;
 //! 3. a flood of 1,000,000 announces for random info hashes from one address (127.0.0.2) with
 //!    the default limits, while honest peers on 127.0.0.3 announce every 2 ms: the tracker's
 //!    peak RSS, the honest announces' p99, and the database size after retention.
@@ -19,7 +21,8 @@
 //!
 //! Run: `cargo bench --bench tracker_load`. Vary with SHOAL_BENCH_SCALES (comma-separated live
 //! peer counts), SHOAL_BENCH_SWARMS, SHOAL_BENCH_CLIENTS, SHOAL_BENCH_SECS, SHOAL_BENCH_FLOOD,
-//! SHOAL_BENCH_KEYS, SHOAL_BENCH_NET_THREADS (the tracker's `net_threads`), and SHOAL_BENCH_BIN
+//! SHOAL_BENCH_KEYS, SHOAL_BENCH_PIPELINE (1: skip that pass), SHOAL_BENCH_NET_THREADS (the
+//! tracker's `net_threads`), and SHOAL_BENCH_BIN
 //! (another build's `shoal` binary, to compare two builds in the same conditions).
 
 #[path = "common.rs"]
@@ -368,6 +371,12 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
     }
     let cpu = Cpu::of(pid) - cpu0;
     lat.sort_by(f64::total_cmp);
+    let depth = common::env_or("SHOAL_BENCH_PIPELINE", 8);
+    let piped = if depth > 1 {
+        Some(pipelined(&addr, &signers, clients, keys, swarms, secs, pid, depth).await)
+    } else {
+        None
+    };
     // How long the writer takes to have every live peer durable, then kill -9 and count.
     let ended = Instant::now();
     while count_rows() < (peers + keys) as i64 && ended.elapsed() < Duration::from_secs(60) {
@@ -397,6 +406,80 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
         mib(wal_len),
         peers + keys,
     );
+    if let Some((n, cpu, lat)) = piped {
+        println!(
+            "    the same heartbeats {depth} per write (a client with several torrents): {:.0} announces/s  p50/p99 per batch {:.2}/{:.2} ms  tracker CPU {:.1} us per announce (user {:.1} + system {:.1} us)",
+            n as f64 / secs as f64,
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            cpu.total() * 1e6 / n.max(1) as f64,
+            cpu.user * 1e6 / n.max(1) as f64,
+            cpu.system * 1e6 / n.max(1) as f64,
+        );
+    }
+}
+
+/// The closed-loop heartbeats again, `depth` announces written at once per connection and
+/// answered with one write: what one syscall pair per announce costs, measured against it.
+#[allow(clippy::too_many_arguments)]
+async fn pipelined(
+    addr: &str,
+    signers: &Arc<Vec<Signer>>,
+    clients: u64,
+    keys: u64,
+    swarms: u64,
+    secs: u64,
+    pid: u32,
+    depth: u64,
+) -> (u64, Cpu, Vec<f64>) {
+    let cpu0 = Cpu::of(pid);
+    let start = Instant::now() + Duration::from_millis(300);
+    let stop = start + Duration::from_secs(secs);
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let addr = addr.to_string();
+        let signers = signers.clone();
+        set.spawn(async move {
+            let mut client = TrackerClient::connect(&addr, None, TIMEOUT).await.unwrap();
+            let mine: Vec<u64> = (c..keys).step_by(clients as usize).collect();
+            tokio::time::sleep_until(start.into()).await;
+            let (mut lat, mut n, mut k) = (Vec::new(), 0u64, 0usize);
+            while Instant::now() < stop && !mine.is_empty() {
+                let reqs: Vec<Request> = (0..depth)
+                    .map(|_| {
+                        let p = mine[k % mine.len()];
+                        k += 1;
+                        let mut a =
+                            announce_of(p, swarms, Event::Progress, (k % 1000) as u64, None);
+                        // Every key holds a session from joining: a mac, not a signature.
+                        let opening = signers[p as usize].authenticate(&addr, &mut a, false);
+                        assert!(opening.is_none(), "a session was opened when joining");
+                        Request::Announce(a)
+                    })
+                    .collect();
+                let t = Instant::now();
+                let replies = client.request_many(&reqs).await.unwrap();
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                for r in replies {
+                    match r {
+                        Response::Peers { .. } => n += 1,
+                        Response::Error { reason } if reason.starts_with("busy") => {}
+                        other => panic!("unexpected reply {other:?}"),
+                    }
+                }
+            }
+            (n, lat)
+        });
+    }
+    let (mut count, mut lat) = (0, Vec::new());
+    while let Some(r) = set.join_next().await {
+        let (n, l) = r.unwrap();
+        count += n;
+        lat.extend(l);
+    }
+    let cpu = Cpu::of(pid) - cpu0;
+    lat.sort_by(f64::total_cmp);
+    (count, cpu, lat)
 }
 
 /// Phase 3: a flood of announces for random files from 127.0.0.2 with the default limits,
