@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_tracker::auth::Signer;
-use shoal_tracker::client::TrackerClient;
+use shoal_tracker::client::{DatagramClient, TrackerClient};
 use shoal_tracker::proto::{Announce, Event, Request, Response};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -371,6 +371,11 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
     }
     let cpu = Cpu::of(pid) - cpu0;
     lat.sort_by(f64::total_cmp);
+    let udp = if common::env_or("SHOAL_BENCH_UDP", 1) == 1 {
+        Some(datagrams(&addr, &signers, clients, keys, swarms, secs, pid).await)
+    } else {
+        None
+    };
     let depth = common::env_or("SHOAL_BENCH_PIPELINE", 8);
     let piped = if depth > 1 {
         Some(pipelined(&addr, &signers, clients, keys, swarms, secs, pid, depth).await)
@@ -406,6 +411,19 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
         mib(wal_len),
         peers + keys,
     );
+    if let Some((n, cpu, lat)) = udp {
+        println!(
+            "    the same heartbeats as UDP datagrams, closed loop, one socket per client: {:.0} announces/s  latency ms p50 {:.2}  p99 {:.2}  max {:.2}  tracker CPU {:.1} us per announce ({:.0} announces per CPU-second; user {:.1} + system {:.1} us)",
+            n as f64 / secs as f64,
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            pct(&lat, 1.0),
+            cpu.total() * 1e6 / n.max(1) as f64,
+            n as f64 / cpu.total().max(1e-9),
+            cpu.user * 1e6 / n.max(1) as f64,
+            cpu.system * 1e6 / n.max(1) as f64,
+        );
+    }
     if let Some((n, cpu, lat)) = piped {
         println!(
             "    the same heartbeats {depth} per write (a client with several torrents): {:.0} announces/s  p50/p99 per batch {:.2}/{:.2} ms  tracker CPU {:.1} us per announce (user {:.1} + system {:.1} us)",
@@ -417,6 +435,58 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
             cpu.system * 1e6 / n.max(1) as f64,
         );
     }
+}
+
+/// The closed-loop heartbeats again, each as a UDP datagram with the session opened when
+/// joining (over TCP, from the same address).
+#[allow(clippy::too_many_arguments)]
+async fn datagrams(
+    addr: &str,
+    signers: &Arc<Vec<Signer>>,
+    clients: u64,
+    keys: u64,
+    swarms: u64,
+    secs: u64,
+    pid: u32,
+) -> (u64, Cpu, Vec<f64>) {
+    let cpu0 = Cpu::of(pid);
+    let start = Instant::now() + Duration::from_millis(300);
+    let stop = start + Duration::from_secs(secs);
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let addr = addr.to_string();
+        let signers = signers.clone();
+        set.spawn(async move {
+            let mut client = DatagramClient::connect(&addr, None, TIMEOUT).await.unwrap();
+            let mine: Vec<u64> = (c..keys).step_by(clients as usize).collect();
+            tokio::time::sleep_until(start.into()).await;
+            let (mut lat, mut n, mut k) = (Vec::new(), 0u64, 0usize);
+            while Instant::now() < stop && !mine.is_empty() {
+                let p = mine[k % mine.len()];
+                k += 1;
+                let a = announce_of(p, swarms, Event::Progress, (k % 1000) as u64, None);
+                let t = Instant::now();
+                let r = client.announce(&a, &signers[p as usize], TIMEOUT).await;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                match r {
+                    Ok(_) => n += 1,
+                    Err(shoal_tracker::client::ClientError::Refused { reason, .. })
+                        if reason.starts_with("busy") => {}
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+            (n, lat)
+        });
+    }
+    let (mut count, mut lat) = (0, Vec::new());
+    while let Some(r) = set.join_next().await {
+        let (n, l) = r.unwrap();
+        count += n;
+        lat.extend(l);
+    }
+    let cpu = Cpu::of(pid) - cpu0;
+    lat.sort_by(f64::total_cmp);
+    (count, cpu, lat)
 }
 
 /// The closed-loop heartbeats again, `depth` announces written at once per connection and

@@ -22,6 +22,7 @@
 //! then never for a key-shaped id (64 hex digits): nobody can claim a key's id by spelling it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -138,8 +139,17 @@ pub struct Sessions {
     secret: StaticSecret,
     public: [u8; 32],
     public_hex: String,
-    map: Mutex<IndexMap<[u8; 32], [u8; 32]>>,
+    map: Mutex<IndexMap<[u8; 32], Session>>,
     cap: usize,
+}
+
+/// One open session: its key, and the address of the connection that opened it. A datagram
+/// announce is accepted only from that address: TCP's handshake proved the opener can receive
+/// there, so a reply to a datagram with a spoofed source never reaches anyone else.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    key: [u8; 32],
+    opener: IpAddr,
 }
 
 impl Sessions {
@@ -168,19 +178,21 @@ impl Sessions {
         self.len() == 0
     }
 
-    /// Keep a session (after its announce was accepted), evicting one at random when full.
-    pub fn insert(&self, peer: [u8; 32], key: [u8; 32]) {
+    /// Keep a session (after its announce, from `opener`, was accepted), evicting one at random
+    /// when full.
+    pub fn insert(&self, peer: [u8; 32], key: [u8; 32], opener: IpAddr) {
         let mut m = self.map.lock().expect("sessions poisoned");
         if m.len() >= self.cap && !m.contains_key(&peer) {
             use rand::Rng;
             let i = rand::thread_rng().gen_range(0..m.len());
             m.swap_remove_index(i);
         }
-        m.insert(peer, key);
+        m.insert(peer, Session { key, opener });
     }
 
     /// Check who wrote `a` (validated, not yet normalized) at tracker time `now_ms`; `buf` is
-    /// scratch space.
+    /// scratch space. `datagram_from`: the source of a UDP announce, which must carry the `mac`
+    /// of a session opened from that address (signatures and openings stay on TCP).
     ///
     /// # Errors
     /// The refusal to send back.
@@ -190,7 +202,13 @@ impl Sessions {
         allow_unsigned: bool,
         now_ms: u64,
         buf: &mut Vec<u8>,
+        datagram_from: Option<IpAddr>,
     ) -> Result<Verified, String> {
+        if datagram_from.is_some() && a.mac.is_none() {
+            return Err(format!(
+                "{SESSION_UNKNOWN}: a datagram announce needs a session's mac (sign over TCP)"
+            ));
+        }
         if a.sig.is_none() && a.mac.is_none() {
             if keys::looks_like_key(&a.peer_id) {
                 return Err("an announce for a key's peer id must be signed by that key".into());
@@ -220,17 +238,22 @@ impl Sessions {
         };
         signing_bytes(a, buf);
         if let Some(mac) = &a.mac {
-            let key = self
+            let session = self
                 .map
                 .lock()
                 .expect("sessions poisoned")
                 .get(&peer)
                 .copied();
-            let Some(key) = key else {
+            let Some(Session { key, opener }) = session else {
                 return Err(format!(
                     "{SESSION_UNKNOWN}: sign this announce (with dh to open a new session)"
                 ));
             };
+            if datagram_from.is_some_and(|ip| ip != opener) {
+                return Err(format!(
+                    "{SESSION_UNKNOWN} for this address: announce over TCP from it"
+                ));
+            }
             let tag = keys::hex32(mac).expect("validated: mac is 64 hex");
             mac_of(&key, buf)
                 .verify_slice(&tag)
@@ -360,6 +383,14 @@ impl Signer {
             .insert(tracker.to_string(), key);
     }
 
+    /// Whether a session with `tracker` is held (so an announce to it can go as a datagram).
+    pub fn has_session(&self, tracker: &str) -> bool {
+        self.sessions
+            .lock()
+            .expect("sessions poisoned")
+            .contains_key(tracker)
+    }
+
     /// Forget `tracker`'s session (it said it has none).
     pub fn forget(&self, tracker: &str) {
         self.sessions
@@ -372,6 +403,8 @@ impl Signer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn ann() -> Announce {
         Announce {
@@ -413,27 +446,62 @@ mod tests {
             .authenticate("t", &mut a, false)
             .expect("no session yet");
         assert!(a.sig.is_some() && a.dh.is_some());
-        let v = tracker.check(&a, false, now(), &mut buf).unwrap();
+        let v = tracker.check(&a, false, now(), &mut buf, None).unwrap();
         let (peer, key) = v.new_session.unwrap();
-        tracker.insert(peer, key);
+        tracker.insert(peer, key, LOCAL);
         signer.opened("t", opening, tracker.public_hex());
         let mut b = ann();
         assert!(signer.authenticate("t", &mut b, false).is_none());
         assert!(b.mac.is_some() && b.sig.is_none());
         assert!(b.ts > a.ts);
         assert!(tracker
-            .check(&b, false, now(), &mut buf)
+            .check(&b, false, now(), &mut buf, None)
             .unwrap()
             .ts
             .is_some());
         // Any change breaks the mac.
         let mut c = b.clone();
         c.event = Event::Stopped;
-        assert!(tracker.check(&c, false, now(), &mut buf).is_err());
+        assert!(tracker.check(&c, false, now(), &mut buf, None).is_err());
         // A tracker without the session says so.
         let fresh = Sessions::new(10);
-        let e = fresh.check(&b, false, now(), &mut buf).unwrap_err();
+        let e = fresh.check(&b, false, now(), &mut buf, None).unwrap_err();
         assert!(e.starts_with(SESSION_UNKNOWN), "{e}");
+    }
+
+    #[test]
+    fn a_datagram_needs_a_session_opened_from_its_own_address() {
+        let tracker = Sessions::new(10);
+        let signer = Signer::new(SigningKey::generate(&mut rand::rngs::OsRng));
+        let mut buf = Vec::new();
+        let mut a = ann();
+        let opening = signer.authenticate("t", &mut a, false).unwrap();
+        // An opening (signature and dh) never comes as a datagram.
+        let e = tracker
+            .check(&a, false, now(), &mut buf, Some(LOCAL))
+            .unwrap_err();
+        assert!(e.starts_with(SESSION_UNKNOWN), "{e}");
+        let (peer, key) = tracker
+            .check(&a, false, now(), &mut buf, None)
+            .unwrap()
+            .new_session
+            .unwrap();
+        tracker.insert(peer, key, LOCAL);
+        signer.opened("t", opening, tracker.public_hex());
+        assert!(signer.has_session("t") && !signer.has_session("u"));
+        let mut b = ann();
+        assert!(signer.authenticate("t", &mut b, false).is_none());
+        assert!(tracker
+            .check(&b, false, now(), &mut buf, Some(LOCAL))
+            .is_ok());
+        // The same mac from another address: refused, whatever the mac says.
+        let elsewhere = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+        let e = tracker
+            .check(&b, false, now(), &mut buf, Some(elsewhere))
+            .unwrap_err();
+        assert!(e.starts_with(SESSION_UNKNOWN), "{e}");
+        // Over TCP the address does not matter: the connection is its own proof.
+        assert!(tracker.check(&b, false, now(), &mut buf, None).is_ok());
     }
 
     #[test]
@@ -443,15 +511,15 @@ mod tests {
         let mut buf = Vec::new();
         let mut a = ann();
         signer.authenticate("t", &mut a, true);
-        assert!(tracker.check(&a, false, now(), &mut buf).is_ok());
+        assert!(tracker.check(&a, false, now(), &mut buf, None).is_ok());
         let mut b = a.clone();
         b.port = 7001;
-        assert!(tracker.check(&b, false, now(), &mut buf).is_err());
+        assert!(tracker.check(&b, false, now(), &mut buf, None).is_err());
         let mut b = a.clone();
         b.addr = Some("10.0.0.1".into());
-        assert!(tracker.check(&b, false, now(), &mut buf).is_err());
+        assert!(tracker.check(&b, false, now(), &mut buf, None).is_err());
         let e = tracker
-            .check(&a, false, now() + TS_WINDOW_MS + 1000, &mut buf)
+            .check(&a, false, now() + TS_WINDOW_MS + 1000, &mut buf, None)
             .unwrap_err();
         assert!(e.contains("clock"), "{e}");
         // Another key cannot speak for this id.
@@ -459,7 +527,7 @@ mod tests {
         let mut b = ann();
         other.authenticate("t", &mut b, true);
         b.peer_id = a.peer_id.clone();
-        assert!(tracker.check(&b, false, now(), &mut buf).is_err());
+        assert!(tracker.check(&b, false, now(), &mut buf, None).is_err());
     }
 
     #[test]
@@ -468,12 +536,12 @@ mod tests {
         let mut buf = Vec::new();
         let mut a = ann();
         a.peer_id = "legacy-1".into();
-        assert!(tracker.check(&a, false, now(), &mut buf).is_err());
-        assert!(tracker.check(&a, true, now(), &mut buf).is_ok());
+        assert!(tracker.check(&a, false, now(), &mut buf, None).is_err());
+        assert!(tracker.check(&a, true, now(), &mut buf, None).is_ok());
         a.peer_id = "ab".repeat(32);
-        assert!(tracker.check(&a, true, now(), &mut buf).is_err());
+        assert!(tracker.check(&a, true, now(), &mut buf, None).is_err());
         a.peer_id = "AB".repeat(32);
-        assert!(tracker.check(&a, true, now(), &mut buf).is_err());
+        assert!(tracker.check(&a, true, now(), &mut buf, None).is_err());
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub enum ClientError {
         "tracker {addr} sent a listing of more than {max} entries or one that does not advance"
     )]
     EndlessListing { addr: String, max: usize },
+    #[error("tracker {addr}: no reply to a UDP announce within {after:?}")]
+    DatagramTimeout { addr: String, after: Duration },
+    #[error("tracker {addr}: no session to announce with over UDP (announce over TCP first)")]
+    NoSession { addr: String },
 }
 
 /// Entries of one SWARM or FILES listing accepted at most (a tracker that pages forever is
@@ -108,6 +112,164 @@ pub struct AnnounceReply {
     pub roster: Option<Roster>,
 }
 
+impl AnnounceReply {
+    /// The reply to `a`, keeping the roster only when it is newer, for `a`'s swarm and
+    /// authority, and verifies.
+    fn checked(
+        a: &Announce,
+        interval: u64,
+        peers: Vec<PeerEntry>,
+        roster_version: Option<u64>,
+        roster: Option<Roster>,
+    ) -> AnnounceReply {
+        let roster = roster.filter(|r| {
+            r.version > a.roster_version.unwrap_or(0)
+                && r.info_hash == a.info_hash.to_ascii_lowercase()
+                && Some(&r.authority) == a.authority.as_ref()
+                && r.verify().is_ok()
+        });
+        AnnounceReply {
+            interval,
+            peers,
+            roster_version: roster_version.unwrap_or(0),
+            roster,
+        }
+    }
+}
+
+async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    match addr.parse() {
+        Ok(a) => Ok(a),
+        Err(_) => tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address")),
+    }
+}
+
+/// Announces as UDP datagrams to one tracker, with a session opened over TCP (the tracker
+/// takes a datagram only from the address that opened the session). One datagram each way;
+/// a lost one is not sent again here: the caller falls back to TCP.
+pub struct DatagramClient {
+    addr: String,
+    sock: tokio::net::UdpSocket,
+    buf: Box<[u8]>,
+}
+
+impl DatagramClient {
+    /// A socket for `addr`, from `bind_ip` when given (it must be the address the session was
+    /// opened from, as for [`TrackerClient::connect`]).
+    ///
+    /// # Errors
+    /// Resolution or socket failures, naming the tracker.
+    pub async fn connect(
+        addr: &str,
+        bind_ip: Option<std::net::IpAddr>,
+        timeout: Duration,
+    ) -> Result<DatagramClient, ClientError> {
+        let err = |source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let target = tokio::time::timeout(timeout, resolve(addr))
+            .await
+            .map_err(|_| ClientError::ConnectTimeout {
+                addr: addr.to_string(),
+            })?
+            .map_err(err)?;
+        let local = match bind_ip {
+            Some(ip) if ip.is_ipv4() == target.is_ipv4() => SocketAddr::new(ip, 0),
+            _ if target.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
+            _ => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let sock = tokio::net::UdpSocket::bind(local).await.map_err(err)?;
+        sock.connect(target).await.map_err(err)?;
+        Ok(DatagramClient {
+            addr: addr.to_string(),
+            sock,
+            buf: vec![0u8; 64 * 1024].into_boxed_slice(),
+        })
+    }
+
+    /// Announce `a` with `signer`'s session for this tracker, waiting at most `timeout` for the
+    /// reply. A tracker that says it has no session for us (restarted, or another address) is
+    /// forgotten by `signer`, so that the next TCP announce signs again.
+    ///
+    /// # Errors
+    /// No session held, no reply in time, a refusal or an unexpected reply, naming the tracker.
+    pub async fn announce(
+        &mut self,
+        a: &Announce,
+        signer: &Signer,
+        timeout: Duration,
+    ) -> Result<AnnounceReply, ClientError> {
+        if !signer.has_session(&self.addr) {
+            return Err(ClientError::NoSession {
+                addr: self.addr.clone(),
+            });
+        }
+        let mut a = a.clone();
+        if signer.authenticate(&self.addr, &mut a, false).is_some() {
+            // The session went between the two calls: nothing was sent.
+            return Err(ClientError::NoSession {
+                addr: self.addr.clone(),
+            });
+        }
+        let req = serde_json::to_vec(&Request::Announce(a.clone())).expect("requests serialize");
+        let io_err = |source| ClientError::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let exchange = async {
+            self.sock.send(&req).await?;
+            loop {
+                let n = self.sock.recv(&mut self.buf).await?;
+                // A late reply to an earlier announce of ours is not this one's: its PEERS
+                // would do no harm, but an ERROR would be misread. Replies carry no id, so
+                // wait for one that parses and take it.
+                if let Ok(r) = serde_json::from_slice::<Response>(&self.buf[..n]) {
+                    return Ok::<_, std::io::Error>(r);
+                }
+            }
+        };
+        let resp = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ClientError::DatagramTimeout {
+                addr: self.addr.clone(),
+                after: timeout,
+            })?
+            .map_err(io_err)?;
+        match resp {
+            Response::Peers {
+                interval,
+                peers,
+                roster_version,
+                roster,
+                ..
+            } => Ok(AnnounceReply::checked(
+                &a,
+                interval,
+                peers,
+                roster_version,
+                roster,
+            )),
+            Response::Error { reason } => {
+                if reason.starts_with(SESSION_UNKNOWN) || reason.contains("mac does not verify") {
+                    signer.forget(&self.addr);
+                }
+                Err(ClientError::Refused {
+                    addr: self.addr.clone(),
+                    reason,
+                })
+            }
+            _ => Err(ClientError::BadReply {
+                addr: self.addr.clone(),
+                reason: "expected PEERS".into(),
+            }),
+        }
+    }
+}
+
 pub struct TrackerClient {
     addr: String,
     reader: FrameReader<OwnedReadHalf>,
@@ -130,14 +292,7 @@ impl TrackerClient {
             source,
         };
         let fut = async {
-            let target: SocketAddr = match addr.parse() {
-                Ok(a) => a,
-                Err(_) => tokio::net::lookup_host(addr)
-                    .await
-                    .map_err(err)?
-                    .next()
-                    .ok_or_else(|| err(std::io::Error::other("no address")))?,
-            };
+            let target = resolve(addr).await.map_err(err)?;
             let stream = match bind_ip {
                 Some(ip) if ip.is_ipv4() == target.is_ipv4() => {
                     let sock = if target.is_ipv4() {
@@ -257,18 +412,13 @@ impl TrackerClient {
                     {
                         signer.opened(&self.addr, opening, &session);
                     }
-                    let roster = roster.filter(|r| {
-                        r.version > a.roster_version.unwrap_or(0)
-                            && r.info_hash == a.info_hash.to_ascii_lowercase()
-                            && Some(&r.authority) == a.authority.as_ref()
-                            && r.verify().is_ok()
-                    });
-                    return Ok(AnnounceReply {
+                    return Ok(AnnounceReply::checked(
+                        &a,
                         interval,
                         peers,
-                        roster_version: roster_version.unwrap_or(0),
+                        roster_version,
                         roster,
-                    });
+                    ));
                 }
                 Ok(_) => return Err(self.bad_reply("PEERS")),
                 Err(ClientError::Refused { reason, .. })

@@ -6,7 +6,7 @@
 //! - [`swarm`]: the live swarm in memory, pure rules (roles, events, pruning).
 //! - [`store`]: SQLite persistence and the schema migrations from `migrations/`.
 //! - [`server`]: the tokio server, the prune task and the writer thread; [`conn`]: its side
-//!   of a connection.
+//!   of a connection; [`udp`]: its datagram socket (session announces, batched system calls).
 //! - [`client`]: a tracker client with bounded waits.
 //! - [`keys`], [`roster`]: peer keys and private-swarm rosters, shared with the peer crate.
 //! - [`auth`]: signed announces and the tracker sessions that make repeat announces cheap.
@@ -27,6 +27,7 @@ pub mod roster;
 pub mod server;
 pub mod store;
 pub mod swarm;
+pub mod udp;
 pub mod wire;
 
 pub use config::TrackerConfig;

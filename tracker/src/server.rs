@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +30,7 @@ use crate::config::TrackerConfig;
 use crate::conn::Conn;
 use crate::proto::{Announce, Request, Response, MAX_PAGE_ENTRIES};
 use crate::store::{Batch, Change, Store, StoreError};
-use crate::swarm::{Checked, Now, PrivateReply, Swarm, SwarmLimits};
+use crate::swarm::{Checked, Now, PrivateReply, Swarm, SwarmLimits, Want};
 use crate::wire::{parse_header, FrameError, Limits};
 
 /// History rows deleted per retention step; small, so that one step never holds the database
@@ -199,6 +199,8 @@ impl Conns {
 /// A bound tracker, ready to serve.
 pub struct Tracker {
     listener: TcpListener,
+    /// The datagram socket on the same port (`udp = true`).
+    datagrams: Option<std::net::UdpSocket>,
     shared: Arc<Shared>,
     writer: std::thread::JoinHandle<()>,
 }
@@ -234,6 +236,15 @@ impl Tracker {
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let datagrams = if cfg.udp {
+            // The TCP port, which may have been chosen by the system (port 0).
+            let at = listener.local_addr()?;
+            Some(std::net::UdpSocket::bind(at).with_context(|| {
+                format!("cannot listen for UDP announces on {at} (udp = false turns them off)")
+            })?)
+        } else {
+            None
+        };
         let queue = Arc::new(WriterQueue::default());
         let q2 = queue.clone();
         let (batch_interval, retention) = (cfg.batch_interval, cfg.retention);
@@ -242,6 +253,7 @@ impl Tracker {
             .spawn(move || run_writer(store, &q2, batch_interval, retention))?;
         Ok(Tracker {
             listener,
+            datagrams,
             shared: Arc::new(Shared {
                 clock,
                 swarm: Mutex::new(swarm),
@@ -266,9 +278,23 @@ impl Tracker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Tracker {
             listener,
+            datagrams,
             shared,
             writer,
         } = self;
+        let stop_datagrams = Arc::new(AtomicBool::new(false));
+        let datagram_thread = match datagrams {
+            Some(sock) => {
+                let shared = shared.clone();
+                let stop = stop_datagrams.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("tracker-udp".into())
+                        .spawn(move || serve_datagrams(&sock, &shared, &stop))?,
+                )
+            }
+            None => None,
+        };
         // Connections are served on a runtime of the tracker's own, on threads of its own
         // (see `net_threads`), whatever runtime called `run`.
         let std_listener = listener.into_std()?;
@@ -301,6 +327,14 @@ impl Tracker {
         let served = rx
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("tracker network thread panicked")));
+        // The datagram thread stops within its poll interval; its last changes reach the writer
+        // before the writer's last commit.
+        stop_datagrams.store(true, Ordering::Relaxed);
+        if let Some(t) = datagram_thread {
+            tokio::task::spawn_blocking(move || t.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("tracker datagram thread panicked"))?;
+        }
         // The writer commits what is left and exits, whatever became of the network thread.
         *shared.writer.closing.lock().expect("writer queue poisoned") = true;
         shared.writer.wake.notify_all();
@@ -506,7 +540,7 @@ async fn serve(
         last_active.store(now.mono_ms, Ordering::Relaxed);
         reply.clear();
         match parsed {
-            Ok(req) => handle(shared, req, addr, now, &mut reply, &mut scratch),
+            Ok(req) => handle(shared, req, addr, now, Via::Tcp, &mut reply, &mut scratch),
             Err(reason) => encode_json(&Response::Error { reason }, &mut reply),
         }
         // Answer a pipelined batch of requests with one write.
@@ -539,12 +573,86 @@ fn page_limit(limit: Option<u32>) -> usize {
         .clamp(1, MAX_PAGE_ENTRIES)
 }
 
+/// How a request came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Tcp,
+    /// A UDP datagram: only a session's announce, from the session's own address, and a
+    /// reply within one datagram.
+    Datagram,
+}
+
+/// Bytes of a PEERS reply around its peer list, at most: the type, the interval and the
+/// roster version (a datagram reply never opens a session).
+const PEERS_ENVELOPE_BYTES: usize = 96;
+
+/// Serve announces sent as datagrams until `stop`. Each gets its reply as one datagram, within
+/// [`crate::udp::MAX_REPLY`]. Only what parses as a request is answered, and an ERROR is never
+/// longer than the request, so a datagram with a forged source reflects no more bytes than it
+/// cost; a PEERS reply goes only to the address that opened the session over TCP.
+fn serve_datagrams(sock: &std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
+    let mut scratch = Vec::with_capacity(512);
+    let res = crate::udp::serve(sock, stop, |src, datagram, out| {
+        let parsed = match parse_request(datagram) {
+            Ok(p) => p,
+            Err(_) => return false, // Not a request at all: no answer.
+        };
+        match parsed {
+            Ok(req @ Request::Announce(_)) => {
+                handle(
+                    shared,
+                    req,
+                    src,
+                    shared.clock.now(),
+                    Via::Datagram,
+                    out,
+                    &mut scratch,
+                );
+            }
+            Ok(_) => error_reply("only ANNOUNCE comes as a datagram: use TCP".into(), out),
+            Err(reason) => error_reply(reason, out),
+        }
+        if out.len() > crate::udp::MAX_REPLY && !out.starts_with(ERROR_PREFIX) {
+            // A roster to deliver: too large for a datagram.
+            error_reply(
+                "the reply is too large for a datagram: announce over TCP".into(),
+                out,
+            );
+        }
+        if out.len() > datagram.len() && out.starts_with(ERROR_PREFIX) {
+            shorten_error(out, datagram.len());
+        }
+        out.len() <= datagram.len() || !out.starts_with(ERROR_PREFIX)
+    });
+    if let Err(e) = res {
+        error!(cause = %e, "the UDP announce socket failed; announces go on over TCP");
+    }
+}
+
+const ERROR_PREFIX: &[u8] = br#"{"type":"ERROR""#;
+
+/// Cut the reason of the ERROR reply in `out` until the reply fits in `max` bytes (at a
+/// character boundary, ending in "...").
+fn shorten_error(out: &mut Vec<u8>, max: usize) {
+    let Ok(Response::Error { reason }) = serde_json::from_slice::<Response>(out) else {
+        out.clear();
+        return;
+    };
+    let over = out.len().saturating_sub(max);
+    let mut keep = reason.len().saturating_sub(over + 3);
+    while keep > 0 && !reason.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    error_reply(format!("{}...", &reason[..keep]), out);
+}
+
 /// Write the reply header JSON for `req` into `out` (`scratch`: reusable space).
 fn handle(
     shared: &Shared,
     req: Request,
     addr: SocketAddr,
     now: Now,
+    via: Via,
     out: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
 ) {
@@ -555,14 +663,16 @@ fn handle(
             }
             // Who wrote it, outside the swarm lock: a signature check is the costliest step.
             let now_ms = now.unix_ms.max(0) as u64;
-            let verified =
-                match shared
-                    .sessions
-                    .check(&a, shared.cfg.allow_unsigned, now_ms, scratch)
-                {
-                    Ok(v) => v,
-                    Err(reason) => return error_reply(reason, out),
-                };
+            let verified = match shared.sessions.check(
+                &a,
+                shared.cfg.allow_unsigned,
+                now_ms,
+                scratch,
+                (via == Via::Datagram).then_some(addr.ip()),
+            ) {
+                Ok(v) => v,
+                Err(reason) => return error_reply(reason, out),
+            };
             a.normalize();
             let roster_verified = match &a.roster {
                 Some(r)
@@ -599,10 +709,16 @@ fn handle(
                 (Some(announced), true) => announced.clone(),
                 _ => addr.ip().to_string(),
             };
-            let numwant = a
-                .numwant
-                .map_or(shared.cfg.max_peers_per_reply, |n| n as usize)
-                .min(shared.cfg.max_peers_per_reply);
+            let want = Want {
+                peers: a
+                    .numwant
+                    .map_or(shared.cfg.max_peers_per_reply, |n| n as usize)
+                    .min(shared.cfg.max_peers_per_reply),
+                bytes: match via {
+                    Via::Tcp => usize::MAX,
+                    Via::Datagram => crate::udp::MAX_REPLY - PEERS_ENVELOPE_BYTES,
+                },
+            };
             let mut changes = Vec::with_capacity(3);
             // The PEERS reply is written by hand around the pre-serialized peer entries; its
             // shape is exactly `Response::Peers` (the client parses it as that).
@@ -615,7 +731,7 @@ fn handle(
                 &source,
                 addr.ip(),
                 now,
-                numwant,
+                want,
                 &mut changes,
                 out,
             );
@@ -624,7 +740,7 @@ fn handle(
             match res {
                 Ok(private) => {
                     if let Some((peer, key)) = verified.new_session {
-                        shared.sessions.insert(peer, key);
+                        shared.sessions.insert(peer, key, addr.ip());
                         out.extend_from_slice(b",\"session\":\"");
                         out.extend_from_slice(shared.sessions.public_hex().as_bytes());
                         out.push(b'"');

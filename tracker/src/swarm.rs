@@ -166,6 +166,23 @@ impl EntryJson {
     }
 }
 
+/// How many peers an announce's reply lists at most: `peers` entries, in at most `bytes` bytes
+/// of JSON array (a datagram reply has a size limit, a TCP one none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    pub peers: usize,
+    pub bytes: usize,
+}
+
+impl From<usize> for Want {
+    fn from(peers: usize) -> Want {
+        Want {
+            peers,
+            bytes: usize::MAX,
+        }
+    }
+}
+
 /// Parse the peer list written by [`Swarm::announce`] (tests and tools).
 pub fn parse_peer_list(json: &[u8]) -> Vec<PeerEntry> {
     serde_json::from_slice(json).expect("a JSON array of peer entries")
@@ -431,7 +448,7 @@ impl Swarm {
         addr: &str,
         src: IpAddr,
         now: Now,
-        numwant: usize,
+        want: Want,
         changes: &mut Vec<Change>,
         peers_json: &mut Vec<u8>,
     ) -> Result<Option<PrivateReply>, Refusal> {
@@ -652,7 +669,7 @@ impl Swarm {
         }
         // A new peer was appended: its index is the last.
         let me = idx.unwrap_or(torrent.peers.len() - 1);
-        write_peers(torrent, me, role, numwant, peers_json);
+        write_peers(torrent, me, role, want, peers_json);
         Ok(private)
     }
 
@@ -993,8 +1010,14 @@ fn entry_bytes(e: &impl serde::Serialize) -> usize {
 /// array. Large swarms are sampled by random index, so the cost follows numwant, not the
 /// swarm's size; smaller ones are read in order from a random start (one pass over a
 /// contiguous array, and not always the same first peers).
-fn write_peers(t: &Torrent, me: usize, role: Role, numwant: usize, out: &mut Vec<u8>) {
+fn write_peers(t: &Torrent, me: usize, role: Role, want: Want, out: &mut Vec<u8>) {
     use rand::Rng;
+    let Want {
+        peers: numwant,
+        bytes,
+    } = want;
+    // The closing bracket included.
+    let end_max = out.len().saturating_add(bytes.max(2)) - 1;
     out.push(b'[');
     // The asker is skipped by its index: comparing ids read every listed peer's id from the
     // heap, a cache miss per listed peer.
@@ -1017,10 +1040,14 @@ fn write_peers(t: &Torrent, me: usize, role: Role, numwant: usize, out: &mut Vec
         )
     };
     for (i, (_, p)) in chosen.filter(wanted).take(numwant).enumerate() {
+        let entry = p.entry_json.as_bytes();
+        if out.len() + usize::from(i > 0) + entry.len() > end_max {
+            break; // Full: a datagram reply ends here.
+        }
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(p.entry_json.as_bytes());
+        out.extend_from_slice(entry);
     }
     out.push(b']');
 }
@@ -1070,7 +1097,7 @@ mod tests {
             "127.0.0.1",
             LOCAL,
             at(t, t as i64),
-            50,
+            50.into(),
             c,
             &mut j,
         )
@@ -1120,7 +1147,7 @@ mod tests {
             "127.0.0.1",
             LOCAL,
             at(t, t as i64),
-            50,
+            50.into(),
             &mut c,
             &mut j,
         )
@@ -1276,7 +1303,7 @@ mod tests {
             "127.0.0.2",
             b,
             at(0, 0),
-            50,
+            50.into(),
             &mut c,
             &mut j,
         )
@@ -1328,7 +1355,7 @@ mod tests {
             "127.0.0.1",
             LOCAL,
             at(1_000, 1_000_000),
-            50,
+            50.into(),
             &mut c,
             &mut j,
         )
@@ -1366,7 +1393,7 @@ mod tests {
                 "h",
                 src,
                 at(t, 0),
-                50,
+                50.into(),
                 &mut c,
                 &mut j,
             )
