@@ -548,7 +548,7 @@ mod tests {
     fn the_cache_is_bounded() {
         let s = Sessions::new(3);
         for i in 0..10u8 {
-            s.insert([i; 32], [0; 32]);
+            s.insert([i; 32], [0; 32], LOCAL);
         }
         assert_eq!(s.len(), 3);
     }
