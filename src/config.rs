@@ -79,6 +79,9 @@ pub struct PeerConfig {
     /// A tracker that does not answer within this time is skipped for now.
     #[serde(with = "humantime_serde")]
     pub tracker_timeout: Duration,
+    /// Send heartbeats (progress announces) to a tracker as UDP datagrams once a session with
+    /// it is open (over TCP), falling back to TCP when one goes unanswered.
+    pub tracker_udp: bool,
     /// Retry backoff for an unreachable tracker grows up to this.
     #[serde(with = "humantime_serde")]
     pub tracker_backoff_max: Duration,
@@ -126,6 +129,7 @@ impl Default for PeerConfig {
             idle_timeout: Duration::from_secs(120),
             read_timeout: Duration::from_secs(30),
             tracker_timeout: Duration::from_secs(3),
+            tracker_udp: true,
             tracker_backoff_max: Duration::from_secs(60),
             request_timeout: Duration::from_secs(20),
             ban_threshold: 3,

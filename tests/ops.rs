@@ -13,7 +13,7 @@ use crate::common::*;
 const T: Duration = Duration::from_secs(60);
 
 /// The `http://ADDR/` a process printed on its first line.
-fn http_addr(line_holder: &str) -> SocketAddr {
+pub fn http_addr(line_holder: &str) -> SocketAddr {
     line_holder
         .split("http://")
         .nth(1)

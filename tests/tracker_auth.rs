@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use serde_json::json;
-use shoal_tracker::auth::Signer;
-use shoal_tracker::client::{AnnounceReply, ClientError, TrackerClient};
+use shoal_tracker::auth::{Signer, SESSION_UNKNOWN};
+use shoal_tracker::client::{AnnounceReply, ClientError, DatagramClient, TrackerClient};
 use shoal_tracker::proto::{Announce, Event, Request, Response};
 use shoal_tracker::roster::{private_info_hash, Roster};
 
@@ -408,5 +408,234 @@ fn daemons_announce_signed_to_a_strict_tracker_and_download() {
     assert_eq!(
         db_i64(&t.db, "SELECT count(*) FROM events WHERE fingerprint = ''"),
         0
+    );
+}
+
+/// A raw datagram exchange from `from`: the reply's bytes, or `None` after `wait`.
+fn datagram(t: SocketAddr, from: [u8; 4], req: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let s = std::net::UdpSocket::bind((IpAddr::from(from), 0)).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.send_to(req, t).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.recv(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+fn as_error(reply: &[u8]) -> String {
+    match serde_json::from_slice::<Response>(reply) {
+        Ok(Response::Error { reason }) => reason,
+        other => panic!("expected an ERROR, got {other:?}"),
+    }
+}
+
+#[test]
+fn datagram_heartbeats_need_a_session_opened_from_their_own_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_tracker_strict(dir.path(), "t", &[]);
+    let tracker = t.addr.to_string();
+    let peer = Signer::new(key());
+    let quick = Duration::from_secs(5);
+    rt().block_on(async {
+        // A datagram before any session: refused, and the client says why.
+        let mut udp = DatagramClient::connect(&tracker, Some([127, 0, 0, 1].into()), quick)
+            .await
+            .unwrap();
+        let e = udp
+            .announce(&ann(H, 7001, Event::Progress, 1), &peer, quick)
+            .await;
+        assert!(matches!(e, Err(ClientError::NoSession { .. })), "{e:?}");
+        // The session is opened over TCP from 127.0.0.1; heartbeats then go as datagrams.
+        let mut c = client_from(t.addr, [127, 0, 0, 1]).await;
+        c.announce(&ann(H, 7001, Event::Started, 1), Some(&peer))
+            .await
+            .unwrap();
+        assert!(peer.has_session(&tracker));
+        for have in [2, 5] {
+            let r = udp
+                .announce(&ann(H, 7001, Event::Progress, have), &peer, quick)
+                .await
+                .unwrap();
+            assert!(r.peers.is_empty(), "alone in the swarm: {r:?}");
+        }
+        assert_eq!(
+            live(t.addr, H),
+            vec![(peer.peer_id().into(), "127.0.0.1".into(), 5)]
+        );
+
+        // The exact bytes of a heartbeat: accepted once, a replay after.
+        let mut hb = ann(H, 7001, Event::Progress, 6);
+        assert!(peer.authenticate(&tracker, &mut hb, false).is_none());
+        let bytes = serde_json::to_vec(&Request::Announce(hb.clone())).unwrap();
+        let first = datagram(t.addr, [127, 0, 0, 1], &bytes, quick).expect("a reply");
+        assert!(matches!(
+            serde_json::from_slice::<Response>(&first),
+            Ok(Response::Peers { .. })
+        ));
+        let again = datagram(t.addr, [127, 0, 0, 1], &bytes, quick).expect("a reply");
+        assert!(as_error(&again).contains("replay"), "{}", as_error(&again));
+        assert!(
+            again.len() <= bytes.len(),
+            "an ERROR never outgrows its request"
+        );
+        // The same session's mac from another address (a forged source, as far as the
+        // tracker can tell): refused, in no more bytes than were sent.
+        let mut moved = ann(H, 7001, Event::Progress, 7);
+        assert!(peer.authenticate(&tracker, &mut moved, false).is_none());
+        let bytes = serde_json::to_vec(&Request::Announce(moved)).unwrap();
+        let r = datagram(t.addr, [127, 0, 0, 2], &bytes, quick).expect("a reply");
+        assert!(
+            as_error(&r).starts_with(SESSION_UNKNOWN),
+            "{}",
+            as_error(&r)
+        );
+        assert!(r.len() <= bytes.len());
+        // A signed announce (a session opening) never comes as a datagram.
+        let mut signed = ann(H, 7001, Event::Progress, 8);
+        peer.authenticate(&tracker, &mut signed, true);
+        let bytes = serde_json::to_vec(&Request::Announce(signed)).unwrap();
+        let r = datagram(t.addr, [127, 0, 0, 1], &bytes, quick).expect("a reply");
+        assert!(
+            as_error(&r).starts_with(SESSION_UNKNOWN),
+            "{}",
+            as_error(&r)
+        );
+        assert!(r.len() <= bytes.len());
+        // Other requests are refused over UDP; a 21-byte one gets no ERROR, which could not
+        // be as short.
+        let list =
+            serde_json::to_vec(&json!({"type":"LIST_FILES","after":"x".repeat(100)})).unwrap();
+        let r = datagram(t.addr, [127, 0, 0, 1], &list, quick).expect("a reply");
+        assert!(as_error(&r).contains("only ANNOUNCE"), "{}", as_error(&r));
+        let short = br#"{"type":"LIST_FILES"}"#;
+        let r = datagram(t.addr, [127, 0, 0, 1], short, Duration::from_millis(500));
+        assert!(r.is_none(), "{r:?}");
+        // Bytes that are not a request get no answer at all.
+        let none = datagram(
+            t.addr,
+            [127, 0, 0, 1],
+            b"hello tracker",
+            Duration::from_millis(500),
+        );
+        assert!(none.is_none(), "{none:?}");
+        // Nothing of the refused ones changed the swarm; the client forgets a session the
+        // tracker disowns, so that the next TCP announce signs again.
+        assert_eq!(live(t.addr, H)[0].2, 6);
+        let mut elsewhere = DatagramClient::connect(&tracker, Some([127, 0, 0, 2].into()), quick)
+            .await
+            .unwrap();
+        let e = elsewhere
+            .announce(&ann(H, 7001, Event::Progress, 9), &peer, quick)
+            .await;
+        assert!(refused(e).starts_with(SESSION_UNKNOWN));
+        assert!(!peer.has_session(&tracker));
+    });
+}
+
+#[test]
+fn a_datagram_reply_fits_one_ethernet_frame_however_big_the_swarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_tracker_strict(dir.path(), "t", &[]);
+    let tracker = t.addr.to_string();
+    let quick = Duration::from_secs(5);
+    rt().block_on(async {
+        let mut c = client_from(t.addr, [127, 0, 0, 1]).await;
+        let others: Vec<Signer> = (0..60).map(|_| Signer::new(key())).collect();
+        for (i, s) in others.iter().enumerate() {
+            c.announce(&ann(H, 8000 + i as u16, Event::Started, 1), Some(s))
+                .await
+                .unwrap();
+        }
+        let me = Signer::new(key());
+        let tcp = c
+            .announce(&ann(H, 7001, Event::Started, 1), Some(&me))
+            .await
+            .unwrap();
+        assert_eq!(tcp.peers.len(), 50, "over TCP: max_peers_per_reply");
+        let mut hb = ann(H, 7001, Event::Progress, 2);
+        hb.numwant = Some(50);
+        assert!(me.authenticate(&tracker, &mut hb, false).is_none());
+        let bytes = serde_json::to_vec(&Request::Announce(hb)).unwrap();
+        let r = datagram(t.addr, [127, 0, 0, 1], &bytes, quick).expect("a reply");
+        assert!(
+            r.len() <= shoal_tracker::udp::MAX_REPLY,
+            "{} bytes",
+            r.len()
+        );
+        match serde_json::from_slice::<Response>(&r) {
+            Ok(Response::Peers { peers, .. }) => {
+                assert!((8..50).contains(&peers.len()), "{} peers", peers.len());
+                assert!(peers.iter().all(|p| p.peer_id != me.peer_id()));
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+/// `shoal_tracker_datagram_announces_total` and `..._announces_total{event="progress"}` of a
+/// tracker's /metrics.
+fn heartbeat_counts(http: SocketAddr) -> (u64, u64) {
+    let (code, text) = crate::ops::http(http, "GET", "/metrics", None, None);
+    assert_eq!(code, 200);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    (
+        value("shoal_tracker_datagram_announces_total"),
+        value("shoal_tracker_announces_total{event=\"progress\"}"),
+    )
+}
+
+#[test]
+fn daemons_send_heartbeats_as_datagrams_and_fall_back_to_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    random_file(&d.join("file.bin"), 256 * 1024);
+    let start = |name: &str, extra: &[&str]| {
+        let db = d.join(format!("{name}.db"));
+        let mut args = vec![
+            "tracker",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db.to_str().unwrap(),
+            "--interval",
+            "1s",
+            "--http",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let (proc, line) = spawn_with_line(d, name, &args, &[]);
+        let addr: SocketAddr = line
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .unwrap();
+        (proc, addr, crate::ops::http_addr(&line))
+    };
+    let (_udp_proc, udp_t, udp_http) = start("with-udp", &[]);
+    let no_udp = write_config(d, "no-udp.toml", "[tracker]\nudp = false\n");
+    let (_tcp_proc, tcp_t, tcp_http) = start("tcp-only", &["--config", &no_udp]);
+    let seeder = start_peer(d, "seeder", &[udp_t, tcp_t], &[]);
+    publish(d, &seeder, "file.bin");
+    // Every heartbeat to the first tracker came as a datagram; the second still gets them all,
+    // over TCP, once its silence on UDP was noticed.
+    let (udp_hb, tcp_hb) = wait_for(WAIT, "three heartbeats at each tracker", || {
+        let (dg, progress) = heartbeat_counts(udp_http);
+        let (dg2, progress2) = heartbeat_counts(tcp_http);
+        (progress >= 3 && progress2 >= 3).then_some(((dg, progress), (dg2, progress2)))
+    });
+    assert!(udp_hb.0 >= 3, "heartbeats as datagrams: {udp_hb:?}");
+    assert!(
+        udp_hb.0 + 1 >= udp_hb.1,
+        "at most one heartbeat over TCP: {udp_hb:?}"
+    );
+    assert_eq!(tcp_hb.0, 0);
+    let log = seeder.proc.stderr();
+    assert!(
+        log.contains("heartbeats go over TCP for a while") && log.contains(&tcp_t.to_string()),
+        "{log}"
     );
 }

@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_tracker::client::{AnnounceReply, TrackerClient};
+use shoal_tracker::client::{AnnounceReply, ClientError, DatagramClient, TrackerClient};
 use shoal_tracker::proto::{Announce, Event, PeerEntry};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::net::Net;
 use super::torrent::Torrent;
@@ -24,6 +24,13 @@ use crate::store::{TorrentRecord, TorrentState};
 
 /// Peers taken from one tracker reply.
 const MAX_PEERS_PER_REPLY: usize = 200;
+
+/// A datagram announce unanswered after this goes again over TCP (a tracker answers one in
+/// well under a millisecond; this leaves room for a slow, distant link).
+const DATAGRAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long heartbeats to a tracker stay on TCP after a datagram went unanswered.
+const DATAGRAMS_OFF: Duration = Duration::from_secs(600);
 
 /// Announce interval until a tracker tells us its own.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
@@ -51,11 +58,16 @@ async fn announce_one(d: &Net, addr: &str, req: &Announce, force: bool) -> Optio
             return None;
         }
     }
-    let res = async {
-        let mut c = TrackerClient::connect(addr, d.bind_ip, d.cfg.tracker_timeout).await?;
-        c.announce(req, Some(&d.tracker_signer)).await
-    }
-    .await;
+    let res = match announce_datagram(d, addr, req).await {
+        Some(reply) => Ok(reply),
+        None => {
+            async {
+                let mut c = TrackerClient::connect(addr, d.bind_ip, d.cfg.tracker_timeout).await?;
+                c.announce(req, Some(&d.tracker_signer)).await
+            }
+            .await
+        }
+    };
     let mut trackers = d.trackers.lock().expect("trackers lock");
     let h = trackers.entry(addr.to_string()).or_default();
     match res {
@@ -78,6 +90,49 @@ async fn announce_one(d: &Net, addr: &str, req: &Announce, force: bool) -> Optio
                 Duration::from_secs(1u64 << h.failures.min(6)).min(d.cfg.tracker_backoff_max);
             h.next_try = Some(Instant::now() + backoff);
             h.last_error = Some(e.to_string());
+            None
+        }
+    }
+}
+
+/// A heartbeat sent as one UDP datagram, when a session with the tracker is open and datagrams
+/// to it were not found wanting. `None`: send it over TCP (a refusal there is answered there,
+/// and a session the tracker no longer has is opened again there).
+async fn announce_datagram(d: &Net, addr: &str, req: &Announce) -> Option<AnnounceReply> {
+    if !d.cfg.tracker_udp
+        || req.event != Event::Progress
+        || !d.tracker_signer.has_session(addr)
+        || d.trackers
+            .lock()
+            .expect("trackers lock")
+            .get(addr)
+            .and_then(|h| h.datagrams_off_until)
+            .is_some_and(|t| t > Instant::now())
+    {
+        return None;
+    }
+    let timeout = d.cfg.tracker_timeout.min(DATAGRAM_TIMEOUT);
+    let res = async {
+        let mut c = DatagramClient::connect(addr, d.bind_ip, timeout).await?;
+        c.announce(req, &d.tracker_signer, timeout).await
+    }
+    .await;
+    match res {
+        Ok(reply) => Some(reply),
+        Err(e) => {
+            if matches!(
+                e,
+                ClientError::DatagramTimeout { .. } | ClientError::Connect { .. }
+            ) {
+                info!(tracker = %addr, cause = %e, "heartbeats go over TCP for a while");
+                let mut trackers = d.trackers.lock().expect("trackers lock");
+                trackers
+                    .entry(addr.to_string())
+                    .or_default()
+                    .datagrams_off_until = Some(Instant::now() + DATAGRAMS_OFF);
+            } else {
+                debug!(tracker = %addr, cause = %e, "datagram announce refused; again over TCP");
+            }
             None
         }
     }

@@ -65,6 +65,9 @@ pub struct TrackerHealth {
     pub next_try: Option<Instant>,
     pub last_ok: Option<i64>,
     pub last_error: Option<String>,
+    /// Heartbeats go over TCP until then: a datagram went unanswered (UDP filtered on the way,
+    /// or a tracker with `udp = false`).
+    pub datagrams_off_until: Option<Instant>,
 }
 
 impl TrackerHealth {

@@ -25,6 +25,8 @@ pub struct TrackerMetrics {
     pub refused: Counter,
     /// Requests answered "busy" (load shedding).
     pub busy: Counter,
+    /// Announces that came as UDP datagrams (also counted in `announces`).
+    pub datagram_announces: Counter,
     /// Seconds to commit one batch of changes to SQLite.
     pub batch_commit_seconds: Histogram,
     live_peers: Gauge,
@@ -48,6 +50,7 @@ impl TrackerMetrics {
             announces: Family::default(),
             refused: Counter::default(),
             busy: Counter::default(),
+            datagram_announces: Counter::default(),
             // 100 us to ~6.5 s.
             batch_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             live_peers: Gauge::default(),
@@ -71,6 +74,11 @@ impl TrackerMetrics {
             "shoal_tracker_busy_replies",
             "Requests answered busy",
             m.busy.clone(),
+        );
+        r.register(
+            "shoal_tracker_datagram_announces",
+            "Announces that came as UDP datagrams",
+            m.datagram_announces.clone(),
         );
         r.register(
             "shoal_tracker_batch_commit_seconds",

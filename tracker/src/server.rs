@@ -705,6 +705,9 @@ fn handle(
                 return error_reply(format!("busy, retry in {secs} s"), out);
             }
             crate::metrics::tracker().announce(a.event);
+            if via == Via::Datagram {
+                crate::metrics::tracker().datagram_announces.inc();
+            }
             let source = match (&a.addr, shared.cfg.trust_announced_addr) {
                 (Some(announced), true) => announced.clone(),
                 _ => addr.ip().to_string(),
