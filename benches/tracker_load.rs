@@ -552,6 +552,103 @@ async fn pipelined(
     (count, cpu, lat)
 }
 
+/// Honest keyed peers on 127.0.0.5: each opens its session over TCP, then heart-beats as
+/// datagrams every 2 ms until `done`. Returns the answered ones' latencies and how many went
+/// unanswered within a second.
+async fn honest_datagrams(addr: String, done: Arc<AtomicBool>) -> (Vec<f64>, u64) {
+    let ip: IpAddr = [127, 0, 0, 5].into();
+    let keys: Vec<Signer> = (0..10)
+        .map(|_| Signer::new(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng)))
+        .collect();
+    let mut c = TrackerClient::connect(&addr, Some(ip), TIMEOUT)
+        .await
+        .unwrap();
+    for (p, k) in keys.iter().enumerate() {
+        let a = announce_of(100 + p as u64, 3, Event::Started, 0, None);
+        c.announce(&a, Some(k)).await.unwrap();
+    }
+    let mut udp = DatagramClient::connect(&addr, Some(ip), TIMEOUT)
+        .await
+        .unwrap();
+    let (mut lat, mut lost, mut k) = (Vec::new(), 0u64, 0u64);
+    while !done.load(Ordering::Relaxed) {
+        let p = k % 10;
+        let a = announce_of(100 + p, 3, Event::Progress, k % 1000, None);
+        let t = Instant::now();
+        match udp
+            .announce(&a, &keys[p as usize], Duration::from_secs(1))
+            .await
+        {
+            Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+            Err(shoal_tracker::client::ClientError::DatagramTimeout { .. }) => {
+                lost += 1;
+                // A fresh socket: a late reply must not answer the next announce.
+                udp = DatagramClient::connect(&addr, Some(ip), TIMEOUT)
+                    .await
+                    .unwrap();
+            }
+            Err(e) => panic!("honest datagram refused: {e:?}"),
+        }
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (lat, lost)
+}
+
+/// `n` announces for random files as datagrams from 127.0.0.4, each with a valid mac of one
+/// key's session (the attacker is a real peer), sent as fast as one socket takes them.
+/// Returns (sent, accepted, refused, seconds).
+async fn datagram_flood(addr: &str, n: u64) -> (u64, u64, u64, f64) {
+    let ip: IpAddr = [127, 0, 0, 4].into();
+    let key = Signer::new(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng));
+    let mut c = TrackerClient::connect(addr, Some(ip), TIMEOUT)
+        .await
+        .unwrap();
+    c.announce(&announce_of(0, 1, Event::Started, 0, None), Some(&key))
+        .await
+        .unwrap();
+    let sock = Arc::new(tokio::net::UdpSocket::bind((ip, 0)).await.unwrap());
+    sock.connect(addr).await.unwrap();
+    let sent_all = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let sock = sock.clone();
+        let sent_all = sent_all.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let wait = if sent_all.load(Ordering::Relaxed) {
+                    1000
+                } else {
+                    5000
+                };
+                match tokio::time::timeout(Duration::from_millis(wait), sock.recv(&mut buf)).await {
+                    Ok(Ok(len)) => match serde_json::from_slice::<Response>(&buf[..len]) {
+                        Ok(Response::Peers { .. }) => ok += 1,
+                        _ => refused += 1,
+                    },
+                    _ if sent_all.load(Ordering::Relaxed) => return (ok, refused),
+                    _ => {}
+                }
+            }
+        })
+    };
+    let t = Instant::now();
+    let mut bytes = Vec::with_capacity(1024);
+    for _ in 0..n {
+        let mut a = announce_of(0, 1, Event::Started, 0, None);
+        a.info_hash = format!("{:064x}", rand::random::<u128>());
+        key.authenticate(addr, &mut a, false);
+        bytes.clear();
+        serde_json::to_writer(&mut bytes, &Request::Announce(a)).unwrap();
+        let _ = sock.send(&bytes).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    sent_all.store(true, Ordering::Relaxed);
+    let (ok, refused) = reader.await.unwrap();
+    (n, ok, refused, secs)
+}
+
 /// Phase 3: a flood of announces for random files from 127.0.0.2 with the default limits,
 /// honest peers on 127.0.0.3 meanwhile.
 async fn flood_phase(n: u64) {
@@ -603,6 +700,21 @@ async fn flood_phase(n: u64) {
             })
         })
     };
+    let honest_datagrams = {
+        let addr = addr.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(honest_datagrams(addr, done))
+        })
+    };
+    let datagram_flood = {
+        let addr = addr.clone();
+        tokio::spawn(async move { datagram_flood(&addr, n).await })
+    };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
     let conns = 4u64;
@@ -645,9 +757,12 @@ async fn flood_phase(n: u64) {
         refused += f;
     }
     let flood_s = t.elapsed().as_secs_f64();
+    let (dg_sent, dg_ok, dg_refused, dg_s) = datagram_flood.await.unwrap();
     done.store(true, Ordering::Relaxed);
     let mut lat = honest.join().unwrap();
     lat.sort_by(f64::total_cmp);
+    let (mut dg_lat, dg_lost) = honest_datagrams.join().unwrap();
+    dg_lat.sort_by(f64::total_cmp);
     let hwm = vm_hwm_kib(pid);
     let db = dir.path().join("tracker.db");
     let (db_during, wal_during) = db_bytes(&db);
@@ -670,6 +785,17 @@ async fn flood_phase(n: u64) {
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         pct(&lat, 1.0)
+    );
+    println!(
+        "    meanwhile, from 127.0.0.4, {dg_sent} datagram announces for random files with a session's mac in {dg_s:.1} s: {dg_ok} accepted, {dg_refused} refused by the per-address limits, {} dropped unanswered (past the address's datagram rate)",
+        dg_sent - dg_ok - dg_refused
+    );
+    println!(
+        "    honest datagram heartbeats from 127.0.0.5 meanwhile: {} answered  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms; {dg_lost} unanswered within 1 s (a peer sends those over TCP)",
+        dg_lat.len(),
+        pct(&dg_lat, 0.5),
+        pct(&dg_lat, 0.99),
+        pct(&dg_lat, 1.0)
     );
     println!(
         "    database {:.2} MiB + WAL {:.2} MiB at the flood's end; after retention (5 s): {:.2} MiB + WAL {:.2} MiB, {events} history rows",

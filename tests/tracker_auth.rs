@@ -639,3 +639,48 @@ fn daemons_send_heartbeats_as_datagrams_and_fall_back_to_tcp() {
         "{log}"
     );
 }
+
+#[test]
+fn one_address_flooding_datagrams_is_cut_to_its_rate_and_others_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 100 live entries per address, heart-beating every 10 s: the floor of 1000 datagrams a
+    // second per address (a burst of as many) applies.
+    let cfg = write_config(d, "t.toml", "[tracker]\nmax_live_per_addr = 100\n");
+    let t = start_tracker_strict(d, "t", &["--config", &cfg]);
+    // A request that parses and is refused (ERROR fits: the request is long).
+    let req = serde_json::to_vec(&json!({"type":"LIST_FILES","after":"x".repeat(100)})).unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(t.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let reader = {
+        let sock = sock.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut n = 0u64;
+            while sock.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        })
+    };
+    // 5000 datagrams over about half a second: within the rate, some 1500 at most.
+    let t0 = std::time::Instant::now();
+    for i in 0..5000u32 {
+        sock.send(&req).unwrap();
+        if i % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // Another address is answered at once, meanwhile.
+    let other = datagram(t.addr, [127, 0, 0, 2], &req, Duration::from_secs(2));
+    assert!(other.is_some(), "127.0.0.2 was not answered");
+    let answered = reader.join().unwrap();
+    let allowed = 1000.0 + 1000.0 * (secs + 0.1);
+    assert!(
+        answered >= 500 && (answered as f64) <= allowed,
+        "{answered} of 5000 answered in {secs:.2} s (rate allows {allowed:.0})"
+    );
+}

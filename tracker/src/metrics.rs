@@ -27,6 +27,8 @@ pub struct TrackerMetrics {
     pub busy: Counter,
     /// Announces that came as UDP datagrams (also counted in `announces`).
     pub datagram_announces: Counter,
+    /// Datagrams dropped unread: their source was past its rate.
+    pub datagrams_dropped: Counter,
     /// Seconds to commit one batch of changes to SQLite.
     pub batch_commit_seconds: Histogram,
     live_peers: Gauge,
@@ -51,6 +53,7 @@ impl TrackerMetrics {
             refused: Counter::default(),
             busy: Counter::default(),
             datagram_announces: Counter::default(),
+            datagrams_dropped: Counter::default(),
             // 100 us to ~6.5 s.
             batch_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             live_peers: Gauge::default(),
@@ -79,6 +82,11 @@ impl TrackerMetrics {
             "shoal_tracker_datagram_announces",
             "Announces that came as UDP datagrams",
             m.datagram_announces.clone(),
+        );
+        r.register(
+            "shoal_tracker_datagrams_dropped",
+            "Datagrams dropped unread because their source address was past its rate",
+            m.datagrams_dropped.clone(),
         );
         r.register(
             "shoal_tracker_batch_commit_seconds",

@@ -592,7 +592,16 @@ const PEERS_ENVELOPE_BYTES: usize = 96;
 /// cost; a PEERS reply goes only to the address that opened the session over TCP.
 fn serve_datagrams(sock: &std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
     let mut scratch = Vec::with_capacity(512);
-    let res = crate::udp::serve(sock, stop, |src, datagram, out| {
+    // A source may send what `max_live_per_addr` peers heart-beating every `interval` would,
+    // twice over, and at least 1000 a second; a burst of a second's worth.
+    let per_sec = (2.0 * shared.cfg.max_live_per_addr as f64
+        / shared.cfg.interval.as_secs_f64().max(1.0))
+    .max(1000.0);
+    let rate = crate::udp::Rate {
+        per_sec,
+        burst: per_sec,
+    };
+    let res = crate::udp::serve(sock, stop, rate, |src, datagram, out| {
         let parsed = match parse_request(datagram) {
             Ok(p) => p,
             Err(_) => return false, // Not a request at all: no answer.

@@ -8,12 +8,14 @@
 //! come this way, and why a spoofed source gains nothing, is the server's business
 //! ([`crate::server`]); this module only moves bytes, bounded.
 
+use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
+use std::net::IpAddr;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes of a request datagram read at most; a longer one is dropped unread (an announce is
 /// a few hundred bytes).
@@ -28,6 +30,78 @@ const BATCH: usize = 64;
 
 /// How often a thread blocked on the socket looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// The socket's receive buffer asked for: a burst of about two thousand announces waits there
+/// instead of being dropped by the kernel (the default holds about a hundred).
+const RECV_BUFFER: libc::c_int = 4 << 20;
+
+/// Source addresses whose rate is tracked at most; past it, addresses silent for a second are
+/// forgotten, and while it is still full a new address goes untracked (then only the server's
+/// own checks bound it).
+const MAX_SOURCES: usize = 65_536;
+
+/// Datagrams taken per source address: `per_sec` on average, up to `burst` at once. Past that a
+/// source's datagrams are dropped before they are parsed, for about 0.1 us each, so that one
+/// flooding address cannot keep the socket's buffer full and the others' datagrams dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct PerSource {
+    rate: Rate,
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+impl PerSource {
+    fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.buckets.len() >= MAX_SOURCES && !self.buckets.contains_key(&ip) {
+            self.buckets
+                .retain(|_, b| now.duration_since(b.at) < Duration::from_secs(1));
+            if self.buckets.len() >= MAX_SOURCES {
+                return true;
+            }
+        }
+        let Rate { per_sec, burst } = self.rate;
+        let b = self.buckets.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn grow_recv_buffer(fd: i32) {
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket, an int option of the right size. FORCE needs CAP_NET_ADMIN;
+        // without it the plain option is capped by net.core.rmem_max.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                std::ptr::from_ref(&RECV_BUFFER).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+}
 
 fn socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match i32::from(s.ss_family) {
@@ -53,21 +127,28 @@ fn socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Serve `sock` until `stop` is set: each datagram of at most [`MAX_REQUEST`] bytes goes to
-/// `answer(source, bytes, reply)`, which returns whether to send `reply` (cleared before) back
-/// to the source. Replies longer than [`MAX_REPLY`] are not sent.
+/// Serve `sock` until `stop` is set: each datagram of at most [`MAX_REQUEST`] bytes, from a
+/// source within its `rate`, goes to `answer(source, bytes, reply)`, which returns whether to
+/// send `reply` (cleared before) back to the source. Replies longer than [`MAX_REPLY`] are not
+/// sent.
 ///
 /// # Errors
 /// A socket error other than a timeout or an interruption.
 pub fn serve(
     sock: &UdpSocket,
     stop: &AtomicBool,
+    rate: Rate,
     mut answer: impl FnMut(SocketAddr, &[u8], &mut Vec<u8>) -> bool,
 ) -> io::Result<()> {
     sock.set_read_timeout(Some(STOP_POLL))?;
     // A reply never waits long for room: a stuck send buffer drops it instead.
     sock.set_write_timeout(Some(STOP_POLL))?;
     let fd = sock.as_raw_fd();
+    grow_recv_buffer(fd);
+    let mut sources = PerSource {
+        rate,
+        buckets: HashMap::new(),
+    };
     let mut bufs = vec![[0u8; MAX_REQUEST]; BATCH];
     // SAFETY: sockaddr_storage is plain data; all zeros is a valid (unspecified) value.
     let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; BATCH];
@@ -118,6 +199,7 @@ pub fn serve(
             }
         }
         to.clear();
+        let now = Instant::now();
         for (i, m) in msgs.iter().enumerate().take(n as usize) {
             if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 continue; // Longer than any request: dropped.
@@ -125,6 +207,10 @@ pub fn serve(
             let Some(src) = socket_addr(&names[i]) else {
                 continue;
             };
+            if !sources.allow(src.ip(), now) {
+                crate::metrics::tracker().datagrams_dropped.inc();
+                continue;
+            }
             let reply = &mut replies[to.len()];
             reply.clear();
             if answer(src, &bufs[i][..m.msg_len as usize], reply) && reply.len() <= MAX_REPLY {
