@@ -593,13 +593,13 @@ fn daemons_send_heartbeats_as_datagrams_and_fall_back_to_tcp() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     random_file(&d.join("file.bin"), 256 * 1024);
-    let start = |name: &str, extra: &[&str]| {
+    let start = |name: &str, listen: &str, extra: &[&str]| {
         let db = d.join(format!("{name}.db"));
         let mut args = vec![
             "tracker",
             "run",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--db",
             db.to_str().unwrap(),
             "--interval",
@@ -615,9 +615,9 @@ fn daemons_send_heartbeats_as_datagrams_and_fall_back_to_tcp() {
             .unwrap();
         (proc, addr, crate::ops::http_addr(&line))
     };
-    let (_udp_proc, udp_t, udp_http) = start("with-udp", &[]);
+    let (mut udp_proc, udp_t, udp_http) = start("with-udp", "127.0.0.1:0", &[]);
     let no_udp = write_config(d, "no-udp.toml", "[tracker]\nudp = false\n");
-    let (_tcp_proc, tcp_t, tcp_http) = start("tcp-only", &["--config", &no_udp]);
+    let (_tcp_proc, tcp_t, tcp_http) = start("tcp-only", "127.0.0.1:0", &["--config", &no_udp]);
     let seeder = start_peer(d, "seeder", &[udp_t, tcp_t], &[]);
     publish(d, &seeder, "file.bin");
     // Every heartbeat to the first tracker came as a datagram; the second still gets them all,
@@ -633,10 +633,27 @@ fn daemons_send_heartbeats_as_datagrams_and_fall_back_to_tcp() {
         "at most one heartbeat over TCP: {udp_hb:?}"
     );
     assert_eq!(tcp_hb.0, 0);
-    let log = seeder.proc.stderr();
+    let fell_back = |log: &str, t: SocketAddr| {
+        log.lines()
+            .filter(|l| l.contains("heartbeats go over TCP for a while"))
+            .any(|l| l.contains(&t.to_string()))
+    };
+    assert!(fell_back(&seeder.proc.stderr(), tcp_t));
+    // The first tracker dies and comes back on its address (with a new tracker key, so no
+    // session): a tracker that answered neither way was down, not filtering UDP, and the
+    // heartbeats go back to datagrams once a session is open again.
+    udp_proc.kill9();
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_back, _, back_http) = start("with-udp", &udp_t.to_string(), &[]);
+    let again = wait_for(WAIT, "datagram heartbeats to the restarted tracker", || {
+        let (dg, progress) = heartbeat_counts(back_http);
+        (dg >= 2).then_some((dg, progress))
+    });
+    assert!(again.0 + 2 >= again.1, "{again:?}");
     assert!(
-        log.contains("heartbeats go over TCP for a while") && log.contains(&tcp_t.to_string()),
-        "{log}"
+        !fell_back(&seeder.proc.stderr(), udp_t),
+        "{}",
+        seeder.proc.stderr()
     );
 }
 

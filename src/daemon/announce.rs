@@ -58,18 +58,24 @@ async fn announce_one(d: &Net, addr: &str, req: &Announce, force: bool) -> Optio
             return None;
         }
     }
-    let res = match announce_datagram(d, addr, req).await {
-        Some(reply) => Ok(reply),
-        None => {
-            async {
+    let (res, datagram_lost) = match announce_datagram(d, addr, req).await {
+        Ok(reply) => (Ok(reply), None),
+        Err(lost) => {
+            let tcp = async {
                 let mut c = TrackerClient::connect(addr, d.bind_ip, d.cfg.tracker_timeout).await?;
                 c.announce(req, Some(&d.tracker_signer)).await
             }
-            .await
+            .await;
+            (tcp, lost)
         }
     };
     let mut trackers = d.trackers.lock().expect("trackers lock");
     let h = trackers.entry(addr.to_string()).or_default();
+    if let (Some(cause), Ok(_)) = (&datagram_lost, &res) {
+        // TCP answered where UDP did not: UDP is filtered on the way, or the tracker has it off.
+        info!(tracker = %addr, %cause, "heartbeats go over TCP for a while");
+        h.datagrams_off_until = Some(Instant::now() + DATAGRAMS_OFF);
+    }
     match res {
         Ok(reply) => {
             if h.failures > 0 {
@@ -96,9 +102,14 @@ async fn announce_one(d: &Net, addr: &str, req: &Announce, force: bool) -> Optio
 }
 
 /// A heartbeat sent as one UDP datagram, when a session with the tracker is open and datagrams
-/// to it were not found wanting. `None`: send it over TCP (a refusal there is answered there,
-/// and a session the tracker no longer has is opened again there).
-async fn announce_datagram(d: &Net, addr: &str, req: &Announce) -> Option<AnnounceReply> {
+/// to it were not found wanting. `Err(None)`: not tried, or refused (a refusal is answered over
+/// TCP, where a session the tracker no longer has is opened again); `Err(Some(cause))`: no
+/// answer, which only says something of UDP if TCP then gets one.
+async fn announce_datagram(
+    d: &Net,
+    addr: &str,
+    req: &Announce,
+) -> Result<AnnounceReply, Option<ClientError>> {
     if !d.cfg.tracker_udp
         || req.event != Event::Progress
         || !d.tracker_signer.has_session(addr)
@@ -109,7 +120,7 @@ async fn announce_datagram(d: &Net, addr: &str, req: &Announce) -> Option<Announ
             .and_then(|h| h.datagrams_off_until)
             .is_some_and(|t| t > Instant::now())
     {
-        return None;
+        return Err(None);
     }
     let timeout = d.cfg.tracker_timeout.min(DATAGRAM_TIMEOUT);
     let res = async {
@@ -118,22 +129,13 @@ async fn announce_datagram(d: &Net, addr: &str, req: &Announce) -> Option<Announ
     }
     .await;
     match res {
-        Ok(reply) => Some(reply),
+        Ok(reply) => Ok(reply),
+        Err(e @ (ClientError::DatagramTimeout { .. } | ClientError::Connect { .. })) => {
+            Err(Some(e))
+        }
         Err(e) => {
-            if matches!(
-                e,
-                ClientError::DatagramTimeout { .. } | ClientError::Connect { .. }
-            ) {
-                info!(tracker = %addr, cause = %e, "heartbeats go over TCP for a while");
-                let mut trackers = d.trackers.lock().expect("trackers lock");
-                trackers
-                    .entry(addr.to_string())
-                    .or_default()
-                    .datagrams_off_until = Some(Instant::now() + DATAGRAMS_OFF);
-            } else {
-                debug!(tracker = %addr, cause = %e, "datagram announce refused; again over TCP");
-            }
-            None
+            debug!(tracker = %addr, cause = %e, "datagram announce refused; again over TCP");
+            Err(None)
         }
     }
 }
