@@ -197,6 +197,9 @@ pub struct TrackerStatus {
     pub last_ok: Option<i64>,
     pub last_error: Option<String>,
     pub failures: u32,
+    /// Heartbeats go to it as UDP datagrams (a session is open and datagrams were answered).
+    #[serde(default)]
+    pub datagrams: bool,
 }
 
 /// Send one request to the daemon of `data_dir` and read its reply.

@@ -639,6 +639,21 @@ fn daemons_send_heartbeats_as_datagrams_and_fall_back_to_tcp() {
             .any(|l| l.contains(&t.to_string()))
     };
     assert!(fell_back(&seeder.proc.stderr(), tcp_t));
+    // `status` says which trackers get datagrams.
+    let st = status(d, &seeder.data_dir);
+    let by_udp = |t: SocketAddr| {
+        st["trackers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["addr"] == t.to_string())
+            .map(|x| x["datagrams"].as_bool().unwrap())
+    };
+    assert_eq!(
+        (by_udp(udp_t), by_udp(tcp_t)),
+        (Some(true), Some(false)),
+        "{st}"
+    );
     // The first tracker dies and comes back on its address (with a new tracker key, so no
     // session): a tracker that answered neither way was down, not filtering UDP, and the
     // heartbeats go back to datagrams once a session is open again.

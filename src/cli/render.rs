@@ -80,9 +80,14 @@ pub fn status(r: &StatusReport) -> String {
     }
     for tr in &r.trackers {
         s.push_str(&format!(
-            "tracker {}: {}{}\n",
+            "tracker {}: {}{}{}\n",
             tr.addr,
             if tr.reachable { "ok" } else { "unreachable" },
+            if tr.reachable && tr.datagrams {
+                ", heartbeats by UDP"
+            } else {
+                ""
+            },
             tr.last_error
                 .as_ref()
                 .map_or(String::new(), |e| format!(" ({e})"))

@@ -51,7 +51,13 @@ impl Net {
             .lock()
             .expect("trackers lock")
             .iter()
-            .map(|(a, h)| h.status(a))
+            .map(|(a, h)| {
+                let mut st = h.status(a);
+                st.datagrams = self.cfg.tracker_udp
+                    && self.tracker_signer.has_session(a)
+                    && h.datagrams_off_until.is_none_or(|t| t <= Instant::now());
+                st
+            })
             .collect();
         v.sort_by(|a, b| a.addr.cmp(&b.addr));
         v
@@ -78,6 +84,7 @@ impl TrackerHealth {
             last_ok: self.last_ok,
             last_error: self.last_error.clone(),
             failures: self.failures,
+            datagrams: false,
         }
     }
 }
