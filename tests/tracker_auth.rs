@@ -472,6 +472,15 @@ fn datagram_heartbeats_need_a_session_opened_from_their_own_address() {
             serde_json::from_slice::<Response>(&first),
             Ok(Response::Peers { .. })
         ));
+        // The reply is authenticated with the session, for this announce only: a forged or
+        // replayed reply (a datagram's source is easy to forge) does not verify.
+        let ts = hb.ts.unwrap();
+        assert!(peer.reply_verifies(&tracker, ts, &first));
+        assert!(!peer.reply_verifies(&tracker, ts - 1, &first));
+        let forged = String::from_utf8(first.clone())
+            .unwrap()
+            .replace("\"interval\":", "\"interval\":9");
+        assert!(!peer.reply_verifies(&tracker, ts, forged.as_bytes()));
         let again = datagram(t.addr, [127, 0, 0, 1], &bytes, quick).expect("a reply");
         assert!(as_error(&again).contains("replay"), "{}", as_error(&again));
         assert!(
@@ -518,8 +527,9 @@ fn datagram_heartbeats_need_a_session_opened_from_their_own_address() {
             Duration::from_millis(500),
         );
         assert!(none.is_none(), "{none:?}");
-        // Nothing of the refused ones changed the swarm; the client forgets a session the
-        // tracker disowns, so that the next TCP announce signs again.
+        // Nothing of the refused ones changed the swarm. The client takes an ERROR datagram as
+        // a reason to use TCP, not as the truth (anyone can send one with the tracker's
+        // address): the session is kept, and TCP still gets a PEERS with it.
         assert_eq!(live(t.addr, H)[0].2, 6);
         let mut elsewhere = DatagramClient::connect(&tracker, Some([127, 0, 0, 2].into()), quick)
             .await
@@ -528,7 +538,11 @@ fn datagram_heartbeats_need_a_session_opened_from_their_own_address() {
             .announce(&ann(H, 7001, Event::Progress, 9), &peer, quick)
             .await;
         assert!(refused(e).starts_with(SESSION_UNKNOWN));
-        assert!(!peer.has_session(&tracker));
+        assert!(peer.has_session(&tracker));
+        c.announce(&ann(H, 7001, Event::Progress, 9), Some(&peer))
+            .await
+            .unwrap();
+        assert_eq!(live(t.addr, H)[0].2, 9);
     });
 }
 
@@ -715,4 +729,50 @@ fn one_address_flooding_datagrams_is_cut_to_its_rate_and_others_are_answered() {
         answered >= 500 && (answered as f64) <= allowed,
         "{answered} of 5000 answered in {secs:.2} s (rate allows {allowed:.0})"
     );
+}
+
+#[test]
+fn a_forged_datagram_reply_is_ignored_and_the_tracker_s_own_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = start_tracker_strict(dir.path(), "t", &[]);
+    let quick = Duration::from_secs(5);
+    // A relay on another port stands between the client and the tracker: it answers first
+    // with a forged PEERS (what an off-path attacker sending with the tracker's address
+    // would), then with the tracker's own reply.
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    relay.set_read_timeout(Some(quick)).unwrap();
+    let relay_addr = relay.local_addr().unwrap().to_string();
+    let peer = Signer::new(key());
+    rt().block_on(async {
+        // The peer's session with the tracker, kept under the relay's address.
+        let mut c = client_from(t.addr, [127, 0, 0, 1]).await;
+        let mut started = ann(H, 7001, Event::Started, 1);
+        let opening = peer.authenticate(&relay_addr, &mut started, true).unwrap();
+        match c.request(&Request::Announce(started)).await.unwrap() {
+            Response::Peers {
+                session: Some(s), ..
+            } => peer.opened(&relay_addr, opening, &s),
+            other => panic!("{other:?}"),
+        }
+        let tracker = t.addr;
+        let relaying = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let (n, client) = relay.recv_from(&mut buf).unwrap();
+            let forged = br#"{"type":"PEERS","interval":3600,"peers":[{"peer_id":"evil","addr":"203.0.113.9","port":1,"have":0,"total":10}]}"#;
+            relay.send_to(forged, client).unwrap();
+            let upstream = datagram(tracker, [127, 0, 0, 1], &buf[..n], quick).unwrap();
+            relay.send_to(&upstream, client).unwrap();
+        });
+        let mut udp = DatagramClient::connect(&relay_addr, Some([127, 0, 0, 1].into()), quick)
+            .await
+            .unwrap();
+        let r = udp
+            .announce(&ann(H, 7001, Event::Progress, 4), &peer, quick)
+            .await
+            .unwrap();
+        relaying.join().unwrap();
+        assert_eq!(r.interval, 10, "the tracker's interval, not the forger's");
+        assert!(r.peers.is_empty(), "{:?}", r.peers);
+    });
+    assert_eq!(live(t.addr, H)[0].2, 4);
 }

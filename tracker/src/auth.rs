@@ -41,6 +41,7 @@ pub const TS_WINDOW_MS: u64 = 120_000;
 pub const SESSION_UNKNOWN: &str = "session unknown";
 const ANNOUNCE_TAG: &[u8] = b"shoal-announce-v1\0";
 const SESSION_TAG: &[u8] = b"shoal-tracker-session-v1\0";
+const REPLY_TAG: &[u8] = b"shoal-datagram-reply-v1\0";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -132,6 +133,28 @@ pub struct Verified {
     pub ts: Option<u64>,
     /// A session to open once the announce is accepted: (peer key, session key).
     pub new_session: Option<([u8; 32], [u8; 32])>,
+    /// The key of the session whose `mac` the announce carried (a datagram's reply is
+    /// authenticated with it).
+    pub session_key: Option<[u8; 32]>,
+}
+
+/// The reply authenticator a datagram PEERS reply ends with: HMAC-SHA256 under the session key
+/// of "shoal-datagram-reply-v1\0", the announce's `ts` (u64 BE) and the reply's bytes before
+/// its `,"mac":"` field. A datagram's source is easy to forge, a TCP connection's is not: an
+/// off-path attacker could otherwise answer for the tracker (a far `interval` would silence the
+/// peer until the tracker expires it).
+pub fn reply_mac(key: &[u8; 32], ts: u64, reply: &[u8]) -> [u8; 32] {
+    let mut m = mac_of(key, REPLY_TAG);
+    m.update(&ts.to_be_bytes());
+    m.update(reply);
+    m.finalize().into_bytes().into()
+}
+
+/// Where a datagram reply's `,"mac":"<64 hex>"}` starts, when it ends that way.
+fn reply_mac_at(reply: &[u8]) -> Option<usize> {
+    const FIELD: &[u8] = b",\"mac\":\"";
+    let at = reply.len().checked_sub(FIELD.len() + 64 + 2)?;
+    (reply[at..].starts_with(FIELD) && reply.ends_with(b"\"}")).then_some(at)
 }
 
 /// The tracker's side: its X25519 key and the session cache.
@@ -222,6 +245,7 @@ impl Sessions {
             return Ok(Verified {
                 ts: None,
                 new_session: None,
+                session_key: None,
             });
         }
         let ts = a.ts.expect("validated: sig and mac come with ts");
@@ -261,6 +285,7 @@ impl Sessions {
             return Ok(Verified {
                 ts: Some(ts),
                 new_session: None,
+                session_key: Some(key),
             });
         }
         keys::verify(&a.peer_id, buf, a.sig.as_deref().expect("sig or mac"))
@@ -281,6 +306,7 @@ impl Sessions {
         Ok(Verified {
             ts: Some(ts),
             new_session,
+            session_key: None,
         })
     }
 }
@@ -381,6 +407,31 @@ impl Signer {
             .lock()
             .expect("sessions poisoned")
             .insert(tracker.to_string(), key);
+    }
+
+    /// Whether `reply`, a datagram reply from `tracker` to our announce of `ts`, ends with the
+    /// authenticator of our session with it ([`reply_mac`]).
+    pub fn reply_verifies(&self, tracker: &str, ts: u64, reply: &[u8]) -> bool {
+        let Some(key) = self
+            .sessions
+            .lock()
+            .expect("sessions poisoned")
+            .get(tracker)
+            .copied()
+        else {
+            return false;
+        };
+        let Some(at) = reply_mac_at(reply) else {
+            return false;
+        };
+        let hex_tag = &reply[at + 8..reply.len() - 2];
+        let Some(tag) = std::str::from_utf8(hex_tag).ok().and_then(keys::hex32) else {
+            return false;
+        };
+        let mut m = mac_of(&key, REPLY_TAG);
+        m.update(&ts.to_be_bytes());
+        m.update(&reply[..at]);
+        m.verify_slice(&tag).is_ok()
     }
 
     /// Whether a session with `tracker` is held (so an announce to it can go as a datagram).

@@ -192,8 +192,8 @@ impl DatagramClient {
     }
 
     /// Announce `a` with `signer`'s session for this tracker, waiting at most `timeout` for the
-    /// reply. A tracker that says it has no session for us (restarted, or another address) is
-    /// forgotten by `signer`, so that the next TCP announce signs again.
+    /// reply (a PEERS counts only with the session's authenticator: see
+    /// [`crate::auth::reply_mac`]).
     ///
     /// # Errors
     /// No session held, no reply in time, a refusal or an unexpected reply, naming the tracker.
@@ -215,6 +215,7 @@ impl DatagramClient {
                 addr: self.addr.clone(),
             });
         }
+        let ts = a.ts.unwrap_or(0);
         let req = serde_json::to_vec(&Request::Announce(a.clone())).expect("requests serialize");
         let io_err = |source| ClientError::Connect {
             addr: self.addr.clone(),
@@ -224,11 +225,19 @@ impl DatagramClient {
             self.sock.send(&req).await?;
             loop {
                 let n = self.sock.recv(&mut self.buf).await?;
-                // A late reply to an earlier announce of ours is not this one's: its PEERS
-                // would do no harm, but an ERROR would be misread. Replies carry no id, so
-                // wait for one that parses and take it.
-                if let Ok(r) = serde_json::from_slice::<Response>(&self.buf[..n]) {
-                    return Ok::<_, std::io::Error>(r);
+                let reply = &self.buf[..n];
+                // Anyone can send a datagram with the tracker's address: a PEERS counts only
+                // with our session's authenticator over it and our announce's ts (so neither a
+                // forged one nor a late one for an earlier announce). An ERROR cannot carry one
+                // (the tracker may have no session for us); it only sends us to TCP.
+                match serde_json::from_slice::<Response>(reply) {
+                    Ok(r @ Response::Peers { .. })
+                        if signer.reply_verifies(&self.addr, ts, reply) =>
+                    {
+                        return Ok::<_, std::io::Error>(r)
+                    }
+                    Ok(r @ Response::Error { .. }) => return Ok(r),
+                    _ => {}
                 }
             }
         };
@@ -253,15 +262,12 @@ impl DatagramClient {
                 roster_version,
                 roster,
             )),
-            Response::Error { reason } => {
-                if reason.starts_with(SESSION_UNKNOWN) || reason.contains("mac does not verify") {
-                    signer.forget(&self.addr);
-                }
-                Err(ClientError::Refused {
-                    addr: self.addr.clone(),
-                    reason,
-                })
-            }
+            // Unauthenticated, so the session is kept: the announce over TCP that follows
+            // finds out whether the tracker still has it (and signs again if not).
+            Response::Error { reason } => Err(ClientError::Refused {
+                addr: self.addr.clone(),
+                reason,
+            }),
             _ => Err(ClientError::BadReply {
                 addr: self.addr.clone(),
                 reason: "expected PEERS".into(),

@@ -582,9 +582,9 @@ enum Via {
     Datagram,
 }
 
-/// Bytes of a PEERS reply around its peer list, at most: the type, the interval and the
-/// roster version (a datagram reply never opens a session).
-const PEERS_ENVELOPE_BYTES: usize = 96;
+/// Bytes of a PEERS reply around its peer list, at most: the type, the interval, the roster
+/// version and the reply's `mac` (a datagram reply never opens a session).
+const PEERS_ENVELOPE_BYTES: usize = 176;
 
 /// Serve announces sent as datagrams until `stop`. Each gets its reply as one datagram, within
 /// [`crate::udp::MAX_REPLY`]. Only what parses as a request is answered, and an ERROR is never
@@ -768,6 +768,14 @@ fn handle(
                             out.extend_from_slice(b",\"roster\":");
                             encode_json(&r, out);
                         }
+                    }
+                    if let (Via::Datagram, Some(key), Some(ts)) = (via, verified.session_key, a.ts)
+                    {
+                        // Last, over everything before it (see auth::reply_mac).
+                        let tag = crate::auth::reply_mac(&key, ts, out);
+                        out.extend_from_slice(b",\"mac\":\"");
+                        out.extend_from_slice(hex::encode(tag).as_bytes());
+                        out.push(b'"');
                     }
                     out.push(b'}');
                 }

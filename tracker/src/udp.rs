@@ -141,8 +141,6 @@ pub fn serve(
     mut answer: impl FnMut(SocketAddr, &[u8], &mut Vec<u8>) -> bool,
 ) -> io::Result<()> {
     sock.set_read_timeout(Some(STOP_POLL))?;
-    // A reply never waits long for room: a stuck send buffer drops it instead.
-    sock.set_write_timeout(Some(STOP_POLL))?;
     let fd = sock.as_raw_fd();
     grow_recv_buffer(fd);
     let mut sources = PerSource {
@@ -256,7 +254,16 @@ fn send_all(fd: i32, to: &[usize], names: &mut [libc::sockaddr_storage], replies
     while done < msgs.len() {
         let rest = &mut msgs[done..];
         // SAFETY: `rest` holds valid headers (see above).
-        let sent = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
+        // Never blocks: a reply that finds no room is dropped (its sender asks again or uses
+        // TCP), and the others are not held behind it.
+        let sent = unsafe {
+            libc::sendmmsg(
+                fd,
+                rest.as_mut_ptr(),
+                rest.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
         if sent <= 0 {
             // The first of the rest failed: skip it and go on with the others.
             done += 1;
