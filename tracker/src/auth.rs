@@ -138,15 +138,19 @@ pub struct Verified {
     pub session_key: Option<[u8; 32]>,
 }
 
-/// The reply authenticator a datagram PEERS reply ends with: HMAC-SHA256 under the session key
-/// of "shoal-datagram-reply-v1\0", the announce's `ts` (u64 BE) and the reply's bytes before
-/// its `,"mac":"` field. A datagram's source is easy to forge, a TCP connection's is not: an
-/// off-path attacker could otherwise answer for the tracker (a far `interval` would silence the
-/// peer until the tracker expires it).
-pub fn reply_mac(key: &[u8; 32], ts: u64, reply: &[u8]) -> [u8; 32] {
+/// The reply authenticator a datagram PEERS reply ends with (`"mac"`, last): HMAC-SHA256 under
+/// the session key of "shoal-datagram-reply-v1\0", the announce's `ts`, the reply's `interval`
+/// and its `roster_version` (u64 BE each; 0 when absent). A datagram's source is easy to forge,
+/// a TCP connection's is not: without it an off-path attacker could answer for the tracker (a
+/// far `interval` silences the peer until the tracker expires it). Like a TCP reply, it does not
+/// protect the peer list from an attacker on the path (the channel is clear text); it makes any
+/// reply from anyone without the session key, or for another announce, fail. It covers a few
+/// fields rather than the whole reply: an HMAC of a 1.4 KB reply cost 0.8 us per announce.
+pub fn reply_mac(key: &[u8; 32], ts: u64, interval: u64, roster_version: u64) -> [u8; 32] {
     let mut m = mac_of(key, REPLY_TAG);
-    m.update(&ts.to_be_bytes());
-    m.update(reply);
+    for v in [ts, interval, roster_version] {
+        m.update(&v.to_be_bytes());
+    }
     m.finalize().into_bytes().into()
 }
 
@@ -409,7 +413,7 @@ impl Signer {
             .insert(tracker.to_string(), key);
     }
 
-    /// Whether `reply`, a datagram reply from `tracker` to our announce of `ts`, ends with the
+    /// Whether `reply`, a datagram PEERS from `tracker` to our announce of `ts`, ends with the
     /// authenticator of our session with it ([`reply_mac`]).
     pub fn reply_verifies(&self, tracker: &str, ts: u64, reply: &[u8]) -> bool {
         let Some(key) = self
@@ -428,9 +432,18 @@ impl Signer {
         let Some(tag) = std::str::from_utf8(hex_tag).ok().and_then(keys::hex32) else {
             return false;
         };
+        let Ok(crate::proto::Response::Peers {
+            interval,
+            roster_version,
+            ..
+        }) = serde_json::from_slice(reply)
+        else {
+            return false;
+        };
         let mut m = mac_of(&key, REPLY_TAG);
-        m.update(&ts.to_be_bytes());
-        m.update(&reply[..at]);
+        for v in [ts, interval, roster_version.unwrap_or(0)] {
+            m.update(&v.to_be_bytes());
+        }
         m.verify_slice(&tag).is_ok()
     }
 

@@ -735,7 +735,8 @@ fn handle(
             // The PEERS reply is written by hand around the pre-serialized peer entries; its
             // shape is exactly `Response::Peers` (the client parses it as that).
             out.extend_from_slice(b"{\"type\":\"PEERS\",\"interval\":");
-            out.extend_from_slice(shared.cfg.interval.as_secs().max(1).to_string().as_bytes());
+            let interval = shared.cfg.interval.as_secs().max(1);
+            out.extend_from_slice(interval.to_string().as_bytes());
             out.extend_from_slice(b",\"peers\":");
             let res = shared.swarm.lock().expect("swarm lock poisoned").announce(
                 &a,
@@ -757,13 +758,15 @@ fn handle(
                         out.extend_from_slice(shared.sessions.public_hex().as_bytes());
                         out.push(b'"');
                     }
+                    let mut roster_version = 0;
                     if let Some(PrivateReply {
-                        roster_version,
+                        roster_version: version,
                         roster,
                     }) = private
                     {
+                        roster_version = version;
                         out.extend_from_slice(b",\"roster_version\":");
-                        out.extend_from_slice(roster_version.to_string().as_bytes());
+                        out.extend_from_slice(version.to_string().as_bytes());
                         if let Some(r) = roster {
                             out.extend_from_slice(b",\"roster\":");
                             encode_json(&r, out);
@@ -771,8 +774,7 @@ fn handle(
                     }
                     if let (Via::Datagram, Some(key), Some(ts)) = (via, verified.session_key, a.ts)
                     {
-                        // Last, over everything before it (see auth::reply_mac).
-                        let tag = crate::auth::reply_mac(&key, ts, out);
+                        let tag = crate::auth::reply_mac(&key, ts, interval, roster_version);
                         out.extend_from_slice(b",\"mac\":\"");
                         out.extend_from_slice(hex::encode(tag).as_bytes());
                         out.push(b'"');
