@@ -416,6 +416,26 @@ impl Signer {
     /// Whether `reply`, a datagram PEERS from `tracker` to our announce of `ts`, ends with the
     /// authenticator of our session with it ([`reply_mac`]).
     pub fn reply_verifies(&self, tracker: &str, ts: u64, reply: &[u8]) -> bool {
+        match serde_json::from_slice(reply) {
+            Ok(crate::proto::Response::Peers {
+                interval,
+                roster_version,
+                ..
+            }) => self.reply_mac_verifies(tracker, ts, interval, roster_version, reply),
+            _ => false,
+        }
+    }
+
+    /// [`Signer::reply_verifies`] for a reply already parsed: its `interval` and
+    /// `roster_version`, and its bytes (for the `mac`).
+    pub fn reply_mac_verifies(
+        &self,
+        tracker: &str,
+        ts: u64,
+        interval: u64,
+        roster_version: Option<u64>,
+        reply: &[u8],
+    ) -> bool {
         let Some(key) = self
             .sessions
             .lock()
@@ -430,14 +450,6 @@ impl Signer {
         };
         let hex_tag = &reply[at + 8..reply.len() - 2];
         let Some(tag) = std::str::from_utf8(hex_tag).ok().and_then(keys::hex32) else {
-            return false;
-        };
-        let Ok(crate::proto::Response::Peers {
-            interval,
-            roster_version,
-            ..
-        }) = serde_json::from_slice(reply)
-        else {
             return false;
         };
         let mut m = mac_of(&key, REPLY_TAG);

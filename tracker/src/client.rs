@@ -231,8 +231,19 @@ impl DatagramClient {
                 // forged one nor a late one for an earlier announce). An ERROR cannot carry one
                 // (the tracker may have no session for us); it only sends us to TCP.
                 match serde_json::from_slice::<Response>(reply) {
-                    Ok(r @ Response::Peers { .. })
-                        if signer.reply_verifies(&self.addr, ts, reply) =>
+                    Ok(
+                        r @ Response::Peers {
+                            interval,
+                            roster_version,
+                            ..
+                        },
+                    ) if signer.reply_mac_verifies(
+                        &self.addr,
+                        ts,
+                        interval,
+                        roster_version,
+                        reply,
+                    ) =>
                     {
                         return Ok::<_, std::io::Error>(r)
                     }
