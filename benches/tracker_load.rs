@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_tracker::auth::Signer;
-use shoal_tracker::client::{DatagramClient, TrackerClient};
+use shoal_tracker::client::{ClientError, DatagramClient, TrackerClient};
 use shoal_tracker::proto::{Announce, Event, Request, Response};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -330,55 +330,32 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
     let join_s = t_join.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Measure: closed-loop authenticated heartbeats (session MACs) on persistent connections.
-    let cpu0 = Cpu::of(pid);
-    let start = Instant::now() + Duration::from_millis(300);
-    let stop = start + Duration::from_secs(secs);
-    let mut set = tokio::task::JoinSet::new();
-    for c in 0..clients {
-        let addr = addr.clone();
-        let signers = signers.clone();
-        set.spawn(async move {
-            let mut client = TrackerClient::connect(&addr, None, TIMEOUT).await.unwrap();
-            let mine: Vec<u64> = (c..keys).step_by(clients as usize).collect();
-            tokio::time::sleep_until(start.into()).await;
-            let (mut lat, mut n, mut k, mut busy) = (Vec::new(), 0u64, 0usize, 0u64);
-            while Instant::now() < stop && !mine.is_empty() {
-                let p = mine[k % mine.len()];
-                k += 1;
-                let a = announce_of(p, swarms, Event::Progress, (k % 1000) as u64, None);
-                let t = Instant::now();
-                let r = client.announce(&a, Some(&signers[p as usize])).await;
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                match r {
-                    Ok(_) => n += 1,
-                    Err(shoal_tracker::client::ClientError::Refused { reason, .. })
-                        if reason.starts_with("busy") =>
-                    {
-                        busy += 1
-                    }
-                    Err(other) => panic!("{other:?}"),
-                }
-            }
-            (n, lat, busy)
-        });
-    }
-    let (mut count, mut lat, mut busy_run) = (0, Vec::new(), 0);
-    while let Some(r) = set.join_next().await {
-        let (n, l, b) = r.unwrap();
-        count += n;
-        busy_run += b;
-        lat.extend(l);
-    }
-    let cpu = Cpu::of(pid) - cpu0;
-    lat.sort_by(f64::total_cmp);
+    let pass = Pass {
+        addr: addr.clone(),
+        signers: signers.clone(),
+        clients,
+        keys,
+        swarms,
+        secs,
+        pid,
+    };
+    let ((count, busy_run, lat), cpu) = pass
+        .run(|p, c, start, stop| closed_loop(p, c, start, stop, false))
+        .await;
     let udp = if common::env_or("SHOAL_BENCH_UDP", 1) == 1 {
-        Some(datagrams(&addr, &signers, clients, keys, swarms, secs, pid).await)
+        let ((n, _, lat), cpu) = pass
+            .run(|p, c, start, stop| closed_loop(p, c, start, stop, true))
+            .await;
+        Some((n, cpu, lat))
     } else {
         None
     };
     let depth = common::env_or("SHOAL_BENCH_PIPELINE", 8);
     let piped = if depth > 1 {
-        Some(pipelined(&addr, &signers, clients, keys, swarms, secs, pid, depth).await)
+        let ((n, _, lat), cpu) = pass
+            .run(move |p, c, start, stop| pipelined(p, c, start, stop, depth))
+            .await;
+        Some((n, cpu, lat))
     } else {
         None
     };
@@ -437,119 +414,144 @@ async fn scale(peers: u64, swarms: u64, clients: u64, secs: u64, keys: u64) {
     }
 }
 
-/// The closed-loop heartbeats again, each as a UDP datagram with the session opened when
-/// joining (over TCP, from the same address).
-#[allow(clippy::too_many_arguments)]
-async fn datagrams(
-    addr: &str,
-    signers: &Arc<Vec<Signer>>,
+/// What every measured pass shares: the tracker, its keyed peers, the clients and how long.
+#[derive(Clone)]
+struct Pass {
+    addr: String,
+    signers: Arc<Vec<Signer>>,
     clients: u64,
     keys: u64,
     swarms: u64,
     secs: u64,
     pid: u32,
-) -> (u64, Cpu, Vec<f64>) {
-    let cpu0 = Cpu::of(pid);
-    let start = Instant::now() + Duration::from_millis(300);
-    let stop = start + Duration::from_secs(secs);
-    let mut set = tokio::task::JoinSet::new();
-    for c in 0..clients {
-        let addr = addr.to_string();
-        let signers = signers.clone();
-        set.spawn(async move {
-            let mut client = DatagramClient::connect(&addr, None, TIMEOUT).await.unwrap();
-            let mine: Vec<u64> = (c..keys).step_by(clients as usize).collect();
-            tokio::time::sleep_until(start.into()).await;
-            let (mut lat, mut n, mut k) = (Vec::new(), 0u64, 0usize);
-            while Instant::now() < stop && !mine.is_empty() {
-                let p = mine[k % mine.len()];
-                k += 1;
-                let a = announce_of(p, swarms, Event::Progress, (k % 1000) as u64, None);
-                let t = Instant::now();
-                let r = client.announce(&a, &signers[p as usize], TIMEOUT).await;
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                match r {
-                    Ok(_) => n += 1,
-                    Err(shoal_tracker::client::ClientError::Refused { reason, .. })
-                        if reason.starts_with("busy") => {}
-                    Err(other) => panic!("{other:?}"),
-                }
-            }
-            (n, lat)
-        });
-    }
-    let (mut count, mut lat) = (0, Vec::new());
-    while let Some(r) = set.join_next().await {
-        let (n, l) = r.unwrap();
-        count += n;
-        lat.extend(l);
-    }
-    let cpu = Cpu::of(pid) - cpu0;
-    lat.sort_by(f64::total_cmp);
-    (count, cpu, lat)
 }
 
-/// The closed-loop heartbeats again, `depth` announces written at once per connection and
-/// answered with one write: what one syscall pair per announce costs, measured against it.
-#[allow(clippy::too_many_arguments)]
-async fn pipelined(
-    addr: &str,
-    signers: &Arc<Vec<Signer>>,
-    clients: u64,
-    keys: u64,
-    swarms: u64,
-    secs: u64,
-    pid: u32,
-    depth: u64,
-) -> (u64, Cpu, Vec<f64>) {
-    let cpu0 = Cpu::of(pid);
-    let start = Instant::now() + Duration::from_millis(300);
-    let stop = start + Duration::from_secs(secs);
-    let mut set = tokio::task::JoinSet::new();
-    for c in 0..clients {
-        let addr = addr.to_string();
-        let signers = signers.clone();
-        set.spawn(async move {
-            let mut client = TrackerClient::connect(&addr, None, TIMEOUT).await.unwrap();
-            let mine: Vec<u64> = (c..keys).step_by(clients as usize).collect();
-            tokio::time::sleep_until(start.into()).await;
-            let (mut lat, mut n, mut k) = (Vec::new(), 0u64, 0usize);
-            while Instant::now() < stop && !mine.is_empty() {
-                let reqs: Vec<Request> = (0..depth)
-                    .map(|_| {
-                        let p = mine[k % mine.len()];
-                        k += 1;
-                        let mut a =
-                            announce_of(p, swarms, Event::Progress, (k % 1000) as u64, None);
-                        // Every key holds a session from joining: a mac, not a signature.
-                        let opening = signers[p as usize].authenticate(&addr, &mut a, false);
-                        assert!(opening.is_none(), "a session was opened when joining");
-                        Request::Announce(a)
-                    })
-                    .collect();
-                let t = Instant::now();
-                let replies = client.request_many(&reqs).await.unwrap();
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                for r in replies {
-                    match r {
-                        Response::Peers { .. } => n += 1,
-                        Response::Error { reason } if reason.starts_with("busy") => {}
-                        other => panic!("unexpected reply {other:?}"),
-                    }
-                }
+/// What one client brought back: announces answered, "busy" replies, latencies in ms.
+type Tally = (u64, u64, Vec<f64>);
+
+impl Pass {
+    /// The keys client `c` heart-beats for, in turn.
+    fn mine(&self, c: u64) -> Vec<u64> {
+        (c..self.keys).step_by(self.clients as usize).collect()
+    }
+
+    /// The next heartbeat of client `c`'s `k`-th turn: its key's index and the announce.
+    fn heartbeat(&self, mine: &[u64], k: usize) -> (usize, Announce) {
+        let p = mine[k % mine.len()];
+        let a = announce_of(p, self.swarms, Event::Progress, (k % 1000) as u64, None);
+        (p as usize, a)
+    }
+
+    /// Run `client(pass, c, start, stop)` for every client at once (each connects, waits for
+    /// `start`, then heart-beats until `stop`); returns the tallies summed, latencies sorted,
+    /// and the tracker's CPU over the pass.
+    async fn run<F, Fut>(&self, client: F) -> (Tally, Cpu)
+    where
+        F: Fn(Pass, u64, Instant, Instant) -> Fut,
+        Fut: std::future::Future<Output = Tally> + Send + 'static,
+    {
+        let cpu0 = Cpu::of(self.pid);
+        let start = Instant::now() + Duration::from_millis(300);
+        let stop = start + Duration::from_secs(self.secs);
+        let mut set = tokio::task::JoinSet::new();
+        for c in 0..self.clients {
+            set.spawn(client(self.clone(), c, start, stop));
+        }
+        let (mut n, mut busy, mut lat) = (0, 0, Vec::new());
+        while let Some(r) = set.join_next().await {
+            let (a, b, l) = r.unwrap();
+            n += a;
+            busy += b;
+            lat.extend(l);
+        }
+        let cpu = Cpu::of(self.pid) - cpu0;
+        lat.sort_by(f64::total_cmp);
+        ((n, busy, lat), cpu)
+    }
+}
+
+/// Count a heartbeat's outcome: answered, or "busy" (load shedding); anything else is a bug.
+fn tally<T>(r: Result<T, ClientError>, n: &mut u64, busy: &mut u64) {
+    match r {
+        Ok(_) => *n += 1,
+        Err(ClientError::Refused { reason, .. }) if reason.starts_with("busy") => *busy += 1,
+        Err(other) => panic!("{other:?}"),
+    }
+}
+
+/// How a closed-loop client sends its heartbeats.
+enum Transport {
+    Tcp(TrackerClient),
+    /// UDP datagrams, with the session opened when joining (over TCP, from the same address).
+    Datagram(DatagramClient),
+}
+
+/// One client of a closed loop: one announce, then its reply; over TCP on one connection, or
+/// as datagrams from one socket.
+async fn closed_loop(p: Pass, c: u64, start: Instant, stop: Instant, udp: bool) -> Tally {
+    let mut client = if udp {
+        Transport::Datagram(
+            DatagramClient::connect(&p.addr, None, TIMEOUT)
+                .await
+                .unwrap(),
+        )
+    } else {
+        Transport::Tcp(
+            TrackerClient::connect(&p.addr, None, TIMEOUT)
+                .await
+                .unwrap(),
+        )
+    };
+    let mine = p.mine(c);
+    tokio::time::sleep_until(start.into()).await;
+    let (mut lat, mut n, mut k, mut busy) = (Vec::new(), 0u64, 0usize, 0u64);
+    while Instant::now() < stop && !mine.is_empty() {
+        let (key, a) = p.heartbeat(&mine, k);
+        k += 1;
+        let signer = &p.signers[key];
+        let t = Instant::now();
+        let r = match &mut client {
+            Transport::Tcp(cl) => cl.announce(&a, Some(signer)).await,
+            Transport::Datagram(cl) => cl.announce(&a, signer, TIMEOUT).await,
+        };
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        tally(r, &mut n, &mut busy);
+    }
+    (n, busy, lat)
+}
+
+/// The closed loop again, `depth` announces written at once per connection and answered with
+/// one write: what one syscall pair per announce costs, measured against it.
+async fn pipelined(p: Pass, c: u64, start: Instant, stop: Instant, depth: u64) -> Tally {
+    let mut client = TrackerClient::connect(&p.addr, None, TIMEOUT)
+        .await
+        .unwrap();
+    let mine = p.mine(c);
+    tokio::time::sleep_until(start.into()).await;
+    let (mut lat, mut n, mut k, mut busy) = (Vec::new(), 0u64, 0usize, 0u64);
+    while Instant::now() < stop && !mine.is_empty() {
+        let reqs: Vec<Request> = (0..depth)
+            .map(|_| {
+                let (key, mut a) = p.heartbeat(&mine, k);
+                k += 1;
+                // Every key holds a session from joining: a mac, not a signature.
+                let opening = p.signers[key].authenticate(&p.addr, &mut a, false);
+                assert!(opening.is_none(), "a session was opened when joining");
+                Request::Announce(a)
+            })
+            .collect();
+        let t = Instant::now();
+        let replies = client.request_many(&reqs).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        for r in replies {
+            match r {
+                Response::Peers { .. } => n += 1,
+                Response::Error { reason } if reason.starts_with("busy") => busy += 1,
+                other => panic!("unexpected reply {other:?}"),
             }
-            (n, lat)
-        });
+        }
     }
-    let (mut count, mut lat) = (0, Vec::new());
-    while let Some(r) = set.join_next().await {
-        let (n, l) = r.unwrap();
-        count += n;
-        lat.extend(l);
-    }
-    let cpu = Cpu::of(pid) - cpu0;
-    lat.sort_by(f64::total_cmp);
-    (count, cpu, lat)
+    (n, busy, lat)
 }
 
 /// Honest keyed peers on 127.0.0.5: each opens its session over TCP, then heart-beats as
@@ -580,7 +582,7 @@ async fn honest_datagrams(addr: String, done: Arc<AtomicBool>) -> (Vec<f64>, u64
             .await
         {
             Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
-            Err(shoal_tracker::client::ClientError::DatagramTimeout { .. }) => {
+            Err(ClientError::DatagramTimeout { .. }) => {
                 lost += 1;
                 // A fresh socket: a late reply must not answer the next announce.
                 udp = DatagramClient::connect(&addr, Some(ip), TIMEOUT)
