@@ -884,16 +884,12 @@ impl Session {
                 }
                 st.picker.add_peer(&bits);
                 // What a leecher already has is spread, wherever it came from.
-                let mut ended = false;
-                if !self.peer_complete && st.seed.is_active() {
+                if !self.peer_complete && st.seed.is_spreading() {
                     for i in bits.ones() {
-                        ended |= st.seed.on_peer_has(i);
+                        st.seed.on_peer_has(i);
                     }
                 }
                 drop(st);
-                if ended {
-                    let _ = self.t.events.send(TorrentEvent::AdvertiseAll);
-                }
                 self.peer_bits = Some(bits);
             }
             PeerMsg::Have { index } => {
@@ -1352,19 +1348,26 @@ impl Session {
                 return Ok(()); // AdvertiseAll is on its way.
             }
             // An offer spread elsewhere (another seeder's upload) no longer counts.
-            self.offers.retain(|&i| !st.seed.is_spread(i));
+            let conn = self.conn_id;
+            self.offers.retain(|&i| st.seed.still_offered(i, conn));
             give_up = queued == 0
                 && !sending
                 && !self.offers.is_empty()
                 && self.last_asked.elapsed() > ignored_after;
+            let st = &mut *st;
+            let holders = |i| st.picker.availability(i);
             while !give_up && queued + self.offers.len() < target {
-                match st.seed.offer(self.conn_id, bits, &mut self.rng) {
+                match st.seed.offer(conn, bits, holders, &mut self.rng) {
                     Some(i) => {
                         self.offers.insert(i);
                         fresh.push(i);
                     }
                     None => break,
                 }
+            }
+            if st.seed.end_second_phase_if_done(holders) {
+                info!("super-seeding done: every piece went out twice or is held by two leechers");
+                let _ = self.t.events.send(TorrentEvent::AdvertiseAll);
             }
         }
         if give_up {

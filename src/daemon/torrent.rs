@@ -407,8 +407,7 @@ impl Torrent {
     /// so the leecher's HAVE for it can never arrive first and look like another source's.
     pub fn on_upload_start(&self, index: u32) {
         if self.lock().seed.on_uploaded(index) {
-            info!(info_hash = %self.hex, "super-seeding done: every piece reached a leecher");
-            let _ = self.events.send(TorrentEvent::AdvertiseAll);
+            info!(info_hash = %self.hex, "super-seeding: every piece reached a leecher; second copies of the rarest next");
         }
     }
 
