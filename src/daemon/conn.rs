@@ -245,6 +245,7 @@ pub async fn connect(d: &Net, addr: SocketAddr) -> Result<TcpStream, ConnError> 
             TcpSocket::new_v6()
         }
         .map_err(ConnError::Connect)?;
+        super::net::size_recv_buffer(&sock);
         if let Some(ip) = d.bind_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
             sock.bind(SocketAddr::new(ip, 0))
                 .map_err(ConnError::Connect)?;

@@ -130,7 +130,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
             }
         });
     });
-    let listener = TcpListener::bind(&cfg.listen)
+    let listener = listen_on(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let listen = listener.local_addr()?;
@@ -667,4 +667,28 @@ fn new_download_record(
         working_files: Default::default(),
         only: Vec::new(),
     }
+}
+
+/// The peer listener: accepted sockets inherit its receive buffer
+/// ([`net::size_recv_buffer`]), which must be set before `listen` to count in the window
+/// scale the handshake agrees.
+async fn listen_on(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As TcpListener::bind does: a restarted daemon rebinds its port at once.
+        sock.set_reuseaddr(true)?;
+        net::size_recv_buffer(&sock);
+        match sock.bind(a).and_then(|()| sock.listen(1024)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    }))
 }

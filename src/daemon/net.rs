@@ -118,3 +118,32 @@ impl RateLimiter {
         }
     }
 }
+
+/// Receive buffer asked of peer sockets (the kernel doubles it for its bookkeeping).
+const RECV_BUFFER: usize = 4 << 20;
+
+/// Give a peer socket, before it connects or listens, a receive buffer sized for a far fast
+/// link, where the host allows one that large (`net.core.rmem_max`).
+///
+/// Why: Linux's receive-window autotuning starts at `tcp_rmem`'s default (128 KiB) and
+/// grows the window about once per round trip, by what the application read in the last one.
+/// On a 600 ms path that holds a connection to a few hundred KiB per round trip for seconds
+/// (measured in the heterogeneous scenario: windows of 56-260 KiB on every connection of the
+/// 600 ms peer, 5-10 s into the run; its pieces took 2-6 s each). A buffer set up front lets
+/// the window open as fast as the sender's congestion window grows. Where `rmem_max` is
+/// smaller (many distributions ship 208 KiB), setting it would cap the window below what
+/// autotuning reaches, so the socket is left alone.
+pub fn size_recv_buffer(sock: &tokio::net::TcpSocket) {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let allowed = *ALLOWED.get_or_init(|| {
+        std::env::var_os("SHOAL_X_NORCVBUF").is_none() &&
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .is_some_and(|max| max >= RECV_BUFFER)
+    });
+    if allowed {
+        // Best effort: the default is what it was without this.
+        let _ = sock.set_recv_buffer_size(RECV_BUFFER as u32);
+    }
+}
