@@ -87,8 +87,7 @@ impl PeerScore {
             return initial.min(max);
         }
         let bdp = pipeline_bytes(self.throughput, self.rtt_ms / 1000.0) / f64::from(piece_len);
-        let k: f64 = std::env::var("SHOAL_X_SLACK").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
-        let n = ((bdp + k) * self.success_rate()).ceil() as usize;
+        let n = ((bdp + 1.0) * self.success_rate()).ceil() as usize;
         n.clamp(1, max)
     }
 

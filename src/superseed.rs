@@ -22,6 +22,8 @@
 //! (uploads per piece, repeats while the phase was on) are the seeder's own evidence that the
 //! rule held, shown by `query` and `status --json`.
 
+use std::time::{Duration, Instant};
+
 use rand::Rng;
 
 use crate::bitfield::Bitfield;
@@ -35,6 +37,11 @@ const OFFER_WINDOW: u32 = 16;
 const SECOND_PHASE_COPIES: u32 = 2;
 /// Leechers known to hold a piece below which the second phase sends it again.
 const SECOND_PHASE_HOLDERS: u16 = 2;
+/// The second phase lasts at most this long: past the tail it is for, a seeder that only
+/// sends second copies leaves its upload idle while slow leechers still lack most pieces
+/// (measured, heterogeneous scenario: the 600 ms leecher got nothing from the seeder for its
+/// last 8 s).
+pub const SECOND_PHASE_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -55,6 +62,8 @@ pub struct SuperSeed {
     offered: Vec<u64>,
     spread: Bitfield,
     phase: Phase,
+    /// When the second phase was first seen under way.
+    doubling_since: Option<Instant>,
     /// Uploads of a piece already uploaded once, while the phase was on (0 when the rule held).
     repeats: u64,
     other_source: bool,
@@ -72,6 +81,7 @@ impl SuperSeed {
             } else {
                 Phase::Done
             },
+            doubling_since: None,
             repeats: 0,
             other_source: false,
         }
@@ -184,16 +194,18 @@ impl SuperSeed {
     }
 
     /// In the second phase: end it when no piece may get a second copy any more (every piece
-    /// went out twice or is held by enough leechers). Returns true when this ended it, and
-    /// with it the offers: every connection is to show everything.
-    pub fn end_second_phase_if_done(&mut self, holders: impl Fn(u32) -> u16) -> bool {
+    /// went out twice or is held by enough leechers), or [`SECOND_PHASE_MAX`] after it began
+    /// (`now` is the time). Returns true when this ended it, and with it the offers: every
+    /// connection is to show everything.
+    pub fn end_second_phase_if_done(&mut self, holders: impl Fn(u32) -> u16, now: Instant) -> bool {
         if self.phase != Phase::Doubling {
             return false;
         }
+        let since = *self.doubling_since.get_or_insert(now);
         let pending = (0..self.uploads.len() as u32).any(|i| {
             self.wants_second_copy(i, holders(i)) || self.offered[i as usize] != NOBODY
         });
-        if pending {
+        if pending && now.duration_since(since) < SECOND_PHASE_MAX {
             return false;
         }
         self.phase = Phase::Done;
@@ -287,7 +299,7 @@ mod tests {
         let mut s = SuperSeed::new(8, true);
         let none = Bitfield::new(8);
         let mut seen = Vec::new();
-        while let Some(i) = s.offer(1, &none, &mut rng) {
+        while let Some(i) = s.offer(1, &none, |_| 0, &mut rng) {
             assert!(!seen.contains(&i), "piece {i} offered twice");
             seen.push(i);
         }
@@ -295,13 +307,13 @@ mod tests {
         // A peer left before asking for one: it goes back to the pool, once.
         s.withdraw(seen[0], 2);
         assert_eq!(
-            s.offer(2, &none, &mut rng),
+            s.offer(2, &none, |_| 0, &mut rng),
             None,
             "only its holder withdraws it"
         );
         s.withdraw(seen[0], 1);
-        assert_eq!(s.offer(2, &none, &mut rng), Some(seen[0]));
-        assert_eq!(s.offer(2, &none, &mut rng), None);
+        assert_eq!(s.offer(2, &none, |_| 0, &mut rng), Some(seen[0]));
+        assert_eq!(s.offer(2, &none, |_| 0, &mut rng), None);
         // Another seeder's upload, seen at a leecher, spreads a piece too.
         assert!(!s.on_peer_has(seen[1]));
         for &i in &seen[2..] {
@@ -309,10 +321,9 @@ mod tests {
         }
         assert!(
             s.on_uploaded(seen[0]),
-            "the last spread piece ends the phase"
+            "the last spread piece ends the first phase"
         );
-        assert!(!s.is_active());
-        assert_eq!(s.offer(1, &none, &mut rng), None);
+        assert!(!s.is_spreading() && s.is_active());
         assert_eq!(s.repeats(), 0);
         s.on_uploaded(seen[0]);
         assert_eq!(s.uploads()[seen[0] as usize], 2);
@@ -326,14 +337,14 @@ mod tests {
         let mut has = Bitfield::new(3);
         has.set(0);
         has.set(1);
-        assert_eq!(s.offer(1, &has, &mut rng), Some(2));
+        assert_eq!(s.offer(1, &has, |_| 0, &mut rng), Some(2));
         // A connection that ends gives back what it held.
         let mut t = SuperSeed::new(1, true);
         let none = Bitfield::new(1);
-        assert_eq!(t.offer(5, &none, &mut rng), Some(0));
-        assert_eq!(t.offer(6, &none, &mut rng), None);
+        assert_eq!(t.offer(5, &none, |_| 0, &mut rng), Some(0));
+        assert_eq!(t.offer(6, &none, |_| 0, &mut rng), None);
         t.withdraw_all(5);
-        assert_eq!(t.offer(6, &none, &mut rng), Some(0));
+        assert_eq!(t.offer(6, &none, |_| 0, &mut rng), Some(0));
         s.on_uploaded(2);
         s.on_uploaded(2);
         assert_eq!(s.repeats(), 1);
@@ -345,7 +356,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut s = SuperSeed::new(4, true);
         let none = Bitfield::new(4);
-        let i = s.offer(1, &none, &mut rng).unwrap();
+        let i = s.offer(1, &none, |_| 0, &mut rng).unwrap();
         assert!(!s.on_uploaded(i));
         // Our piece, passed on between leechers: the phase goes on.
         assert!(!s.on_have(i));
@@ -354,6 +365,64 @@ mod tests {
         let other = (0..4).find(|&j| j != i).unwrap();
         assert!(s.on_have(other), "the phase ends");
         assert!(!s.is_active() && s.saw_other_source());
-        assert_eq!(s.offer(1, &none, &mut rng), None);
+        assert_eq!(s.offer(1, &none, |_| 0, &mut rng), None);
+    }
+
+    #[test]
+    fn it_should_offer_second_copies_of_the_rarest_then_show_everything() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut s = SuperSeed::new(4, true);
+        let none = Bitfield::new(4);
+        let now = Instant::now();
+        // The first phase: each piece to one leecher.
+        for i in 0..4 {
+            s.on_uploaded(i);
+        }
+        assert!(!s.is_spreading() && s.is_active());
+        // Piece 0 is held by three leechers, 1 and 2 by one, 3 by nobody known yet (its
+        // first copy is still on the wire).
+        let holders = |i: u32| [3u16, 1, 1, 0][i as usize];
+        assert!(!s.end_second_phase_if_done(holders, now));
+        // The rarest first, never one held by two leechers, each to one connection at a time.
+        assert_eq!(s.offer(1, &none, holders, &mut rng), Some(3));
+        let next = s.offer(2, &none, holders, &mut rng).unwrap();
+        assert!(next == 1 || next == 2, "got {next}");
+        let last = 3 - next;
+        let mut has_last = Bitfield::new(4);
+        has_last.set(last);
+        assert_eq!(
+            s.offer(3, &has_last, holders, &mut rng),
+            None,
+            "only pieces the peer lacks"
+        );
+        assert_eq!(s.offer(3, &none, holders, &mut rng), Some(last));
+        assert_eq!(s.offer(4, &none, holders, &mut rng), None, "all offered");
+        // Offers out: the phase goes on until they are sent.
+        for i in 1..4 {
+            assert!(!s.end_second_phase_if_done(holders, now));
+            s.on_uploaded(i);
+        }
+        assert_eq!(s.repeats(), 0, "second copies are not first-phase repeats");
+        // Every piece went out twice or has enough holders: everything is shown.
+        assert!(s.end_second_phase_if_done(holders, now));
+        assert!(!s.is_active());
+        assert_eq!(s.offer(1, &none, holders, &mut rng), None);
+        assert!(!s.end_second_phase_if_done(holders, now), "ended once");
+    }
+
+    #[test]
+    fn it_should_end_the_second_phase_after_its_time_even_with_rare_pieces_left() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut s = SuperSeed::new(2, true);
+        let none = Bitfield::new(2);
+        s.on_uploaded(0);
+        s.on_uploaded(1);
+        let start = Instant::now();
+        let holders = |_| 1;
+        assert!(!s.end_second_phase_if_done(holders, start));
+        assert!(s.offer(1, &none, holders, &mut rng).is_some());
+        assert!(!s.end_second_phase_if_done(holders, start + SECOND_PHASE_MAX / 2));
+        assert!(s.end_second_phase_if_done(holders, start + SECOND_PHASE_MAX));
+        assert!(!s.is_active());
     }
 }

@@ -1307,6 +1307,10 @@ impl Session {
         if self.ticks % 15 == 0 {
             self.avoid.clear();
         }
+        if self.super_mode {
+            // Also when every peer is complete and nothing is offered any more.
+            end_second_phase(&self.t, &mut self.t.lock());
+        }
         Ok(())
     }
 
@@ -1366,9 +1370,8 @@ impl Session {
                     None => break,
                 }
             }
-            if st.seed.end_second_phase_if_done(holders) {
-                info!("super-seeding done: every piece went out twice or is held by two leechers");
-                let _ = self.t.events.send(TorrentEvent::AdvertiseAll);
+            if fresh.is_empty() {
+                end_second_phase(&self.t, st);
             }
         }
         if give_up {
@@ -1432,6 +1435,19 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// End super-seeding's second phase if its work is done or its time is up: every connection
+/// is then to show every piece.
+fn end_second_phase(t: &Torrent, st: &mut super::torrent::TState) {
+    let st = &mut *st;
+    if st
+        .seed
+        .end_second_phase_if_done(|i| st.picker.availability(i), Instant::now())
+    {
+        info!(info_hash = %t.hex, "super-seeding done: every connection shows every piece");
+        let _ = t.events.send(TorrentEvent::AdvertiseAll);
     }
 }
 
