@@ -112,8 +112,7 @@ impl SuperSeed {
     /// Whether connection `conn`'s offer of `i` still stands: it is still offered to it, and
     /// in the first phase no other source has spread it meanwhile.
     pub fn still_offered(&self, i: u32, conn: u64) -> bool {
-        self.offered[i as usize] == conn
-            && !(self.phase == Phase::Spreading && self.spread.get(i))
+        self.offered[i as usize] == conn && !(self.phase == Phase::Spreading && self.spread.get(i))
     }
 
     /// A piece to offer to connection `conn`, whose peer has `peer_has`, or None (none left
@@ -202,9 +201,8 @@ impl SuperSeed {
             return false;
         }
         let since = *self.doubling_since.get_or_insert(now);
-        let pending = (0..self.uploads.len() as u32).any(|i| {
-            self.wants_second_copy(i, holders(i)) || self.offered[i as usize] != NOBODY
-        });
+        let pending = (0..self.uploads.len() as u32)
+            .any(|i| self.wants_second_copy(i, holders(i)) || self.offered[i as usize] != NOBODY);
         if pending && now.duration_since(since) < SECOND_PHASE_MAX {
             return false;
         }
