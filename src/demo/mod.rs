@@ -139,6 +139,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         work,
         http: None,
         t0: None,
+        t0_unix_ms: None,
         emu: None,
     };
     println!(

@@ -93,6 +93,7 @@ pub(crate) async fn play(
     }
     // Every leecher is given the download at once: the start of the distribution.
     demo.t0 = Some(demo.now());
+    demo.t0_unix_ms = Some(crate::fsutil::unix_ms());
     futures_util::future::try_join_all(leechers.iter().map(|&i| demo.get(i, false))).await?;
 
     demo.log(format!(

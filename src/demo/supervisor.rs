@@ -67,6 +67,8 @@ pub(crate) struct Demo {
     pub(crate) http: Option<(usize, String)>,
     /// When the leechers were given the download (seconds since `start`).
     pub(crate) t0: Option<f64>,
+    /// The same moment in unix milliseconds, to read the leechers' own `completed_at` against.
+    pub(crate) t0_unix_ms: Option<i64>,
     /// The emulated network; declared last so it goes after the children are killed.
     pub(crate) emu: Option<Emulator>,
 }
@@ -346,7 +348,15 @@ impl Demo {
                         n.have_log.pop_front();
                     }
                     if t.state == "SEEDING" && n.finished_at.is_none() && n.role != Role::Seeder {
-                        n.finished_at = since;
+                        // The leecher's own record of when it completed (same host clock), not
+                        // when this poll saw it: polls are 200 ms apart, and a status round
+                        // over every node takes tens of milliseconds more.
+                        let own = t
+                            .completed_at
+                            .zip(self.t0_unix_ms)
+                            .map(|(done, t0)| (done - t0) as f64 / 1000.0)
+                            .filter(|&secs| secs >= 0.0 && since.is_some_and(|s| secs <= s));
+                        n.finished_at = own.or(since);
                     }
                     n.last = Some(t);
                 }
