@@ -557,6 +557,20 @@ async fn pipelined(p: Pass, c: u64, start: Instant, stop: Instant, depth: u64) -
 /// Honest keyed peers on 127.0.0.5: each opens its session over TCP, then heart-beats as
 /// datagrams every 2 ms until `done`. Returns the answered ones' latencies and how many went
 /// unanswered within a second.
+/// Run `f` on a thread and current-thread runtime of its own, so an honest peer's latency is
+/// the tracker's, not the flood client's tasks queueing ahead of it.
+fn on_own_runtime<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+}
+
 async fn honest_datagrams(addr: String, done: Arc<AtomicBool>) -> (Vec<f64>, u64) {
     let ip: IpAddr = [127, 0, 0, 5].into();
     let keys: Vec<Signer> = (0..10)
@@ -661,58 +675,39 @@ async fn flood_phase(n: u64) {
     let (tracker, addr) = start_tracker(dir.path(), "retention = \"5s\"\nallow_unsigned = true\n");
     let pid = tracker.child.id();
     let done = Arc::new(AtomicBool::new(false));
-    // The honest peers run on a thread and runtime of their own, so their latency is the
-    // tracker's, not the flood client's tasks queueing ahead of them.
+    // The honest peers run on a thread and runtime of their own (`on_own_runtime`).
     let honest = {
         let addr = addr.clone();
         let done = done.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        on_own_runtime(async move {
+            let ip: IpAddr = [127, 0, 0, 3].into();
+            let mut c = TrackerClient::connect(&addr, Some(ip), TIMEOUT)
+                .await
                 .unwrap();
-            rt.block_on(async move {
-                let ip: IpAddr = [127, 0, 0, 3].into();
-                let mut c = TrackerClient::connect(&addr, Some(ip), TIMEOUT)
-                    .await
-                    .unwrap();
-                let mut lat = Vec::new();
-                let mut k = 0u64;
-                let honest: Vec<Signer> = (0..10)
-                    .map(|_| {
-                        Signer::new(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng))
-                    })
-                    .collect();
-                while !done.load(Ordering::Relaxed) {
-                    let p = k % 10;
-                    let ev = if k < 10 {
-                        Event::Started
-                    } else {
-                        Event::Progress
-                    };
-                    let a = announce_of(p, 3, ev, k % 1000, None);
-                    let t = Instant::now();
-                    let r = c.announce(&a, Some(&honest[p as usize])).await;
-                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    assert!(r.is_ok(), "honest refused: {r:?}");
-                    k += 1;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                lat
-            })
+            let mut lat = Vec::new();
+            let mut k = 0u64;
+            let honest: Vec<Signer> = (0..10)
+                .map(|_| Signer::new(ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng)))
+                .collect();
+            while !done.load(Ordering::Relaxed) {
+                let p = k % 10;
+                let ev = if k < 10 {
+                    Event::Started
+                } else {
+                    Event::Progress
+                };
+                let a = announce_of(p, 3, ev, k % 1000, None);
+                let t = Instant::now();
+                let r = c.announce(&a, Some(&honest[p as usize])).await;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                assert!(r.is_ok(), "honest refused: {r:?}");
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            lat
         })
     };
-    let honest_datagrams = {
-        let addr = addr.clone();
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(honest_datagrams(addr, done))
-        })
-    };
+    let honest_datagrams = on_own_runtime(honest_datagrams(addr.clone(), done.clone()));
     let datagram_flood = {
         let addr = addr.clone();
         tokio::spawn(async move { datagram_flood(&addr, n).await })
