@@ -33,6 +33,10 @@ pub enum PeerMsg {
         /// this out and gets whole PIECEs).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         parts: bool,
+        /// The sender reads RECEIVING, and may be asked for a piece it announced so (an older
+        /// peer leaves this out and is told only HAVE).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        relay: bool,
     },
     /// Payload: the sender's bitfield, MSB first.
     Bitfield {
@@ -42,6 +46,12 @@ pub enum PeerMsg {
         super_seed: bool,
     },
     Have {
+        index: u32,
+    },
+    /// The sender is receiving piece `index` and may be asked for it now: it streams the parts
+    /// as they land, and the last only once the whole piece passed its hash there (or REJECTs
+    /// the request if the piece fails there). A HAVE follows once it is stored.
+    Receiving {
         index: u32,
     },
     Request {
@@ -104,6 +114,7 @@ impl PeerMsg {
             PeerMsg::Hello { .. } => "HELLO",
             PeerMsg::Bitfield { .. } => "BITFIELD",
             PeerMsg::Have { .. } => "HAVE",
+            PeerMsg::Receiving { .. } => "RECEIVING",
             PeerMsg::Request { .. } => "REQUEST",
             PeerMsg::Piece { .. } => "PIECE",
             PeerMsg::PiecePart { .. } => "PIECE_PART",
@@ -135,6 +146,7 @@ mod tests {
                 port: 7,
                 roster: 0,
                 parts: false,
+                relay: false,
             },
             PeerMsg::Hello {
                 v: 1,
@@ -143,9 +155,11 @@ mod tests {
                 port: 7,
                 roster: 3,
                 parts: true,
+                relay: true,
             },
             PeerMsg::Roster { len: 0 },
             PeerMsg::Have { index: 3 },
+            PeerMsg::Receiving { index: 5 },
             PeerMsg::Request { index: 4 },
             PeerMsg::Reject {
                 index: 4,
@@ -197,7 +211,11 @@ mod tests {
         let (f, _) = decode(&buf, &Limits::default()).unwrap().unwrap();
         assert!(matches!(
             f.parse::<PeerMsg>().unwrap(),
-            PeerMsg::Hello { parts: false, .. }
+            PeerMsg::Hello {
+                parts: false,
+                relay: false,
+                ..
+            }
         ));
         let bad = br#"{"type":"TELEPORT"}"#;
         let mut buf = (bad.len() as u32).to_be_bytes().to_vec();

@@ -294,3 +294,130 @@ fn it_should_report_an_rtt_within_20_percent_of_an_injected_delay_apart_from_thr
     let text = peer_ok(d, &leecher.data_dir, &["status"], T);
     assert!(text.contains("RTT") && text.contains("RATE"), "{text}");
 }
+
+/// The next frame about pieces (PIECE_PART, PIECE, REJECT, ERROR) from `w`, answering PINGs
+/// and passing over the rest.
+fn next_piece_frame(w: &mut crate::common::wire::Wire) -> (serde_json::Value, Vec<u8>) {
+    loop {
+        let (h, p) = w.read_frame().expect("a frame before the read timeout");
+        match h["type"].as_str().unwrap() {
+            "PING" => w
+                .write(&frame(&json!({"type":"PONG","id":h["id"]}), &[]))
+                .unwrap(),
+            "PIECE_PART" | "PIECE" | "REJECT" | "ERROR" => return (h, p),
+            _ => {}
+        }
+    }
+}
+
+/// Frames from `w` until one of type `ty` (answering PINGs); ERROR fails the test.
+fn next_of(w: &mut crate::common::wire::Wire, ty: &str) -> serde_json::Value {
+    loop {
+        let (h, _) = w.read_frame().expect("a frame before the read timeout");
+        match h["type"].as_str().unwrap() {
+            "PING" => w
+                .write(&frame(&json!({"type":"PONG","id":h["id"]}), &[]))
+                .unwrap(),
+            "ERROR" => panic!("closed: {h}"),
+            t if t == ty => return h,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn it_should_relay_a_piece_part_by_part_and_its_last_part_only_once_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 4 pieces of 256 KiB. The publishing seeder goes away: the relay's only source is the
+    // hand-written one below, which sends the pieces part by part when the test says so.
+    let cfg = write_config(d, "seeder.toml", "[peer]\npiece_size = \"256KiB\"\n");
+    let (_t, [mut seeder], hash, desc) = seeded(d, 1, [("seeder", &["--config", &cfg])]);
+    seeder.proc.kill9();
+    let file = std::fs::read(d.join("file.bin")).unwrap();
+    // A capped upload makes peers on this host count as remote (parts, relay).
+    let relay_cfg = write_config(d, "relay.toml", "[peer]\nmax_upload_rate = \"1GiB\"\n");
+    let relay = start_peer(d, "relay", &[], &["--config", &relay_cfg]);
+    peer_ok(d, &relay.data_dir, &["get", &desc, "--output", "out"], T);
+    let raw = |w: &PeerProc| {
+        let id = shoal::secure::Identity::generate();
+        let mut s = crate::common::wire::Wire::connect(w.addr, &id).expect("handshake");
+        let hello = json!({"type":"HELLO","v":1,"info_hash":hash,"peer_id":id.peer_id(),
+            "port":1,"parts":true,"relay":true});
+        s.write(&frame(&hello, &[])).unwrap();
+        let (h, _) = s.read_frame().expect("HELLO");
+        assert_eq!(h["relay"], true, "the peer relays: {h}");
+        s
+    };
+    let mut down = raw(&relay);
+    down.write(&frame(&json!({"type":"BITFIELD","len":1}), &[0x00]))
+        .unwrap();
+    let mut source = raw(&relay);
+    source
+        .write(&frame(&json!({"type":"BITFIELD","len":1}), &[0xf0]))
+        .unwrap();
+    let x = next_of(&mut source, "REQUEST")["index"].as_u64().unwrap() as usize;
+    let y = loop {
+        let i = next_of(&mut source, "REQUEST")["index"].as_u64().unwrap() as usize;
+        if i != x {
+            break i;
+        }
+    };
+    const PIECE: usize = 256 << 10;
+    const PART: usize = 64 << 10;
+    let part_of = |i: usize, k: usize, corrupt: bool| {
+        let mut bytes = file[i * PIECE + k * PART..i * PIECE + (k + 1) * PART].to_vec();
+        if corrupt {
+            bytes[7] ^= 0xff;
+        }
+        let h = json!({"type":"PIECE_PART","index":i,"offset":k * PART,"total":PIECE,"len":PART});
+        frame(&h, &bytes)
+    };
+    let expect_part = |w: &mut crate::common::wire::Wire, i: usize, k: usize| {
+        let (h, p) = next_piece_frame(w);
+        if h["type"] != "PIECE_PART" {
+            eprintln!("{}", relay.proc.stderr());
+        }
+        assert_eq!(h["type"], "PIECE_PART", "part {k} of piece {i}: {h}");
+        assert_eq!(h["index"], i, "{h}");
+        assert_eq!(h["offset"], k * PART, "{h}");
+        assert_eq!(p, file[i * PIECE + k * PART..i * PIECE + (k + 1) * PART]);
+    };
+
+    // Two parts of x reach the relay: the downstream peer is told, asks, and gets those two
+    // while the relay still lacks half the piece.
+    source.write(&part_of(x, 0, false)).unwrap();
+    source.write(&part_of(x, 1, false)).unwrap();
+    assert_eq!(next_of(&mut down, "RECEIVING")["index"], x);
+    down.write(&frame(&json!({"type":"REQUEST","index":x}), &[]))
+        .unwrap();
+    expect_part(&mut down, x, 0);
+    expect_part(&mut down, x, 1);
+    source.write(&part_of(x, 2, false)).unwrap();
+    expect_part(&mut down, x, 2);
+    source.write(&part_of(x, 3, false)).unwrap();
+    expect_part(&mut down, x, 3);
+
+    // y's last part is corrupt: the relay's hash fails, and the downstream peer gets a REJECT
+    // where the last part would have been.
+    source.write(&part_of(y, 0, false)).unwrap();
+    assert_eq!(next_of(&mut down, "RECEIVING")["index"], y);
+    down.write(&frame(&json!({"type":"REQUEST","index":y}), &[]))
+        .unwrap();
+    expect_part(&mut down, y, 0);
+    source.write(&part_of(y, 1, false)).unwrap();
+    source.write(&part_of(y, 2, false)).unwrap();
+    expect_part(&mut down, y, 1);
+    expect_part(&mut down, y, 2);
+    source.write(&part_of(y, 3, true)).unwrap();
+    let (h, _) = next_piece_frame(&mut down);
+    assert_eq!(h["type"], "REJECT", "a piece that failed at the relay: {h}");
+    assert_eq!(h["index"], y, "{h}");
+    // The relay stored x, which it now serves from its file, and not y.
+    down.write(&frame(&json!({"type":"REQUEST","index":y}), &[]))
+        .unwrap();
+    let (h, _) = next_piece_frame(&mut down);
+    assert_eq!(h["type"], "REJECT", "{h}");
+    let st = torrent(d, &relay);
+    assert_eq!(st["rejected_pieces"], 1, "{st}");
+}

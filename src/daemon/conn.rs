@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn, Instrument};
 
 use super::net::Net;
+use super::relay::{Inbound, Relay};
 use super::torrent::{ConnEntry, Torrent, TorrentEvent};
 use crate::bitfield::Bitfield;
 use crate::metainfo::Hash;
@@ -74,6 +75,8 @@ pub struct Hello {
     pub roster: u64,
     /// The remote reads PIECE_PART.
     pub parts: bool,
+    /// The remote reads RECEIVING and relays pieces as they arrive.
+    pub relay: bool,
 }
 
 fn hello_of(d: &Net, hash: &Hash, roster: u64) -> PeerMsg {
@@ -84,6 +87,7 @@ fn hello_of(d: &Net, hash: &Hash, roster: u64) -> PeerMsg {
         port: d.listen.port(),
         roster,
         parts: true,
+        relay: true,
     }
 }
 
@@ -165,6 +169,7 @@ async fn read_hello(reader: &mut Reader, remote_id: &str) -> Result<Hello, ConnE
             port,
             roster,
             parts,
+            relay,
         }) => {
             if v != VERSION {
                 return Err(ConnError::Refused(format!(
@@ -188,6 +193,7 @@ async fn read_hello(reader: &mut Reader, remote_id: &str) -> Result<Hello, ConnE
                 port,
                 roster,
                 parts,
+                relay,
             })
         }
         Ok(PeerMsg::Error { reason }) => Err(ConnError::Refused(reason)),
@@ -424,6 +430,7 @@ enum Ctrl {
 const CTRL_QUEUE: usize = 1024;
 /// The frame type of a piece part (the reader hashes those across frames).
 const PIECE_PART: &str = "PIECE_PART";
+const REJECT: &str = "REJECT";
 /// Bytes per PIECE_PART: at 10 Mbit/s shared by a few peers a control frame waits tens of
 /// milliseconds behind one, where behind a whole 1 MiB piece it waited seconds (measured on
 /// the heterogeneous scenario: REQUESTs from the 10 Mbit/s leecher took 3-6 s to be served).
@@ -438,6 +445,10 @@ const RTT_WINDOW: usize = 8;
 /// at least [`MIN_OFFERS_IGNORED_SECS`]), with nothing queued, is shown every piece instead.
 const OFFERS_IGNORED_PIPELINES: f64 = 8.0;
 const MIN_OFFERS_IGNORED_SECS: f64 = 1.5;
+/// Pieces a peer may relay to us in part and then REJECT before we stop asking it for pieces
+/// it is still receiving: a relay that always fails late wastes our downlink and is never
+/// banned (it vouched for nothing).
+const MAX_RELAY_FAILURES: u32 = 3;
 /// A PING unanswered this long is given up and a new one sent.
 const PING_GIVE_UP: Duration = Duration::from_secs(10);
 /// Unsent bytes the kernel may hold per connection. Past it the writer holds them, so a
@@ -490,9 +501,11 @@ struct Shared {
 }
 
 impl Shared {
-    fn pop_upload(&self, size: impl Fn(u32) -> u64) -> Option<u32> {
+    /// The next piece to send: the first queued that `ready` accepts, else the first.
+    fn pop_upload(&self, size: impl Fn(u32) -> u64, ready: impl Fn(u32) -> bool) -> Option<u32> {
         let mut q = self.uploads.lock().expect("upload queue lock");
-        let i = q.order.pop_front()?;
+        let pos = q.order.iter().position(|&i| ready(i)).unwrap_or(0);
+        let i = q.order.remove(pos)?;
         q.bytes -= size(i);
         self.sending.store(true, Ordering::Relaxed);
         Some(i)
@@ -589,8 +602,22 @@ struct Session {
     sent_mark: u64,
     /// The remote reads PIECE_PART (its HELLO said so).
     remote_parts: bool,
-    /// A piece arriving in parts: its index and the bytes so far.
-    partial: Option<(u32, BytesMut)>,
+    /// The remote reads RECEIVING and relays (its HELLO said so, and it is not on this host).
+    remote_relay: bool,
+    /// Pieces the peer said it is receiving (RECEIVING) and may be asked for.
+    streaming: HashSet<u32>,
+    /// Pieces the peer relayed to us in part and then REJECTed (they failed there).
+    relay_failures: u32,
+    /// A piece arriving in parts.
+    partial: Option<Partial>,
+}
+
+/// A piece arriving in parts: the parts so far, and its publication for relay.
+struct Partial {
+    index: u32,
+    parts: Vec<Bytes>,
+    len: usize,
+    relay: Option<Inbound>,
 }
 
 /// Why a session ends.
@@ -661,6 +688,9 @@ async fn session<R, W>(
         // A piece coming in parts is hashed across them (the session checks they are in order
         // and of one piece; any other sequence closes the connection).
         let mut parts_h = Sha256::new();
+        // The piece whose parts are being hashed: a relay that REJECTs it midway (it failed
+        // there) ends it, and the next piece's hash starts afresh.
+        let mut parts_of: Option<u32> = None;
         loop {
             // Every payload is hashed as it arrives, while hot in this core's cache; only a
             // PIECE's digest is used, and the other payloads are small.
@@ -678,12 +708,29 @@ async fn session<R, W>(
                         let digest = if f.kind() == PIECE_PART {
                             match f.parse::<PeerMsg>() {
                                 Ok(PeerMsg::PiecePart {
-                                    offset, total, len, ..
-                                }) if u64::from(offset) + u64::from(len) >= u64::from(total) => {
-                                    Hash::from(parts_h.finalize_reset())
+                                    index,
+                                    offset,
+                                    total,
+                                    len,
+                                }) => {
+                                    if u64::from(offset) + u64::from(len) >= u64::from(total) {
+                                        parts_of = None;
+                                        Hash::from(parts_h.finalize_reset())
+                                    } else {
+                                        parts_of = Some(index);
+                                        Hash::default()
+                                    }
                                 }
                                 _ => Hash::default(),
                             }
+                        } else if f.kind() == REJECT && parts_of.is_some() {
+                            if let Ok(PeerMsg::Reject { index, .. }) = f.parse::<PeerMsg>() {
+                                if parts_of == Some(index) {
+                                    parts_of = None;
+                                    parts_h = Sha256::new();
+                                }
+                            }
+                            Hash::from(h.finalize_reset())
                         } else {
                             Hash::from(h.finalize_reset())
                         };
@@ -737,6 +784,9 @@ async fn session<R, W>(
         up_rate: 0.0,
         sent_mark: 0,
         remote_parts,
+        remote_relay: hello.relay && remote_parts,
+        streaming: HashSet::new(),
+        relay_failures: 0,
         partial: None,
     };
     let _ = s
@@ -907,6 +957,14 @@ impl Session {
                     }
                 }
                 self.avoid.remove(&index);
+                self.streaming.remove(&index);
+            }
+            PeerMsg::Receiving { index } => {
+                self.check_index(index, n)?;
+                let had = self.peer_bits.as_ref().is_some_and(|b| b.get(index));
+                if !had && self.relay_failures < MAX_RELAY_FAILURES {
+                    self.streaming.insert(index);
+                }
             }
             PeerMsg::Request { index } => {
                 self.check_index(index, n)?;
@@ -929,7 +987,7 @@ impl Session {
                         frame.payload.len()
                     )));
                 }
-                self.on_piece(index, frame.payload, digest).await?;
+                self.on_piece(index, frame.payload, digest, None).await?;
             }
             PeerMsg::PiecePart {
                 index,
@@ -938,8 +996,10 @@ impl Session {
                 len,
             } => {
                 self.check_index(index, n)?;
-                if let Some(whole) = self.on_part(index, offset, total, len, &frame.payload)? {
-                    self.on_piece(index, whole, digest).await?;
+                if let Some((whole, relay)) =
+                    self.on_part(index, offset, total, len, frame.payload)?
+                {
+                    self.on_piece(index, whole, digest, relay).await?;
                 }
             }
             PeerMsg::Reject {
@@ -949,6 +1009,14 @@ impl Session {
             } => {
                 self.check_index(index, n)?;
                 debug!(index, %reason, busy, "request rejected");
+                if self.partial.as_ref().is_some_and(|p| p.index == index) {
+                    // A relay's piece failed there midway: its parts so far are void.
+                    self.partial = None;
+                    self.relay_failures += 1;
+                }
+                if !busy {
+                    self.streaming.remove(&index);
+                }
                 if self.requested.remove(&index).is_some() {
                     self.t.lock().picker.release(index);
                     if busy {
@@ -1002,7 +1070,8 @@ impl Session {
 
     async fn on_request(&mut self, index: u32) -> Result<(), End> {
         self.last_asked = Instant::now();
-        let have = self.t.lock().picker.have().get(index);
+        let have = self.t.lock().picker.have().get(index)
+            || (self.remote_relay && self.t.relays.get(index).is_some());
         if !have {
             return self
                 .send(PeerMsg::Reject {
@@ -1063,22 +1132,24 @@ impl Session {
         self.t.lock().score(&self.remote).record_rtt(rtt_ms);
     }
 
-    /// One part of a piece: the whole piece once its last part is in. Parts out of order, of
-    /// two pieces interleaved, or not adding up to the piece's size end the connection.
+    /// One part of a piece: the whole piece once its last part is in (with its publication
+    /// for relay, if it was published). Parts out of order, of two pieces interleaved, or not
+    /// adding up to the piece's size end the connection.
     fn on_part(
         &mut self,
         index: u32,
         offset: u32,
         total: u32,
         len: u32,
-        payload: &[u8],
-    ) -> Result<Option<Bytes>, End> {
+        payload: Bytes,
+    ) -> Result<Option<(Bytes, Option<Inbound>)>, End> {
         let expected = self.t.meta.piece_size(index);
         let so_far = match &self.partial {
-            Some((i, b)) if *i == index => b.len() as u64,
-            Some((i, _)) => {
+            Some(p) if p.index == index => p.len as u64,
+            Some(p) => {
                 return Err(End::Tell(format!(
-                    "PIECE_PART of {index} while piece {i} is incomplete"
+                    "PIECE_PART of {index} while piece {} is incomplete",
+                    p.index
                 )))
             }
             None => 0,
@@ -1094,18 +1165,54 @@ impl Session {
                 payload.len()
             )));
         }
-        let (_, buf) = self
-            .partial
-            .get_or_insert_with(|| (index, BytesMut::with_capacity(expected as usize)));
-        buf.extend_from_slice(payload);
-        if buf.len() < expected as usize {
+        if self.partial.is_none() {
+            // A piece we asked for, more parts to come: peers may ask us for it now.
+            let relay = if self.requested.contains_key(&index) && len < total {
+                self.t.relays.begin(index)
+            } else {
+                None
+            };
+            if relay.is_some() {
+                let _ = self.t.events.send(TorrentEvent::Receiving(index));
+            }
+            self.partial = Some(Partial {
+                index,
+                parts: Vec::with_capacity((total / len.max(1) + 1) as usize),
+                len: 0,
+                relay,
+            });
+        }
+        let p = self.partial.as_mut().expect("just set");
+        if let Some(r) = &p.relay {
+            r.push(payload.clone());
+        }
+        p.len += payload.len();
+        p.parts.push(payload);
+        if p.len < expected as usize {
             return Ok(None);
         }
-        let (_, buf) = self.partial.take().expect("just filled");
-        Ok(Some(buf.freeze()))
+        let p = self.partial.take().expect("just filled");
+        let whole = if p.parts.len() == 1 {
+            p.parts.into_iter().next().expect("one part")
+        } else {
+            let mut buf = BytesMut::with_capacity(p.len);
+            for part in &p.parts {
+                buf.extend_from_slice(part);
+            }
+            buf.freeze()
+        };
+        Ok(Some((whole, p.relay)))
     }
 
-    async fn on_piece(&mut self, index: u32, payload: Bytes, digest: Hash) -> Result<(), End> {
+    /// A whole piece arrived (`relay`: its publication, if it was relayed as it came; dropped
+    /// unverified, its streams end).
+    async fn on_piece(
+        &mut self,
+        index: u32,
+        payload: Bytes,
+        digest: Hash,
+        relay: Option<Inbound>,
+    ) -> Result<(), End> {
         let Some(sent_at) = self.requested.remove(&index) else {
             // Not (or no longer) requested: a reply racing our CANCEL. Harmless.
             return Ok(());
@@ -1144,6 +1251,8 @@ impl Session {
             }
             return Ok(());
         }
+        // Verified: its streams may send the last part now, not after the write.
+        let relayed = relay.map(Inbound::verified);
         // Bound the pieces in memory: wait for a write slot (the reader keeps at most one more
         // frame meanwhile).
         let Ok(permit) = self.d.verify_limit.clone().acquire_owned().await else {
@@ -1159,6 +1268,10 @@ impl Session {
             let written = t.storage.write_piece(index, &payload);
             drop(permit);
             t.on_verified(written, &remote, latency_ms);
+            // Served from the file from now on.
+            if let Some(r) = relayed {
+                r.unpublish();
+            }
             drop(in_flight);
         });
         Ok(())
@@ -1172,6 +1285,15 @@ impl Session {
             Ok(TorrentEvent::Have(i)) => self.on_have(i).await,
             Ok(TorrentEvent::Roster(r)) => self.on_roster(&r).await,
             Ok(TorrentEvent::AdvertiseAll) => self.advertise_all().await,
+            Ok(TorrentEvent::Receiving(i)) => {
+                let lacks = !self.peer_complete
+                    && !self.told.get(i)
+                    && !self.peer_bits.as_ref().is_some_and(|b| b.get(i));
+                if self.remote_relay && lacks {
+                    self.send(PeerMsg::Receiving { index: i }).await?;
+                }
+                Ok(())
+            }
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 // A missed roster is sent again (and checked) whatever the mode.
                 if let Some(r) = self.t.membership.as_ref().and_then(|m| m.roster()) {
@@ -1390,6 +1512,18 @@ impl Session {
         let Some(bits) = &self.peer_bits else {
             return Ok(());
         };
+        // What the peer is still receiving may be asked for too: it relays it as it comes.
+        let with_streaming;
+        let bits = if self.streaming.is_empty() {
+            bits
+        } else {
+            let mut b = bits.clone();
+            for &i in &self.streaming {
+                b.set(i);
+            }
+            with_streaming = b;
+            &with_streaming
+        };
         let slots = {
             let st = self.t.lock();
             if st.record.state != crate::store::TorrentState::Downloading || st.picker.is_complete()
@@ -1501,6 +1635,79 @@ async fn write_parts<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Stream piece `index` (`total` bytes) from its relay: each part as it lands here, the last
+/// once the whole piece passed its hash here; control frames queued meanwhile go between
+/// parts. `Ok(true)`: the whole piece went out; `Ok(false)`: it failed here, or no part came
+/// for `stall`, and the peer was sent a REJECT (which ends the parts it got).
+async fn write_relayed<W: AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+    index: u32,
+    total: u32,
+    relay: &Relay,
+    stall: Duration,
+    ctrl: &mut mpsc::Receiver<Ctrl>,
+    shared: &Shared,
+) -> Result<bool, FrameError> {
+    let mut rx = relay.subscribe();
+    let (mut sent, mut offset) = (0usize, 0u32);
+    loop {
+        let (parts, outcome) = {
+            let s = rx.borrow_and_update();
+            (s.parts[sent..].to_vec(), s.outcome)
+        };
+        if outcome == Some(false) {
+            break;
+        }
+        for part in parts {
+            let end = offset + part.len() as u32;
+            if end >= total && outcome != Some(true) {
+                break; // The last part vouches for the piece: only once it passed here.
+            }
+            let mut wrote = false;
+            while let Ok(c) = ctrl.try_recv() {
+                write_ctrl(w, c, shared).await?;
+                wrote = true;
+            }
+            if wrote {
+                w.flush().await?;
+            }
+            let m = PeerMsg::PiecePart {
+                index,
+                offset,
+                total,
+                len: part.len() as u32,
+            };
+            w.feed(&m, &part).await?;
+            (sent, offset) = (sent + 1, end);
+        }
+        if offset >= total {
+            return Ok(true);
+        }
+        w.flush().await?;
+        let changed = tokio::select! {
+            biased;
+            c = ctrl.recv() => {
+                let Some(c) = c else { return Ok(false) }; // The session is gone.
+                write_ctrl(w, c, shared).await?;
+                w.flush().await?;
+                true
+            }
+            r = rx.changed() => r.is_ok(),
+            () = tokio::time::sleep(stall) => false,
+        };
+        if !changed {
+            break;
+        }
+    }
+    let m = PeerMsg::Reject {
+        index,
+        reason: "the piece failed here before it was whole".into(),
+        busy: false,
+    };
+    w.feed(&m, &[]).await?;
+    Ok(false)
+}
+
 /// The writer: every pending control frame, flushed, before each piece; pieces in the order
 /// asked, straight from the map. Ends when the session drops its control sender.
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -1537,7 +1744,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if wrote && w.flush().await.is_err() {
             return;
         }
-        let Some(index) = shared.pop_upload(size) else {
+        // A piece we have goes before one still arriving here, which may make the writer
+        // wait for its parts.
+        let Some(index) = shared.pop_upload(size, |i| t.relays.get(i).is_none()) else {
             let idle = tokio::select! {
                 biased;
                 c = ctrl.recv() => match c {
@@ -1578,6 +1787,39 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     }
                 }
             }
+        }
+        if !t.lock().picker.have().get(index) {
+            // Asked for while it was arriving here: stream it as it comes.
+            let r = match t.relays.get(index) {
+                Some(relay) if action == Action::Serve => {
+                    let total = meta.piece_size(index);
+                    let stall = d.cfg.read_timeout;
+                    write_relayed(&mut w, index, total, &relay, stall, &mut ctrl, &shared).await
+                }
+                _ => {
+                    let m = PeerMsg::Reject {
+                        index,
+                        reason: "piece not available here (it failed before it was whole)".into(),
+                        busy: false,
+                    };
+                    w.feed(&m, &[]).await.map(|()| false)
+                }
+            };
+            shared.sending.store(false, Ordering::Relaxed);
+            match r {
+                Ok(true) => {
+                    let bytes = u64::from(meta.piece_size(index));
+                    shared.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    t.on_uploaded(&remote, bytes);
+                    trace!(index, peer = %remote, "relayed");
+                }
+                Ok(false) => {}
+                Err(_) => return,
+            }
+            if w.flush().await.is_err() {
+                return;
+            }
+            continue;
         }
         storage.prefetch(index);
         if action != Action::Drop {

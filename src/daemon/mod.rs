@@ -19,6 +19,7 @@ pub mod membership;
 pub mod net;
 pub mod owner;
 pub mod registry;
+pub mod relay;
 pub mod torrent;
 pub mod tree_data;
 pub mod workers;

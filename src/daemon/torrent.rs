@@ -63,6 +63,9 @@ pub enum TorrentEvent {
     Roster(Arc<shoal_tracker::roster::Roster>),
     /// Super-seeding ended (every piece reached a leecher): show every peer all we have.
     AdvertiseAll,
+    /// We are receiving this piece and relay it as it comes ([`super::relay`]): tell peers
+    /// that lack it and read RECEIVING.
+    Receiving(u32),
 }
 
 /// What a session tells its owner.
@@ -223,6 +226,8 @@ pub struct Torrent {
     next_conn_id: std::sync::atomic::AtomicU64,
     /// Who may join, for a private swarm; `None` for a public one.
     pub membership: Option<super::membership::Membership>,
+    /// Pieces being received, open to relay as their parts land.
+    pub relays: Arc<super::relay::Relays>,
 }
 
 /// Everything a session is built from.
@@ -263,6 +268,7 @@ impl Torrent {
         let seed = SuperSeed::new(n, p.super_seed && n > 0 && p.bits.count() == n);
         Arc::new(Torrent {
             membership,
+            relays: Arc::default(),
             hash: p.hash,
             hex: hex::encode(p.hash),
             signal: Arc::new(VerifiedSignal {

@@ -98,7 +98,10 @@ pub fn spawn_with_line(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env_remove("SHOAL_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
