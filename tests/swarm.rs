@@ -421,3 +421,77 @@ fn it_should_relay_a_piece_part_by_part_and_its_last_part_only_once_verified() {
     let st = torrent(d, &relay);
     assert_eq!(st["rejected_pieces"], 1, "{st}");
 }
+
+#[test]
+fn it_should_stop_sending_a_piece_in_parts_when_the_peer_cancels_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Parts for a peer on this host need a capped upload; the cap is far above what moves.
+    // 4 MiB pieces: more than the socket's buffers take while the reader reads nothing.
+    let cfg = write_config(
+        d,
+        "seeder.toml",
+        "[peer]\nmax_upload_rate = \"1GiB\"\npiece_size = \"4MiB\"\n",
+    );
+    let (_t, [seeder], hash, _desc) = seeded(d, 16, [("seeder", &["--config", &cfg])]);
+    let (mut s, _) = raw_peer(&seeder, &hash, true);
+    let mut batch = Vec::new();
+    for i in 0..4 {
+        batch.extend(frame(&json!({"type":"REQUEST","index":i}), &[]));
+    }
+    s.write(&batch).unwrap();
+    // Read nothing until the writer is stuck inside a piece (the socket's buffers hold far
+    // less than a piece), then cancel all four, then PING to mark the end.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut batch = Vec::new();
+    for i in 0..4 {
+        batch.extend(frame(&json!({"type":"CANCEL","index":i}), &[]));
+    }
+    batch.extend(frame(&json!({"type":"PING","id":77}), &[]));
+    s.write(&batch).unwrap();
+    let mut got = std::collections::BTreeMap::<u64, u64>::new();
+    let (mut whole, mut cut) = (0, Vec::new());
+    // Until the PONG, and the piece in progress then is cut or whole (the writer may see the
+    // CANCEL a part after it sent the PONG).
+    let (mut pong, mut open) = (false, None);
+    while !pong || open.is_some() {
+        let (h, payload) = s.read_frame().expect("a frame before the read timeout");
+        match h["type"].as_str().unwrap() {
+            "PIECE_PART" => {
+                let i = h["index"].as_u64().unwrap();
+                let at = got.entry(i).or_insert(0);
+                assert_eq!(*at, h["offset"].as_u64().unwrap(), "parts in order: {h}");
+                *at += payload.len() as u64;
+                open = Some(i);
+                if *at == h["total"].as_u64().unwrap() {
+                    whole += 1;
+                    open = None;
+                }
+            }
+            "REJECT" if h["busy"] == true => {} // Not queued: nothing to cancel.
+            "REJECT" => {
+                assert_eq!(h["reason"], "cancelled", "{h}");
+                cut.push(h["index"].as_u64().unwrap());
+                open = None;
+            }
+            "PONG" if h["id"] == 77 => pong = true,
+            _ => {}
+        }
+    }
+    // The piece being written when the CANCEL came stops at a part, and the queued ones
+    // never start; without the stop, the piece in progress would come whole.
+    if cut.len() != 1 {
+        eprintln!("{}", seeder.proc.stderr());
+    }
+    assert_eq!(cut.len(), 1, "one piece cut short: {cut:?}, parts {got:?}");
+    let sent = got[&cut[0]];
+    assert!(
+        sent > 0 && sent < 4 << 20,
+        "piece {} was cut after {sent} bytes",
+        cut[0]
+    );
+    assert!(
+        whole <= 1,
+        "{whole} whole pieces after the CANCELs: {got:?}"
+    );
+}

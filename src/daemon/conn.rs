@@ -495,6 +495,9 @@ struct Shared {
     ping: Mutex<Option<(u64, Instant)>>,
     /// The writer is sending a piece it took from the queue (a slow link's piece takes long).
     sending: AtomicBool,
+    /// 1 + the index of a piece the peer cancelled while the writer was sending it (0: none):
+    /// the writer stops at the next part and sends a REJECT that voids the parts sent.
+    stop: AtomicU64,
     /// Send pieces in PIECE_PARTs of this many bytes (0: whole), so control frames queued
     /// meanwhile go out between parts: set while the link to this peer is slow.
     part_bytes: AtomicU32,
@@ -506,6 +509,7 @@ impl Shared {
         let i = q.order.pop_front()?;
         q.bytes -= size(i);
         self.sending.store(true, Ordering::Relaxed);
+        self.stop.store(0, Ordering::Relaxed);
         Some(i)
     }
 
@@ -971,9 +975,17 @@ impl Session {
             PeerMsg::Cancel { index } => {
                 self.check_index(index, n)?;
                 let size = u64::from(self.t.meta.piece_size(index));
-                if self.shared.unqueue(index, size) && self.super_mode {
-                    // Not sent: another peer may be offered it.
-                    self.t.lock().seed.withdraw(index, self.conn_id);
+                if self.shared.unqueue(index, size) {
+                    if self.super_mode {
+                        // Not sent: another peer may be offered it.
+                        self.t.lock().seed.withdraw(index, self.conn_id);
+                    }
+                } else {
+                    // Maybe being sent: in parts, the rest need not go (endgame duplicates
+                    // would otherwise take the uplink the last pieces need).
+                    self.shared
+                        .stop
+                        .store(u64::from(index) + 1, Ordering::Relaxed);
                 }
             }
             PeerMsg::Piece { index, len } => {
@@ -1008,9 +1020,12 @@ impl Session {
                 self.check_index(index, n)?;
                 debug!(index, %reason, busy, "request rejected");
                 if self.partial.as_ref().is_some_and(|p| p.index == index) {
-                    // A relay's piece failed there midway: its parts so far are void.
+                    // Cancelled by us, or a relay's piece failed there midway: its parts so far
+                    // are void.
                     self.partial = None;
-                    self.relay_failures += 1;
+                    if self.requested.contains_key(&index) {
+                        self.relay_failures += 1;
+                    }
                 }
                 if !busy {
                     self.streaming.remove(&index);
@@ -1600,6 +1615,20 @@ async fn write_ctrl<W: AsyncWrite + Unpin>(
     }
 }
 
+/// The peer cancelled piece `index` while it was being sent.
+fn cancelled(shared: &Shared, index: u32) -> bool {
+    shared.stop.load(Ordering::Relaxed) == u64::from(index) + 1
+}
+
+/// Ends a piece cut short by the peer's CANCEL: the parts it got are void.
+fn cancel_reject(index: u32) -> PeerMsg {
+    PeerMsg::Reject {
+        index,
+        reason: "cancelled".into(),
+        busy: false,
+    }
+}
+
 /// Write piece `index` (`data`) in PIECE_PARTs of `part` bytes, with the control frames
 /// queued meanwhile between them (flushed, so they leave now).
 async fn write_parts<W: AsyncWrite + Unpin>(
@@ -1609,9 +1638,12 @@ async fn write_parts<W: AsyncWrite + Unpin>(
     part: usize,
     ctrl: &mut mpsc::Receiver<Ctrl>,
     shared: &Shared,
-) -> Result<(), FrameError> {
+) -> Result<bool, FrameError> {
     let total = data.len() as u32;
     for (k, chunk) in data.chunks(part).enumerate() {
+        if k > 0 && cancelled(shared, index) {
+            return w.feed(&cancel_reject(index), &[]).await.map(|()| false);
+        }
         if k > 0 {
             let mut wrote = false;
             while let Ok(c) = ctrl.try_recv() {
@@ -1630,7 +1662,7 @@ async fn write_parts<W: AsyncWrite + Unpin>(
         };
         w.feed(&m, chunk).await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Stream piece `index` (`total` bytes) from its relay: each part as it lands here, the last
@@ -1657,6 +1689,10 @@ async fn write_relayed<W: AsyncWrite + Unpin>(
             break;
         }
         for part in parts {
+            if sent > 0 && cancelled(shared, index) {
+                w.feed(&cancel_reject(index), &[]).await?;
+                return Ok(false);
+            }
             let end = offset + part.len() as u32;
             if end >= total && outcome != Some(true) {
                 break; // The last part vouches for the piece: only once it passed here.
@@ -1832,28 +1868,32 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         };
         let began = Instant::now();
         let part = shared.part_bytes.load(Ordering::Relaxed) as usize;
+        // Ok(false): cut short by the peer's CANCEL.
         let r = match action {
             Action::Serve if part > 0 => {
                 write_parts(&mut w, index, data, part, &mut ctrl, &shared).await
             }
-            Action::Serve => w.feed(&header, data).await,
-            Action::Corrupt => w.feed(&header, &crate::sabotage::corrupt(data)).await,
-            Action::Drop => Ok(()),
+            Action::Serve => w.feed(&header, data).await.map(|()| true),
+            Action::Corrupt => w
+                .feed(&header, &crate::sabotage::corrupt(data))
+                .await
+                .map(|()| true),
+            Action::Drop => Ok(false),
         };
         // Flushed: a piece's tail (a short piece whole) would otherwise sit in the buffers
         // until the next frame, seconds on a quiet connection (measured: 9.5 s).
         let r = match r {
-            Ok(()) if action != Action::Drop => w.flush().await,
+            Ok(whole) if action != Action::Drop => w.flush().await.map(|()| whole),
             r => r,
         };
         // The bytes are in the socket now; drop the pages from our resident set.
         storage.release(index);
         shared.sending.store(false, Ordering::Relaxed);
-        if r.is_err() {
+        let Ok(whole) = r else {
             return;
-        }
-        trace!(index, peer = %remote, ms = began.elapsed().as_secs_f64() * 1000.0, "upload written");
-        if action != Action::Drop {
+        };
+        trace!(index, peer = %remote, ms = began.elapsed().as_secs_f64() * 1000.0, whole, "upload written");
+        if whole {
             shared
                 .sent_bytes
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
