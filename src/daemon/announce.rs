@@ -58,6 +58,7 @@ async fn announce_one(d: &Net, addr: &str, req: &Announce, force: bool) -> Optio
             return None;
         }
     }
+    let began = Instant::now();
     let (res, datagram_lost) = match announce_datagram(d, addr, req).await {
         Ok(reply) => (Ok(reply), None),
         Err(lost) => {
@@ -78,6 +79,7 @@ async fn announce_one(d: &Net, addr: &str, req: &Announce, force: bool) -> Optio
     }
     match res {
         Ok(reply) => {
+            debug!(tracker = %addr, peers = reply.peers.len(), ms = began.elapsed().as_secs_f64() * 1000.0, "announced");
             if h.failures > 0 {
                 info!(tracker = %addr, "tracker reachable again");
             }

@@ -341,8 +341,11 @@ pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Res
     if let Some(why) = d.bans.address_banned(addr.ip()) {
         return Err(ConnError::Refused(why));
     }
+    let began = Instant::now();
     let stream = connect(&d, addr).await?;
+    let tcp_ms = began.elapsed().as_secs_f64() * 1000.0;
     let (mut reader, mut writer, remote_id) = secure(&d, stream, true).await?;
+    debug!(%addr, tcp_ms, secured_ms = began.elapsed().as_secs_f64() * 1000.0, "dialed");
     if remote_id == d.peer_id {
         return Err(ConnError::Refused("that is ourselves".into()));
     }

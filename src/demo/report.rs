@@ -472,15 +472,16 @@ fn render_network(r: &Report) -> String {
         ));
     }
     if !r.paths.is_empty() {
-        s.push_str("  measured before the swarm started (RTT = TCP connect time, median; loss = 1000 datagrams):\n");
+        s.push_str("  measured before the swarm started (RTT = TCP connect time, least of several; first = the first connect; loss = 1000 datagrams):\n");
         for p in &r.paths {
             s.push_str(&format!(
-                "    {} -> {:<10} RTT {:>6.1} ms (scenario {:>5.0} ms, {:+.1}%), loss {:.1}% (scenario {:.1}%)\n",
+                "    {} -> {:<10} RTT {:>6.1} ms (scenario {:>5.0} ms, {:+.1}%), first {:>6.1} ms, loss {:.1}% (scenario {:.1}%)\n",
                 p.from,
                 p.to,
                 p.measured_rtt_ms,
                 p.expected_rtt_ms,
                 (p.measured_rtt_ms / p.expected_rtt_ms.max(1e-9) - 1.0) * 100.0,
+                p.first_connect_ms,
                 p.measured_loss * 100.0,
                 p.expected_loss * 100.0
             ));

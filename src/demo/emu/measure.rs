@@ -22,6 +22,9 @@ pub(crate) struct PathCheck {
     pub(crate) measured_rtt_ms: f64,
     pub(crate) expected_loss: f64,
     pub(crate) measured_loss: f64,
+    /// The first connect to the host, which resolves nothing on the way: one RTT, as on a
+    /// real network (NaN if its SYN was lost).
+    pub(crate) first_connect_ms: f64,
 }
 
 /// Measure from host `from` to each of `to`, all paths at once.
@@ -86,7 +89,7 @@ fn measure_one(emu: &Emulator, from: usize, to: usize) -> anyhow::Result<PathChe
         std::thread::sleep(Duration::from_millis(300) + a.link.delay + b.link.delay);
         served.store(true, std::sync::atomic::Ordering::Relaxed);
         let got = counted.join().unwrap_or(0);
-        let rtt_ms = probe??;
+        let (rtt_ms, first_ms) = probe??;
         let expected_loss = 1.0 - (1.0 - a.link.loss) * (1.0 - b.link.loss);
         Ok(PathCheck {
             from: a.name.clone(),
@@ -95,18 +98,23 @@ fn measure_one(emu: &Emulator, from: usize, to: usize) -> anyhow::Result<PathChe
             measured_rtt_ms: rtt_ms,
             expected_loss,
             measured_loss: 1.0 - got as f64 / f64::from(LOSS_DATAGRAMS),
+            first_connect_ms: first_ms,
         })
     })
 }
 
-/// From inside the sending host: connect times (the least, after one warm-up connect that
-/// also resolves the neighbour), then the numbered datagrams at 1 per ms.
-fn probe(ip: &str, tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<f64> {
+/// From inside the sending host: connect times (the first, timed apart, then the least of
+/// the rest), then the numbered datagrams at 1 per ms.
+fn probe(ip: &str, tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<(f64, f64)> {
     let timeout = Duration::from_secs(8);
-    // The warm-up resolves the neighbour first. On a lossy link ARP can fail: 3 probes, each
-    // needing a request and a reply through the loss (0.1 % of runs at 5 % loss each way,
-    // seen in CI as "No route to host"). Try again before calling the host silent.
+    // The first connect, tried again on a lossy link before calling the host silent.
+    let t = Instant::now();
     let mut warm = TcpStream::connect_timeout(&tcp, timeout);
+    let first_ms = if warm.is_ok() {
+        t.elapsed().as_secs_f64() * 1e3
+    } else {
+        f64::NAN
+    };
     for _ in 0..2 {
         if warm.is_ok() {
             break;
@@ -134,5 +142,8 @@ fn probe(ip: &str, tcp: SocketAddr, udp: SocketAddr) -> anyhow::Result<f64> {
         let _ = sock.send_to(&d, udp);
         std::thread::sleep(Duration::from_millis(1));
     }
-    Ok(rtts.into_iter().reduce(f64::min).unwrap_or(f64::NAN))
+    Ok((
+        rtts.into_iter().reduce(f64::min).unwrap_or(f64::NAN),
+        first_ms,
+    ))
 }
