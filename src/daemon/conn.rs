@@ -1528,18 +1528,6 @@ impl Session {
         let Some(bits) = &self.peer_bits else {
             return Ok(());
         };
-        // What the peer is still receiving may be asked for too: it relays it as it comes.
-        let with_streaming;
-        let bits = if self.streaming.is_empty() {
-            bits
-        } else {
-            let mut b = bits.clone();
-            for &i in &self.streaming {
-                b.set(i);
-            }
-            with_streaming = b;
-            &with_streaming
-        };
         let slots = {
             let st = self.t.lock();
             if st.record.state != crate::store::TorrentState::Downloading || st.picker.is_complete()
@@ -1558,6 +1546,21 @@ impl Session {
                 })
         };
         let slots = self.busy_cap.map_or(slots, |cap| slots.min(cap));
+        if self.requested.len() >= slots {
+            return Ok(()); // Called after every frame: most often there is no room.
+        }
+        // What the peer is still receiving may be asked for too: it relays it as it comes.
+        let with_streaming;
+        let bits = if self.streaming.is_empty() {
+            bits
+        } else {
+            let mut b = bits.clone();
+            for &i in &self.streaming {
+                b.set(i);
+            }
+            with_streaming = b;
+            &with_streaming
+        };
         while self.requested.len() < slots {
             let pick = {
                 let requested = &self.requested;
