@@ -176,7 +176,7 @@ fn it_should_send_a_pong_between_the_parts_of_a_piece_to_a_reader_that_stalls() 
     // Read nothing until the seeder's writer is stuck in the middle of the pieces (the
     // socket's buffers hold far less than 6 MiB), then PING. Whole pieces would put the PONG
     // after the piece being written; parts put it after the part being written. A PONG lands
-    // on a piece's boundary by chance once in 16 parts, so three PINGs are tried; a reader
+    // on a piece's boundary by chance once in 32 parts, so three PINGs are tried; a reader
     // that gets whole pieces never sees one inside a piece.
     let mut inside = 0;
     let (mut next_offset, mut pieces) = (0u64, std::collections::BTreeMap::new());

@@ -434,10 +434,11 @@ const CTRL_QUEUE: usize = 1024;
 /// The frame type of a piece part (the reader hashes those across frames).
 const PIECE_PART: &str = "PIECE_PART";
 const REJECT: &str = "REJECT";
-/// Bytes per PIECE_PART: at 10 Mbit/s shared by a few peers a control frame waits tens of
-/// milliseconds behind one, where behind a whole 1 MiB piece it waited seconds (measured on
-/// the heterogeneous scenario: REQUESTs from the 10 Mbit/s leecher took 3-6 s to be served).
-const PART_BYTES: u32 = 64 * 1024;
+/// Bytes per PIECE_PART: behind a whole 1 MiB piece a control frame waited seconds (measured
+/// on the heterogeneous scenario: REQUESTs from the 10 Mbit/s leecher took 3-6 s to be
+/// served). That uplink shared by 8 connections drains 32 KiB per connection in 0.2 s, 64 KiB
+/// in 0.4 s (see [`UNSENT_LOWAT_BYTES`] for the measurement).
+const PART_BYTES: u32 = 32 * 1024;
 /// Pieces go whole to a peer we upload to faster than a piece per this long: there a control
 /// frame waits little behind one, and whole frames cost less.
 const WHOLE_PIECE_SECS: f64 = 0.02;
@@ -454,16 +455,28 @@ const MIN_OFFERS_IGNORED_SECS: f64 = 1.5;
 const MAX_RELAY_FAILURES: u32 = 3;
 /// A PING unanswered this long is given up and a new one sent.
 const PING_GIVE_UP: Duration = Duration::from_secs(10);
-/// Unsent bytes the kernel may hold per connection. Past it the writer holds them, so a
-/// control frame queued now waits for at most this much plus the rest of the piece being
-/// written, not for the several MiB a send buffer grows to on a fast link.
-const UNSENT_LOWAT_BYTES: libc::c_int = 128 * 1024;
+/// Unsent bytes the kernel may hold per connection to another host. Past it the writer holds
+/// them, so a control frame queued now waits for at most this much plus the part being
+/// written, not for the several MiB a send buffer grows to on a fast link. With 128 KiB and
+/// 64 KiB parts, the 10 Mbit/s leecher's REQUESTs waited up to 1.5 s behind its own uploads
+/// (1.25 Mbit/s per connection) and it finished last; with 32 KiB and 32 KiB parts
+/// (heterogeneous scenario, alternated 3+3) the run took 20.2-21.3 s, median 20.9, against
+/// 21.2-22.3 s, median 21.5, and that leecher 19.1-20.0 s against 21.0-22.1 s; homogeneous
+/// 12.0-12.2 s against 12.1-12.4 s.
+const UNSENT_LOWAT_BYTES: libc::c_int = 32 * 1024;
+/// The same on loopback, where a small limit only costs wake-ups.
+const UNSENT_LOWAT_LOCAL_BYTES: libc::c_int = 128 * 1024;
 
 /// Limit the kernel's unsent bytes (see [`UNSENT_LOWAT_BYTES`]). Best effort: without it the
 /// connection works, control just waits longer on a thin link.
 fn limit_unsent(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
-    let v: libc::c_int = UNSENT_LOWAT_BYTES;
+    let local = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+    let v: libc::c_int = if local {
+        UNSENT_LOWAT_LOCAL_BYTES
+    } else {
+        UNSENT_LOWAT_BYTES
+    };
     // SAFETY: setsockopt on an open socket we own, with a pointer to a c_int and its size.
     let rc = unsafe {
         libc::setsockopt(
