@@ -1634,6 +1634,23 @@ async fn write_ctrl<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Write the control frames queued now, flushed so they leave ahead of the next part.
+async fn send_queued_ctrl<W: AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+    ctrl: &mut mpsc::Receiver<Ctrl>,
+    shared: &Shared,
+) -> Result<(), FrameError> {
+    let mut wrote = false;
+    while let Ok(c) = ctrl.try_recv() {
+        write_ctrl(w, c, shared).await?;
+        wrote = true;
+    }
+    if wrote {
+        w.flush().await?;
+    }
+    Ok(())
+}
+
 /// The peer cancelled piece `index` while it was being sent.
 fn cancelled(shared: &Shared, index: u32) -> bool {
     shared.stop.load(Ordering::Relaxed) == u64::from(index) + 1
@@ -1664,14 +1681,7 @@ async fn write_parts<W: AsyncWrite + Unpin>(
             return w.feed(&cancel_reject(index), &[]).await.map(|()| false);
         }
         if k > 0 {
-            let mut wrote = false;
-            while let Ok(c) = ctrl.try_recv() {
-                write_ctrl(w, c, shared).await?;
-                wrote = true;
-            }
-            if wrote {
-                w.flush().await?;
-            }
+            send_queued_ctrl(w, ctrl, shared).await?;
         }
         let m = PeerMsg::PiecePart {
             index,
@@ -1716,14 +1726,7 @@ async fn write_relayed<W: AsyncWrite + Unpin>(
             if end >= total && outcome != Some(true) {
                 break; // The last part vouches for the piece: only once it passed here.
             }
-            let mut wrote = false;
-            while let Ok(c) = ctrl.try_recv() {
-                write_ctrl(w, c, shared).await?;
-                wrote = true;
-            }
-            if wrote {
-                w.flush().await?;
-            }
+            send_queued_ctrl(w, ctrl, shared).await?;
             let m = PeerMsg::PiecePart {
                 index,
                 offset,
