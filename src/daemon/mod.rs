@@ -23,6 +23,7 @@ pub mod relay;
 pub mod torrent;
 pub mod tree_data;
 pub mod workers;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
