@@ -3,9 +3,9 @@
 //!
 //! Three tasks per connection: a reader that only reads frames (reading is not cancel-safe,
 //! so it never sits in a `select!`), a writer ([`super::writer`]) that owns the socket's write
-//! half and serves pieces straight from the memory map or their relay, and the session loop that owns the download state
-//! (outstanding requests, the peer's bitfield) and reacts to frames, torrent events,
-//! verification results and a 1 s tick.
+//! half and serves pieces straight from the memory map or their relay, and the session loop
+//! that owns the download state (outstanding requests, the peer's bitfield) and reacts to
+//! frames, torrent events, verification results and a 1 s tick.
 //!
 //! Control never waits behind data: the writer takes control frames (REQUEST, HAVE, CANCEL,
 //! PING/PONG, KEEPALIVE) from their own queue and sends all of them before each piece, the
@@ -1240,10 +1240,8 @@ impl Session {
             let written = t.storage.write_piece(index, &payload);
             drop(permit);
             t.on_verified(written, &remote, latency_ms);
-            // Served from the file from now on.
-            if let Some(r) = relayed {
-                r.unpublish();
-            }
+            // Served from the file from now on: unpublished.
+            drop(relayed);
             drop(in_flight);
         });
         Ok(())

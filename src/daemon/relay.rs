@@ -142,11 +142,7 @@ pub struct Written {
     relay: Arc<Relay>,
 }
 
-impl Written {
-    /// The piece is in the file (or will never be): unpublish it.
-    pub fn unpublish(self) {}
-}
-
+/// Dropped once the piece is in the file (or never will be): unpublished.
 impl Drop for Written {
     fn drop(&mut self) {
         self.relays.remove(self.index, &self.relay);
@@ -186,7 +182,7 @@ mod tests {
         let written = inbound.verified();
         assert_eq!(rx.borrow().outcome, Some(true));
         assert!(relays.get(7).is_some(), "served from memory until written");
-        written.unpublish();
+        drop(written);
         assert!(relays.get(7).is_none());
         assert_eq!(
             rx.borrow().parts.len(),
