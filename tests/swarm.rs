@@ -495,3 +495,180 @@ fn it_should_stop_sending_a_piece_in_parts_when_the_peer_cancels_it() {
         "{whole} whole pieces after the CANCELs: {got:?}"
     );
 }
+
+/// A hand-written leecher's view of a super-seeder: every HAVE (an offer) it got, answered
+/// with a REQUEST when `ask`; PIECEs counted. Reads until `until`, PINGing the seeder so a
+/// quiet connection still answers (each read is bounded).
+struct Offers {
+    offered: Vec<u64>,
+    pieces: usize,
+}
+
+fn take_offers(w: &mut crate::common::wire::Wire, o: &mut Offers, until: std::time::Instant) {
+    let mut ping = 0u64;
+    while std::time::Instant::now() < until {
+        ping += 1;
+        w.write(&frame(&json!({"type":"PING","id":ping}), &[]))
+            .unwrap();
+        loop {
+            let (h, _) = w.read_frame().expect("a frame before the read timeout");
+            match h["type"].as_str().unwrap() {
+                "PING" => w
+                    .write(&frame(&json!({"type":"PONG","id":h["id"]}), &[]))
+                    .unwrap(),
+                "HAVE" => {
+                    let i = h["index"].as_u64().unwrap();
+                    o.offered.push(i);
+                    w.write(&frame(&json!({"type":"REQUEST","index":i}), &[]))
+                        .unwrap();
+                }
+                "PIECE" => o.pieces += 1,
+                "PONG" if h["id"] == ping => break,
+                "ERROR" => panic!("closed: {h}"),
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn it_should_offer_no_more_pieces_to_a_leecher_that_passes_none_on_while_another_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 32 pieces of 64 KiB; a capped upload makes peers on this host count as remote, so the
+    // seeder super-seeds to them.
+    let cfg = write_config(
+        d,
+        "seeder.toml",
+        "[peer]\npiece_size = \"64KiB\"\nmax_upload_rate = \"1GiB\"\n",
+    );
+    let (_t, [seeder], hash, _desc) = seeded(d, 2, [("seeder", &["--config", &cfg])]);
+    let (mut a, _) = raw_peer(&seeder, &hash, false);
+    a.write(&frame(&json!({"type":"BITFIELD","len":4}), &[0; 4]))
+        .unwrap();
+    let (mut b, _) = raw_peer(&seeder, &hash, false);
+    b.write(&frame(&json!({"type":"BITFIELD","len":4}), &[0; 4]))
+        .unwrap();
+    // B passes on what it gets (it tells the seeder it has each piece it fetched, as a
+    // leecher that fetched it from B would), one piece every 300 ms; A passes on nothing.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b_stop = stop.clone();
+    let b_thread = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut pending = std::collections::VecDeque::new();
+        let mut want = None;
+        let mut next_at = std::time::Instant::now();
+        let mut ping = 0u64;
+        while !b_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if want.is_none() && std::time::Instant::now() >= next_at {
+                if let Some(i) = pending.pop_front() {
+                    b.write(&frame(&json!({"type":"REQUEST","index":i}), &[]))
+                        .unwrap();
+                    want = Some(i);
+                }
+            }
+            ping += 1;
+            b.write(&frame(&json!({"type":"PING","id":ping}), &[]))
+                .unwrap();
+            loop {
+                let (h, _) = b.read_frame().expect("a frame before the read timeout");
+                match h["type"].as_str().unwrap() {
+                    "PING" => b
+                        .write(&frame(&json!({"type":"PONG","id":h["id"]}), &[]))
+                        .unwrap(),
+                    "HAVE" => pending.push_back(h["index"].as_u64().unwrap()),
+                    "PIECE" if h["index"].as_u64() == want => {
+                        let i = want.take().unwrap();
+                        b.write(&frame(&json!({"type":"HAVE","index":i}), &[]))
+                            .unwrap();
+                        got.push(i);
+                        next_at = std::time::Instant::now() + Duration::from_millis(300);
+                    }
+                    "PONG" if h["id"] == ping => break,
+                    "ERROR" => panic!("closed: {h}"),
+                    _ => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (b, got)
+    });
+    let mut o = Offers {
+        offered: Vec::new(),
+        pieces: 0,
+    };
+    take_offers(
+        &mut a,
+        &mut o,
+        std::time::Instant::now() + Duration::from_secs(4),
+    );
+    let held_at = o.offered.len();
+    eprintln!("A was offered {:?}, got {} pieces", o.offered, o.pieces);
+    assert_eq!(o.pieces, held_at, "A got every piece it was offered");
+    // What A was offered before it held 3 unspread pieces: at most the first batch (an
+    // unmeasured peer's pipeline, 4) and the 3. Without the rule A is offered a piece for
+    // every one it takes, about 20 in these 4 s.
+    assert!(
+        (1..=7).contains(&held_at),
+        "A, passing nothing on, was offered {held_at} pieces"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut b, got) = b_thread.join().unwrap();
+    assert!(
+        got.len() >= held_at + 3,
+        "B, passing pieces on, got {} while A was held at {held_at}",
+        got.len()
+    );
+    // One of A's pieces reaches another leecher: A may have one more.
+    b.write(&frame(&json!({"type":"HAVE","index":o.offered[0]}), &[]))
+        .unwrap();
+    take_offers(
+        &mut a,
+        &mut o,
+        std::time::Instant::now() + Duration::from_secs(3),
+    );
+    assert!(
+        o.offered.len() > held_at,
+        "A was offered nothing more after one of its pieces spread: {:?}",
+        o.offered
+    );
+}
+
+#[test]
+fn it_should_send_its_bitfield_with_its_hello_when_it_dials_in_a_public_swarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (t, [_seeder], hash, desc) = seeded(d, 1, [("seeder", &[])]);
+    // A hand-written peer the leecher will dial: it answers the handshake and then says
+    // nothing, so whatever the dialer sends, it sends before any reply.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else { return };
+        let id = shoal::secure::Identity::generate();
+        let Ok(mut w) = crate::common::wire::Wire::accept(s, &id) else {
+            return;
+        };
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            match w.read_frame() {
+                Some((h, _)) => kinds.push(h["type"].as_str().unwrap_or("?").to_string()),
+                None => kinds.push("nothing within 10 s".into()),
+            }
+        }
+        let _ = tx.send(kinds);
+    });
+    announce(t.addr, &hash, "silent", port, "started", 8, 8);
+    let leecher = start_peer(d, "leecher", &[t.addr], &[]);
+    peer_ok(d, &leecher.data_dir, &["get", &desc, "--output", "out"], T);
+    let kinds = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the leecher dialed the silent peer");
+    assert_eq!(
+        kinds,
+        ["HELLO", "BITFIELD"],
+        "the dialer's BITFIELD comes right behind its HELLO, before the other's HELLO"
+    );
+}

@@ -221,6 +221,9 @@ pub struct Torrent {
     pub announce_now: Notify,
     /// Wakes the dialer when a tracker gave us peers.
     pub peers_learned: Notify,
+    /// Super-seeding: a piece we gave a leecher reached another one, so a leecher held back
+    /// for holding the only copy of several may be offered more.
+    pub spread: Notify,
     complete: Notify,
     signal: Arc<VerifiedSignal>,
     next_conn_id: std::sync::atomic::AtomicU64,
@@ -305,6 +308,7 @@ impl Torrent {
             owner: p.owner,
             announce_now: Notify::new(),
             peers_learned: Notify::new(),
+            spread: Notify::new(),
             complete: Notify::new(),
             next_conn_id: 0.into(),
         })
