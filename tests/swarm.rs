@@ -18,6 +18,18 @@ fn peer_row(tor: &serde_json::Value, peer_id: &str) -> Option<serde_json::Value>
         .cloned()
 }
 
+/// A seeder of a random `mib` MiB file in `piece` pieces, its upload capped far above what
+/// moves: peers on this host then count as remote (parts, relay, super-seeding).
+fn capped_seeder(d: &std::path::Path, piece: &str, mib: usize) -> (TrackerProc, PeerProc, String) {
+    let cfg = write_config(
+        d,
+        "seeder.toml",
+        &format!("[peer]\nmax_upload_rate = \"1GiB\"\npiece_size = \"{piece}\"\n"),
+    );
+    let (t, [seeder], hash, _desc) = seeded(d, mib, [("seeder", &["--config", &cfg])]);
+    (t, seeder, hash)
+}
+
 /// A hand-written peer connected to `seeder` for `hash`, past both HELLOs (ours says whether
 /// it reads PIECE_PART); the seeder's HELLO is returned with it.
 fn raw_peer(
@@ -426,14 +438,8 @@ fn it_should_relay_a_piece_part_by_part_and_its_last_part_only_once_verified() {
 fn it_should_stop_sending_a_piece_in_parts_when_the_peer_cancels_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Parts for a peer on this host need a capped upload; the cap is far above what moves.
     // 4 MiB pieces: more than the socket's buffers take while the reader reads nothing.
-    let cfg = write_config(
-        d,
-        "seeder.toml",
-        "[peer]\nmax_upload_rate = \"1GiB\"\npiece_size = \"4MiB\"\n",
-    );
-    let (_t, [seeder], hash, _desc) = seeded(d, 16, [("seeder", &["--config", &cfg])]);
+    let (_t, seeder, hash) = capped_seeder(d, "4MiB", 16);
     let (mut s, _) = raw_peer(&seeder, &hash, true);
     let mut batch = Vec::new();
     for i in 0..4 {
@@ -496,38 +502,50 @@ fn it_should_stop_sending_a_piece_in_parts_when_the_peer_cancels_it() {
     );
 }
 
-/// A hand-written leecher's view of a super-seeder: every HAVE (an offer) it got, answered
-/// with a REQUEST when `ask`; PIECEs counted. Reads until `until`, PINGing the seeder so a
-/// quiet connection still answers (each read is bounded).
+/// PING the peer and handle its frames until the PONG (answering its PINGs; an ERROR fails
+/// the test): each read is bounded, and a quiet connection still answers.
+fn ping_round(
+    w: &mut crate::common::wire::Wire,
+    ping: u64,
+    mut on: impl FnMut(&mut crate::common::wire::Wire, &serde_json::Value),
+) {
+    w.write(&frame(&json!({"type":"PING","id":ping}), &[]))
+        .unwrap();
+    loop {
+        let (h, _) = w.read_frame().expect("a frame before the read timeout");
+        match h["type"].as_str().unwrap() {
+            "PING" => w
+                .write(&frame(&json!({"type":"PONG","id":h["id"]}), &[]))
+                .unwrap(),
+            "PONG" if h["id"] == ping => return,
+            "ERROR" => panic!("closed: {h}"),
+            _ => on(w, &h),
+        }
+    }
+}
+
+/// A hand-written leecher's view of a super-seeder: every HAVE (an offer) it got, each
+/// answered with a REQUEST, and the PIECEs that came.
 struct Offers {
     offered: Vec<u64>,
     pieces: usize,
 }
 
+/// Take every offer until `until`.
 fn take_offers(w: &mut crate::common::wire::Wire, o: &mut Offers, until: std::time::Instant) {
     let mut ping = 0u64;
     while std::time::Instant::now() < until {
         ping += 1;
-        w.write(&frame(&json!({"type":"PING","id":ping}), &[]))
-            .unwrap();
-        loop {
-            let (h, _) = w.read_frame().expect("a frame before the read timeout");
-            match h["type"].as_str().unwrap() {
-                "PING" => w
-                    .write(&frame(&json!({"type":"PONG","id":h["id"]}), &[]))
-                    .unwrap(),
-                "HAVE" => {
-                    let i = h["index"].as_u64().unwrap();
-                    o.offered.push(i);
-                    w.write(&frame(&json!({"type":"REQUEST","index":i}), &[]))
-                        .unwrap();
-                }
-                "PIECE" => o.pieces += 1,
-                "PONG" if h["id"] == ping => break,
-                "ERROR" => panic!("closed: {h}"),
-                _ => {}
+        ping_round(w, ping, |w, h| match h["type"].as_str().unwrap() {
+            "HAVE" => {
+                let i = h["index"].as_u64().unwrap();
+                o.offered.push(i);
+                w.write(&frame(&json!({"type":"REQUEST","index":i}), &[]))
+                    .unwrap();
             }
-        }
+            "PIECE" => o.pieces += 1,
+            _ => {}
+        });
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -536,14 +554,8 @@ fn take_offers(w: &mut crate::common::wire::Wire, o: &mut Offers, until: std::ti
 fn it_should_offer_no_more_pieces_to_a_leecher_that_passes_none_on_while_another_does() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // 32 pieces of 64 KiB; a capped upload makes peers on this host count as remote, so the
-    // seeder super-seeds to them.
-    let cfg = write_config(
-        d,
-        "seeder.toml",
-        "[peer]\npiece_size = \"64KiB\"\nmax_upload_rate = \"1GiB\"\n",
-    );
-    let (_t, [seeder], hash, _desc) = seeded(d, 2, [("seeder", &["--config", &cfg])]);
+    // 32 pieces of 64 KiB, super-seeded to the peers below.
+    let (_t, seeder, hash) = capped_seeder(d, "64KiB", 2);
     let (mut a, _) = raw_peer(&seeder, &hash, false);
     a.write(&frame(&json!({"type":"BITFIELD","len":4}), &[0; 4]))
         .unwrap();
@@ -569,27 +581,17 @@ fn it_should_offer_no_more_pieces_to_a_leecher_that_passes_none_on_while_another
                 }
             }
             ping += 1;
-            b.write(&frame(&json!({"type":"PING","id":ping}), &[]))
-                .unwrap();
-            loop {
-                let (h, _) = b.read_frame().expect("a frame before the read timeout");
-                match h["type"].as_str().unwrap() {
-                    "PING" => b
-                        .write(&frame(&json!({"type":"PONG","id":h["id"]}), &[]))
-                        .unwrap(),
-                    "HAVE" => pending.push_back(h["index"].as_u64().unwrap()),
-                    "PIECE" if h["index"].as_u64() == want => {
-                        let i = want.take().unwrap();
-                        b.write(&frame(&json!({"type":"HAVE","index":i}), &[]))
-                            .unwrap();
-                        got.push(i);
-                        next_at = std::time::Instant::now() + Duration::from_millis(300);
-                    }
-                    "PONG" if h["id"] == ping => break,
-                    "ERROR" => panic!("closed: {h}"),
-                    _ => {}
+            ping_round(&mut b, ping, |b, h| match h["type"].as_str().unwrap() {
+                "HAVE" => pending.push_back(h["index"].as_u64().unwrap()),
+                "PIECE" if h["index"].as_u64() == want => {
+                    let i = want.take().unwrap();
+                    b.write(&frame(&json!({"type":"HAVE","index":i}), &[]))
+                        .unwrap();
+                    got.push(i);
+                    next_at = std::time::Instant::now() + Duration::from_millis(300);
                 }
-            }
+                _ => {}
+            });
             std::thread::sleep(Duration::from_millis(50));
         }
         (b, got)
