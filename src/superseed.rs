@@ -241,6 +241,7 @@ impl SuperSeed {
         self.held.remove(&conn);
         if self.phase != Phase::Spreading {
             self.offering.clear();
+            self.held.clear();
             return false;
         }
         self.offering.insert(conn);

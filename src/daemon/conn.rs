@@ -385,6 +385,8 @@ struct Opening {
     events: broadcast::Receiver<TorrentEvent>,
     shown: Bitfield,
     super_mode: bool,
+    /// The peer is on this host and the upload is not capped (see [`Opening::take`]).
+    local: bool,
 }
 
 impl Opening {
@@ -408,6 +410,7 @@ impl Opening {
             events,
             shown,
             super_mode,
+            local,
         }
     }
 
@@ -685,12 +688,12 @@ async fn session<R, W>(
         mut events,
         shown,
         super_mode,
+        local,
     } = early.unwrap_or_else(|| Opening::take(&d, &t, addr));
-    let local = addr.ip().is_loopback() && d.upload_limit.is_none();
     let n = t.meta.piece_count();
-    // Parts are for a thin link; a peer on this host gets whole pieces (as above, unless
-    // the upload is capped). Until the link is measured, parts: its first pieces hold
-    // control too.
+    // Parts are for a thin link; a peer on this host gets whole pieces (as in
+    // `Opening::take`, unless the upload is capped). Until the link is measured, parts: its
+    // first pieces hold control too.
     let remote_parts = hello.parts && !local;
     let shared = Arc::new(Shared {
         part_bytes: AtomicU32::new(if remote_parts { PART_BYTES } else { 0 }),
@@ -1384,6 +1387,7 @@ impl Session {
             return Ok(());
         }
         self.super_mode = false;
+        self.held_back = false;
         self.offers.clear();
         // Whatever it held and did not get may go to others (when only this peer leaves).
         self.t.lock().seed.withdraw_all(self.conn_id);
