@@ -995,17 +995,11 @@ impl Session {
             PeerMsg::Cancel { index } => {
                 self.check_index(index, n)?;
                 let size = u64::from(self.t.meta.piece_size(index));
-                if self.shared.unqueue(index, size) {
-                    if self.super_mode {
-                        // Not sent: another peer may be offered it.
-                        self.t.lock().seed.withdraw(index, self.conn_id);
-                    }
-                } else {
-                    // Maybe being sent: in parts, the rest need not go (endgame duplicates
-                    // would otherwise take the uplink the last pieces need).
-                    self.shared
-                        .stop
-                        .store(u64::from(index) + 1, Ordering::Relaxed);
+                // Being sent in parts, the rest need not go (endgame duplicates would
+                // otherwise take the uplink the last pieces need).
+                if self.shared.cancel(index, size) && self.super_mode {
+                    // Not sent: another peer may be offered it.
+                    self.t.lock().seed.withdraw(index, self.conn_id);
                 }
             }
             PeerMsg::Piece { index, len } => {

@@ -34,6 +34,8 @@ pub(super) enum Ctrl {
 pub(super) struct UploadQueue {
     pub(super) order: VecDeque<u32>,
     pub(super) bytes: u64,
+    /// The piece the writer took last: a CANCEL for it stops it at its next part.
+    current: Option<u32>,
 }
 
 /// State the session loop and the writer share.
@@ -61,20 +63,27 @@ impl Shared {
         let mut q = self.uploads.lock().expect("upload queue lock");
         let i = q.order.pop_front()?;
         q.bytes -= size(i);
+        q.current = Some(i);
         self.sending.store(true, Ordering::Relaxed);
         self.stop.store(0, Ordering::Relaxed);
         Some(i)
     }
 
-    /// Drop a queued piece; whether it was queued.
-    pub(super) fn unqueue(&self, index: u32, size: u64) -> bool {
+    /// The peer cancelled piece `index` (`size` bytes): dropped if queued (returns true); if
+    /// it is the piece being sent, the writer stops it at its next part. Under the queue's
+    /// lock, so a piece the writer takes meanwhile is one or the other, and a CANCEL for a
+    /// piece neither queued nor being sent cannot undo the stop of the one that is.
+    pub(super) fn cancel(&self, index: u32, size: u64) -> bool {
         let mut q = self.uploads.lock().expect("upload queue lock");
-        let Some(pos) = q.order.iter().position(|&i| i == index) else {
-            return false;
-        };
-        q.order.remove(pos);
-        q.bytes -= size;
-        true
+        if let Some(pos) = q.order.iter().position(|&i| i == index) {
+            q.order.remove(pos);
+            q.bytes -= size;
+            return true;
+        }
+        if q.current == Some(index) {
+            self.stop.store(u64::from(index) + 1, Ordering::Relaxed);
+        }
+        false
     }
 }
 
