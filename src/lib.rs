@@ -8,6 +8,7 @@
 //! - [`store`]: the sled state: torrents, durable bitfields, scores.
 //! - [`picker`], [`scorer`], [`superseed`]: which piece next, how much to ask of whom, and
 //!   which pieces a seeder offers to whom first.
+//! - [`pacer`]: how fast our uplink may go, from the one-way delay our PINGs measure.
 //! - [`sabotage`]: the testing mode that misbehaves on purpose.
 //! - [`daemon`]: `shoal peer run`, tying it all together.
 //! - [`control`], [`query`]: the local control socket and the SQL view of the state.
@@ -28,6 +29,7 @@ pub mod hashprefix;
 pub mod http;
 pub mod metainfo;
 pub mod metrics;
+pub mod pacer;
 pub mod peer_proto;
 pub mod picker;
 pub mod query;

@@ -52,6 +52,9 @@ pub struct PeerMetrics {
     torrent_rejected: Family<Labels, Gauge>,
     torrent_peers_connected: Family<Labels, Gauge>,
     peer_rtt_seconds: Family<Labels, FGauge>,
+    /// The uplink pacer's rate (0: not pacing) and the queueing it last measured.
+    pub uplink_paced_rate: FGauge,
+    pub uplink_queue_seconds: FGauge,
     /// Scrapes refill the per-torrent series; one at a time.
     render_lock: Mutex<()>,
 }
@@ -103,6 +106,8 @@ impl PeerMetrics {
             torrent_rejected: Family::default(),
             torrent_peers_connected: Family::default(),
             peer_rtt_seconds: Family::default(),
+            uplink_paced_rate: FGauge::default(),
+            uplink_queue_seconds: FGauge::default(),
             render_lock: Mutex::new(()),
         };
         let mut m = m;
@@ -196,6 +201,16 @@ impl PeerMetrics {
             "shoal_peer_rtt_seconds",
             "Measured piece latency of each known peer, by torrent",
             m.peer_rtt_seconds.clone(),
+        );
+        r.register(
+            "shoal_uplink_paced_rate_bytes_per_second",
+            "Rate the uplink pacer holds our uploads to while our uplink queues (0: not pacing)",
+            m.uplink_paced_rate.clone(),
+        );
+        r.register(
+            "shoal_uplink_queue_seconds",
+            "Least one-way queueing delay our connections measured in the last second",
+            m.uplink_queue_seconds.clone(),
         );
         m
     }

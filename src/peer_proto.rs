@@ -97,6 +97,10 @@ pub enum PeerMsg {
     },
     Pong {
         id: u64,
+        /// The responder's clock when the PING arrived, µs from any origin (0: not given):
+        /// the asker's one-way delay to it, up to a constant ([`crate::pacer`]).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        at: u64,
     },
     Error {
         reason: String,
@@ -175,7 +179,8 @@ mod tests {
             PeerMsg::GetMetadata,
             PeerMsg::Keepalive,
             PeerMsg::Ping { id: u64::MAX },
-            PeerMsg::Pong { id: 9 },
+            PeerMsg::Pong { id: 9, at: 0 },
+            PeerMsg::Pong { id: 9, at: 12_345 },
         ];
         for m in msgs {
             let mut buf = Vec::new();

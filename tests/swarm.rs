@@ -680,3 +680,35 @@ fn it_should_send_its_bitfield_with_its_hello_when_it_dials_in_a_public_swarm() 
         "the dialer's BITFIELD comes right behind its HELLO, before the other's HELLO"
     );
 }
+
+#[test]
+fn it_should_stamp_each_pong_with_its_own_clock_so_the_asker_can_tell_one_way_delays() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_t, [seeder], hash, _desc) = seeded(d, 2, [("seeder", &[])]);
+    let (mut s, _) = raw_peer(&seeder, &hash, false);
+    let mut stamp = |id: u64| -> (u64, std::time::Instant) {
+        let sent = std::time::Instant::now();
+        s.write(&frame(&json!({"type":"PING","id":id}), &[]))
+            .unwrap();
+        loop {
+            let (h, _) = s.read_frame().expect("a PONG before the read timeout");
+            if h["type"] == "PONG" && h["id"] == id {
+                let at = h["at"].as_u64().unwrap_or_else(|| panic!("no clock: {h}"));
+                return (at, sent);
+            }
+        }
+    };
+    let (a, sent_a) = stamp(1);
+    std::thread::sleep(Duration::from_millis(400));
+    let (b, sent_b) = stamp(2);
+    assert!(a > 0 && b > a, "the clock must run: {a}, {b}");
+    // The responder's clock advanced as ours did between the two PINGs (on loopback both
+    // arrive within a millisecond or so of being sent).
+    let ours = sent_b.duration_since(sent_a).as_micros() as i64;
+    let theirs = (b - a) as i64;
+    assert!(
+        (theirs - ours).abs() < 50_000,
+        "their clock moved {theirs} us while ours moved {ours} us"
+    );
+}

@@ -213,13 +213,18 @@ type Writer = FrameWriter<SecureWrite<OwnedWriteHalf>>;
 
 /// Run the Noise handshake on a fresh stream, bounded by the connect timeout. Returns the
 /// framed halves and the remote's authenticated peer id.
-async fn secure(
-    d: &Net,
-    stream: TcpStream,
-    outgoing: bool,
-) -> Result<(Reader, Writer, String), ConnError> {
+/// A secured connection: its frame reader and writer, the peer's key, and (to another host)
+/// a second handle on the socket, for what the kernel measures of it.
+type Secured = (Reader, Writer, String, Option<std::os::fd::OwnedFd>);
+
+async fn secure(d: &Net, stream: TcpStream, outgoing: bool) -> Result<Secured, ConnError> {
+    use std::os::fd::AsFd;
     let _ = stream.set_nodelay(true); // Requests are small and latency-bound.
     limit_unsent(&stream);
+    let remote_host = stream.peer_addr().is_ok_and(|a| !a.ip().is_loopback());
+    let sock = remote_host
+        .then(|| stream.as_fd().try_clone_to_owned().ok())
+        .flatten();
     let (r, w) = stream.into_split();
     let hs = async {
         if outgoing {
@@ -239,6 +244,7 @@ async fn secure(
         FrameReader::new(ch.reader, Limits::default(), t),
         FrameWriter::new(ch.writer, d.cfg.read_timeout),
         ch.remote_id,
+        sock,
     ))
 }
 
@@ -278,7 +284,7 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
     };
     let secured = secure(&d, stream, false).await;
     drop(half_open);
-    let (mut reader, mut writer, remote_id) = match secured {
+    let (mut reader, mut writer, remote_id, sock) = match secured {
         Ok(c) => c,
         Err(e) => {
             // Nothing can be said on a channel that failed; a plaintext peer was told why.
@@ -328,7 +334,7 @@ pub async fn run_incoming(d: Arc<Net>, lookup: Lookup, stream: TcpStream, addr: 
     // Known by the address it listens on, so the dialer does not call it again.
     let listen_addr = SocketAddr::new(addr.ip(), hello.port);
     let span = conn_span(&t, &hello, listen_addr);
-    session(d, t, reader, writer, &hello, listen_addr, false, None)
+    session(d, t, reader, writer, &hello, listen_addr, false, None, sock)
         .instrument(span)
         .await;
 }
@@ -344,7 +350,7 @@ pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Res
     let began = Instant::now();
     let stream = connect(&d, addr).await?;
     let tcp_ms = began.elapsed().as_secs_f64() * 1000.0;
-    let (mut reader, mut writer, remote_id) = secure(&d, stream, true).await?;
+    let (mut reader, mut writer, remote_id, sock) = secure(&d, stream, true).await?;
     debug!(%addr, tcp_ms, secured_ms = began.elapsed().as_secs_f64() * 1000.0, "dialed");
     if remote_id == d.peer_id {
         return Err(ConnError::Refused("that is ourselves".into()));
@@ -373,7 +379,7 @@ pub async fn run_outgoing(d: Arc<Net>, t: Arc<Torrent>, addr: SocketAddr) -> Res
     }
     admit(&t, &mut reader, &mut writer, &hello).await?;
     let span = conn_span(&t, &hello, addr);
-    session(d, t, reader, writer, &hello, addr, true, early)
+    session(d, t, reader, writer, &hello, addr, true, early, sock)
         .instrument(span)
         .await;
     Ok(())
@@ -397,7 +403,7 @@ impl Opening {
         // saves no scarce upload and costs CPU and time (measured, 1 -> 4 leechers x 256 MiB
         // on loopback: 7.6 against 5.8 CPU s, 4.7 against 3.2 s). It is shown everything,
         // unless the operator capped the upload, which says the upload is what is scarce.
-        let local = addr.ip().is_loopback() && d.upload_limit.is_none();
+        let local = addr.ip().is_loopback() && d.uplink.user_cap().is_none();
         let st = t.lock();
         let super_mode = st.seed.is_active() && !local;
         // A super-seeder shows nothing at first and offers pieces one by one.
@@ -436,7 +442,7 @@ pub async fn fetch_metadata(
         return Err(ConnError::Refused(why));
     }
     let stream = connect(d, addr).await?;
-    let (mut reader, mut writer, remote_id) = secure(d, stream, true).await?;
+    let (mut reader, mut writer, remote_id, _) = secure(d, stream, true).await?;
     if let Some(why) = d.bans.banned(&remote_id, addr.ip()) {
         return Err(ConnError::Refused(why));
     }
@@ -616,6 +622,12 @@ struct Session {
     /// When the PING in flight was queued.
     ping_asked: Option<Instant>,
     rtt_samples: VecDeque<f64>,
+    /// The base of our one-way delay to the peer, for the uplink's pacer; None for a peer on
+    /// this host (no link between us, only a shared CPU).
+    owd: Option<crate::pacer::OwdBase>,
+    /// The socket, to another host, and the bytes it had acknowledged at the last tick: what
+    /// crossed our uplink, for the pacer.
+    sock: Option<(std::os::fd::OwnedFd, u64)>,
     /// This connection's RTT estimate, seconds (0: not measured).
     rtt: f64,
     /// Piece bytes per second we upload to this peer while it has work queued.
@@ -662,6 +674,7 @@ async fn session<R, W>(
     addr: SocketAddr,
     outgoing: bool,
     early: Option<Opening>,
+    sock: Option<std::os::fd::OwnedFd>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -697,6 +710,7 @@ async fn session<R, W>(
     let remote_parts = hello.parts && !local;
     let shared = Arc::new(Shared {
         part_bytes: AtomicU32::new(if remote_parts { PART_BYTES } else { 0 }),
+        uplink: Some(d.uplink.clone()),
         ..Shared::default()
     });
     let (ctrl_tx, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
@@ -798,6 +812,8 @@ async fn session<R, W>(
         next_ping: 0,
         ping_asked: None,
         rtt_samples: VecDeque::new(),
+        owd: (!addr.ip().is_loopback()).then(crate::pacer::OwdBase::default),
+        sock: sock.map(|fd| (fd, 0)),
         rtt: 0.0,
         up_rate: 0.0,
         sent_mark: 0,
@@ -1066,17 +1082,23 @@ impl Session {
                     .await
                     .map_err(|_| End::Quiet)?;
             }
-            PeerMsg::Ping { id } => match crate::testhook::pong_delay() {
-                Some(delay) => {
-                    let tx = self.ctrl.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = tx.send(Ctrl::Msg(PeerMsg::Pong { id })).await;
-                    });
+            PeerMsg::Ping { id } => {
+                let pong = PeerMsg::Pong {
+                    id,
+                    at: crate::pacer::clock_us(at),
+                };
+                match crate::testhook::pong_delay() {
+                    Some(delay) => {
+                        let tx = self.ctrl.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = tx.send(Ctrl::Msg(pong)).await;
+                        });
+                    }
+                    None => self.send(pong).await?,
                 }
-                None => self.send(PeerMsg::Pong { id }).await?,
-            },
-            PeerMsg::Pong { id } => self.on_pong(id, at),
+            }
+            PeerMsg::Pong { id, at: peer_at } => self.on_pong(id, at, peer_at),
             PeerMsg::Keepalive | PeerMsg::Metadata { .. } => {}
             PeerMsg::Roster { .. } => {
                 let r = parse_roster(&frame.payload).map_err(End::Tell)?;
@@ -1141,7 +1163,8 @@ impl Session {
         Ok(())
     }
 
-    fn on_pong(&mut self, id: u64, at: Instant) {
+    /// `peer_at`: the peer's clock when our PING arrived (0: not given).
+    fn on_pong(&mut self, id: u64, at: Instant, peer_at: u64) {
         let sent = *self.shared.ping.lock().expect("ping lock");
         let Some((sent_id, sent_at)) = sent else {
             return;
@@ -1157,7 +1180,20 @@ impl Session {
         self.rtt_samples.push_back(sample);
         self.rtt = self.rtt_samples.iter().copied().fold(f64::MAX, f64::min);
         let rtt_ms = self.rtt * 1000.0;
-        self.t.lock().score(&self.remote).record_rtt(rtt_ms);
+        let downloading = {
+            let mut st = self.t.lock();
+            st.score(&self.remote).record_rtt(rtt_ms);
+            !st.picker.is_complete()
+        };
+        // Paced for the sake of our downloads only: a seeder's upload is what it is for.
+        if let (Some(owd), true) = (&mut self.owd, peer_at > 0 && downloading) {
+            // i128: a hostile clock value cannot overflow the difference.
+            let raw = i128::from(peer_at) - i128::from(crate::pacer::clock_us(sent_at));
+            let raw = raw.clamp(i128::from(i64::MIN / 2), i128::from(i64::MAX / 2)) as i64;
+            let q = owd.sample(raw, at, self.d.uplink.queue_now_us());
+            trace!(queue_us = q, raw, "one-way delay sample");
+            self.d.uplink.report_queue(q, (self.rtt * 1e6) as u64);
+        }
     }
 
     /// One part of a piece: the whole piece once its last part is in (with its publication
@@ -1423,6 +1459,12 @@ impl Session {
             self.t.lock().score(&self.remote).record_throughput(sample);
         }
         self.bytes_since_tick = 0;
+        if let Some((fd, mark)) = &mut self.sock {
+            if let Some(acked) = super::net::bytes_acked(fd) {
+                self.d.uplink.add_sent(acked.saturating_sub(*mark));
+                *mark = acked;
+            }
+        }
         // Our upload rate to the peer, over ticks in which we sent it something.
         let sent = self.shared.sent_bytes.load(Ordering::Relaxed);
         let up = sent - self.sent_mark;

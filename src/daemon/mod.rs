@@ -47,8 +47,8 @@ use crate::store::{Store, TorrentRecord, TorrentState};
 use registry::{Cmd, Registry};
 use shoal_tracker::wire::{FrameReader, FrameWriter, Limits, Timeouts};
 
-pub use net::RateLimiter;
 pub use net::TrackerHealth;
+pub use net::Uplink;
 pub use torrent::Torrent;
 
 /// Name of the lock file that keeps two daemons off one data dir.
@@ -154,7 +154,7 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
         verify_limit: Arc::new(Semaphore::new(cfg.max_pieces_verifying)),
         writers: workers::Workers::per_core("shoal-write"),
-        upload_limit: cfg.upload_rate().map(RateLimiter::new),
+        uplink: Arc::new(Uplink::new(cfg.upload_rate())),
         noise: crate::secure::NoiseKeys::new(&identity),
         half_open: Arc::new(Semaphore::new(MAX_HALF_OPEN)),
         cfg,
@@ -209,6 +209,8 @@ pub async fn run(cfg: PeerConfig, sabotage: Sabotage) -> anyhow::Result<()> {
         let d2 = d.clone();
         d.tasks
             .spawn(async move { control_loop(d2, control).await });
+        let d2 = d.clone();
+        d.tasks.spawn(async move { pace_loop(d2).await });
         if let Some(l) = http {
             crate::http::spawn(
                 &d.tasks,
@@ -306,6 +308,35 @@ async fn accept_loop(d: Arc<Daemon>, listener: TcpListener) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// The uplink pacer's tick ([`crate::pacer`]); its rate and the queue it measured go to
+/// the metrics and, while pacing, the debug log.
+async fn pace_loop(d: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let uplink = &d.ctx.net.uplink;
+    loop {
+        tokio::select! {
+            _ = d.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = uplink.paced();
+        let queue_ms = uplink.tick();
+        let after = uplink.paced();
+        let m = crate::metrics::peer();
+        m.uplink_paced_rate.set(after.unwrap_or(0.0));
+        if let Some(q) = queue_ms {
+            m.uplink_queue_seconds.set(q / 1000.0);
+        }
+        if before.is_some() || after.is_some() {
+            tracing::debug!(
+                queue_ms = queue_ms.unwrap_or(-1.0),
+                rate = after.unwrap_or(0.0) as u64,
+                "uplink paced"
+            );
         }
     }
 }

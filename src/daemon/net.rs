@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,7 @@ pub struct Net {
     /// Where verified pieces are written.
     pub writers: Workers,
     pub sabotage: Sabotage,
-    pub upload_limit: Option<RateLimiter>,
+    pub uplink: Arc<Uplink>,
     pub trackers: Mutex<HashMap<String, TrackerHealth>>,
     /// Who may not connect: by key and by address, across torrents.
     pub bans: Bans,
@@ -89,34 +90,170 @@ impl TrackerHealth {
     }
 }
 
-/// A token bucket shared by every upload of the daemon.
-pub struct RateLimiter {
-    bytes_per_sec: f64,
-    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+/// The daemon's uplink: every piece we upload starts through here. Its rate is the
+/// operator's cap (`max_upload_rate`), lowered while [`crate::pacer`] finds our uplink
+/// queueing; unlimited when neither applies.
+pub struct Uplink {
+    /// The operator's cap, bytes per second.
+    user: Option<f64>,
+    /// The pacer's rate (f64 bits; 0: not pacing).
+    paced: AtomicU64,
+    /// Token bucket: (tokens, last refill).
+    bucket: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+    /// Bytes other hosts acknowledged since the last tick (the sessions add to it).
+    sent: AtomicU64,
+    /// Least queueing delay any connection measured since the last tick, µs (MAX: none).
+    queue_min_us: AtomicU64,
+    /// The same over the last tick that had a measure, µs.
+    queue_last_us: AtomicU64,
+    /// The least RTT estimate of a connection that measured, since the last tick, µs.
+    rtt_min_us: AtomicU64,
+    rtt_last_us: AtomicU64,
+    pacer: Mutex<crate::pacer::Pacer>,
+    last_tick: Mutex<Instant>,
 }
 
-impl RateLimiter {
-    pub fn new(bytes_per_sec: u64) -> RateLimiter {
-        RateLimiter {
-            bytes_per_sec: bytes_per_sec as f64,
-            state: tokio::sync::Mutex::new((0.0, tokio::time::Instant::now())),
+/// Burst the pacer's rate allows, in seconds of it: short, so a pause does not let a burst
+/// refill the queue the pacer drained.
+const PACED_BURST_SECS: f64 = 0.25;
+
+impl Uplink {
+    pub fn new(user_bytes_per_sec: Option<u64>) -> Uplink {
+        Uplink {
+            user: user_bytes_per_sec.map(|b| b as f64),
+            paced: AtomicU64::new(0),
+            bucket: tokio::sync::Mutex::new((0.0, tokio::time::Instant::now())),
+            sent: AtomicU64::new(0),
+            queue_min_us: AtomicU64::new(u64::MAX),
+            queue_last_us: AtomicU64::new(0),
+            rtt_min_us: AtomicU64::new(u64::MAX),
+            rtt_last_us: AtomicU64::new(0),
+            pacer: Mutex::new(crate::pacer::Pacer::default()),
+            last_tick: Mutex::new(Instant::now()),
         }
     }
 
-    /// Wait until `bytes` may be sent. Up to one second of burst is allowed.
+    /// The operator's cap, if any.
+    pub fn user_cap(&self) -> Option<f64> {
+        self.user
+    }
+
+    /// The pacer's current rate, bytes per second, if it is pacing.
+    pub fn paced(&self) -> Option<f64> {
+        let r = f64::from_bits(self.paced.load(Ordering::Relaxed));
+        (r > 0.0).then_some(r)
+    }
+
+    fn limit(&self) -> Option<f64> {
+        match (self.user, self.paced()) {
+            (Some(u), Some(p)) => Some(u.min(p)),
+            (u, p) => u.or(p),
+        }
+    }
+
+    /// A connection to another host had `bytes` acknowledged.
+    pub fn add_sent(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Wait until a piece of `bytes` may start.
     pub async fn acquire(&self, bytes: u64) {
-        let mut st = self.state.lock().await;
+        let Some(rate) = self.limit() else {
+            return;
+        };
+        // The operator's cap allows a second's burst; the pacer's only a moment's.
+        let burst = if self.user == Some(rate) {
+            1.0
+        } else {
+            PACED_BURST_SECS
+        };
+        let mut st = self.bucket.lock().await;
         let now = tokio::time::Instant::now();
-        let refill = now.duration_since(st.1).as_secs_f64() * self.bytes_per_sec;
-        st.0 = (st.0 + refill).min(self.bytes_per_sec);
+        let refill = now.duration_since(st.1).as_secs_f64() * rate;
+        st.0 = (st.0 + refill).min(rate * burst);
         st.1 = now;
         st.0 -= bytes as f64;
         if st.0 < 0.0 {
             // Holding the lock while sleeping queues the other uploads behind this one: fair.
-            let wait = Duration::from_secs_f64(-st.0 / self.bytes_per_sec);
+            let wait = Duration::from_secs_f64(-st.0 / rate);
             tokio::time::sleep(wait).await;
         }
     }
+
+    /// The least queueing our connections measured in the last tick that measured any, µs.
+    pub fn queue_now_us(&self) -> u64 {
+        self.queue_last_us.load(Ordering::Relaxed)
+    }
+
+    /// A connection measured `us` of queueing on the way to its peer, and has an RTT
+    /// estimate of `rtt_us`.
+    pub fn report_queue(&self, us: u64, rtt_us: u64) {
+        self.queue_min_us.fetch_min(us, Ordering::Relaxed);
+        self.rtt_min_us.fetch_min(rtt_us, Ordering::Relaxed);
+    }
+
+    /// Once a second: the pacer's step. Returns the least queueing delay seen (ms), if any.
+    pub fn tick(&self) -> Option<f64> {
+        let now = Instant::now();
+        let dt = {
+            let mut last = self.last_tick.lock().expect("uplink tick lock");
+            let dt = now.duration_since(*last).as_secs_f64();
+            *last = now;
+            dt
+        };
+        let sent = self.sent.swap(0, Ordering::Relaxed);
+        let q = self.queue_min_us.swap(u64::MAX, Ordering::Relaxed);
+        if q != u64::MAX {
+            self.queue_last_us.store(q, Ordering::Relaxed);
+        }
+        let rtt = self.rtt_min_us.swap(u64::MAX, Ordering::Relaxed);
+        if rtt != u64::MAX {
+            self.rtt_last_us.store(rtt, Ordering::Relaxed);
+        }
+        let rtt_ms = self.rtt_last_us.load(Ordering::Relaxed) as f64 / 1000.0;
+        let q_ms = (q != u64::MAX).then(|| q as f64 / 1000.0);
+        if dt <= 0.0 {
+            return q_ms;
+        }
+        let rate = self
+            .pacer
+            .lock()
+            .expect("pacer lock")
+            .on_tick(q_ms, rtt_ms, sent as f64 / dt);
+        self.paced
+            .store(rate.unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+        q_ms
+    }
+}
+
+/// Bytes of ours a TCP socket's peer has acknowledged (`tcpi_bytes_acked`, Linux 4.1+);
+/// None where the kernel does not say.
+pub fn bytes_acked(fd: &std::os::fd::OwnedFd) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    /// The head of Linux's `struct tcp_info` up to `tcpi_bytes_acked` (uapi/linux/tcp.h);
+    /// the kernel fills what fits.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TcpInfoHead {
+        bytes: [u8; 8],
+        words: [u32; 24],
+        pacing_rate: u64,
+        max_pacing_rate: u64,
+        bytes_acked: u64,
+    }
+    let mut info = TcpInfoHead::default();
+    let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
+    // SAFETY: getsockopt on an open socket, into a buffer of `len` bytes it may fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize >= std::mem::size_of::<TcpInfoHead>()).then_some(info.bytes_acked)
 }
 
 /// Receive buffer asked of peer sockets (the kernel doubles it for its bookkeeping).

@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub(super) upload_ready: Notify,
     /// Piece bytes written to the socket, for the upload rate to this peer.
     pub(super) sent_bytes: AtomicU64,
+    /// The daemon's uplink, which paces our pieces (None in tests of the queue alone).
+    pub(super) uplink: Option<Arc<super::net::Uplink>>,
     /// The PING in flight: its id and when the writer handed it to the socket.
     pub(super) ping: Mutex<Option<(u64, Instant)>>,
     /// The writer is sending a piece it took from the queue (a slow link's piece takes long).
@@ -135,6 +137,33 @@ fn cancel_reject(index: u32) -> PeerMsg {
     }
 }
 
+/// Wait for the uplink's leave to send `bytes` ([`super::net::Uplink`]), writing the control
+/// frames queued meanwhile. The wait itself is not cancelled (it has taken its tokens).
+/// `Ok(false)`: the session is gone.
+async fn acquire_uplink<W: AsyncWrite + Unpin>(
+    w: &mut FrameWriter<W>,
+    bytes: u64,
+    ctrl: &mut mpsc::Receiver<Ctrl>,
+    shared: &Shared,
+) -> Result<bool, FrameError> {
+    let Some(uplink) = shared.uplink.clone() else {
+        return Ok(true);
+    };
+    let acquire = uplink.acquire(bytes);
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut acquire => return Ok(true),
+            c = ctrl.recv() => {
+                let Some(c) = c else { return Ok(false) };
+                write_ctrl(w, c, shared).await?;
+                w.flush().await?;
+            }
+        }
+    }
+}
+
 /// Write piece `index` (`data`) in PIECE_PARTs of `part` bytes, with the control frames
 /// queued meanwhile between them (flushed, so they leave now).
 async fn write_parts<W: AsyncWrite + Unpin>(
@@ -152,6 +181,11 @@ async fn write_parts<W: AsyncWrite + Unpin>(
         }
         if k > 0 {
             send_queued_ctrl(w, ctrl, shared).await?;
+        }
+        // Part by part: a piece under way on a thin link takes seconds, and pacing only
+        // its start would leave the uplink's queue full meanwhile.
+        if !acquire_uplink(w, chunk.len() as u64, ctrl, shared).await? {
+            return Ok(false);
         }
         let m = PeerMsg::PiecePart {
             index,
@@ -197,6 +231,9 @@ async fn write_relayed<W: AsyncWrite + Unpin>(
                 break; // The last part vouches for the piece: only once it passed here.
             }
             send_queued_ctrl(w, ctrl, shared).await?;
+            if !acquire_uplink(w, part.len() as u64, ctrl, shared).await? {
+                return Ok(false);
+            }
             let m = PeerMsg::PiecePart {
                 index,
                 offset,
@@ -298,25 +335,19 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
         } else {
             Action::Serve
         };
-        if let Some(limit) = &d.upload_limit {
-            // Waiting for the cap, control still goes out; the wait itself is not cancelled
-            // (it has taken its tokens).
-            let acquire = limit.acquire(size(index));
-            tokio::pin!(acquire);
-            loop {
-                tokio::select! {
-                    biased;
-                    () = &mut acquire => break,
-                    c = ctrl.recv() => {
-                        let Some(c) = c else { return };
-                        if write_ctrl(&mut w, c, &shared).await.is_err() || w.flush().await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
+        // A whole piece waits for the uplink here; one in parts, part by part.
+        let part = shared.part_bytes.load(Ordering::Relaxed) as usize;
+        let relayed = !t.lock().picker.have().get(index);
+        if !relayed
+            && part == 0
+            && !matches!(
+                acquire_uplink(&mut w, size(index), &mut ctrl, &shared).await,
+                Ok(true)
+            )
+        {
+            return;
         }
-        if !t.lock().picker.have().get(index) {
+        if relayed {
             // Asked for while it was arriving here: stream it as it comes.
             let r = match t.relays.get(index) {
                 Some(relay) if action == Action::Serve => {
@@ -359,7 +390,6 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
             len: data.len() as u32,
         };
         let began = Instant::now();
-        let part = shared.part_bytes.load(Ordering::Relaxed) as usize;
         // Ok(false): cut short by the peer's CANCEL.
         let r = match action {
             Action::Serve if part > 0 => {

@@ -253,8 +253,14 @@ pub fn start_peer_env(
 
 /// Run `shoal ARGS` to completion, killed after `limit`.
 pub fn shoal(dir: &Path, args: &[&str], limit: Duration) -> Output {
+    shoal_env(dir, args, &[], limit)
+}
+
+/// [`shoal`] with these environment variables set.
+pub fn shoal_env(dir: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
     let mut child = Command::new(shoal_bin())
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
