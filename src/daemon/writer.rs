@@ -137,18 +137,35 @@ fn cancel_reject(index: u32) -> PeerMsg {
     }
 }
 
-/// Wait for the uplink's leave to send `bytes` ([`super::net::Uplink`]), writing the control
-/// frames queued meanwhile. The wait itself is not cancelled (it has taken its tokens).
-/// `Ok(false)`: the session is gone.
+/// What one wait for the uplink covers ([`super::net::Uplink`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// A whole piece, before its first byte: the operator's cap, as ever.
+    Piece,
+    /// One part, while the pacer paces: a piece under way on a thin link takes seconds, and
+    /// pacing only its start would leave the uplink's queue full meanwhile.
+    Part,
+}
+
+/// Wait for the uplink's leave to send `bytes`, writing the control frames queued meanwhile.
+/// The wait itself is not cancelled (it has taken its tokens). While the pacer paces, pieces
+/// sent in parts wait part by part and not as a whole; otherwise, and pieces sent whole, as
+/// a whole only. `Ok(false)`: the session is gone.
 async fn acquire_uplink<W: AsyncWrite + Unpin>(
     w: &mut FrameWriter<W>,
     bytes: u64,
+    leave: Leave,
     ctrl: &mut mpsc::Receiver<Ctrl>,
     shared: &Shared,
 ) -> Result<bool, FrameError> {
     let Some(uplink) = shared.uplink.clone() else {
         return Ok(true);
     };
+    let pacing = uplink.paced().is_some();
+    let whole = leave == Leave::Piece && shared.part_bytes.load(Ordering::Relaxed) == 0;
+    if !whole && (leave == Leave::Part) != pacing {
+        return Ok(true);
+    }
     let acquire = uplink.acquire(bytes);
     tokio::pin!(acquire);
     loop {
@@ -182,9 +199,7 @@ async fn write_parts<W: AsyncWrite + Unpin>(
         if k > 0 {
             send_queued_ctrl(w, ctrl, shared).await?;
         }
-        // Part by part: a piece under way on a thin link takes seconds, and pacing only
-        // its start would leave the uplink's queue full meanwhile.
-        if !acquire_uplink(w, chunk.len() as u64, ctrl, shared).await? {
+        if !acquire_uplink(w, chunk.len() as u64, Leave::Part, ctrl, shared).await? {
             return Ok(false);
         }
         let m = PeerMsg::PiecePart {
@@ -231,7 +246,7 @@ async fn write_relayed<W: AsyncWrite + Unpin>(
                 break; // The last part vouches for the piece: only once it passed here.
             }
             send_queued_ctrl(w, ctrl, shared).await?;
-            if !acquire_uplink(w, part.len() as u64, ctrl, shared).await? {
+            if !acquire_uplink(w, part.len() as u64, Leave::Part, ctrl, shared).await? {
                 return Ok(false);
             }
             let m = PeerMsg::PiecePart {
@@ -335,19 +350,13 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
         } else {
             Action::Serve
         };
-        // A whole piece waits for the uplink here; one in parts, part by part.
-        let part = shared.part_bytes.load(Ordering::Relaxed) as usize;
-        let relayed = !t.lock().picker.have().get(index);
-        if !relayed
-            && part == 0
-            && !matches!(
-                acquire_uplink(&mut w, size(index), &mut ctrl, &shared).await,
-                Ok(true)
-            )
-        {
+        if !matches!(
+            acquire_uplink(&mut w, size(index), Leave::Piece, &mut ctrl, &shared).await,
+            Ok(true)
+        ) {
             return;
         }
-        if relayed {
+        if !t.lock().picker.have().get(index) {
             // Asked for while it was arriving here: stream it as it comes.
             let r = match t.relays.get(index) {
                 Some(relay) if action == Action::Serve => {
@@ -390,6 +399,7 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
             len: data.len() as u32,
         };
         let began = Instant::now();
+        let part = shared.part_bytes.load(Ordering::Relaxed) as usize;
         // Ok(false): cut short by the peer's CANCEL.
         let r = match action {
             Action::Serve if part > 0 => {
