@@ -113,10 +113,6 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    pub fn rate(&self) -> Option<f64> {
-        self.rate
-    }
-
     /// One tick. `queue_ms`: None if no connection measured anything this tick.
     pub fn on_tick(
         &mut self,
