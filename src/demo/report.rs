@@ -93,6 +93,10 @@ pub(crate) struct HostReport {
     /// scenario did not ask for, added by a busy machine.
     late: u64,
     late_max_ms: f64,
+    /// Packets the host's rate limiters dropped, upload and download: their queue (about
+    /// 100 ms of the rate) was full. Senders see them as loss (null: `tc` did not tell).
+    queue_drops_up: Option<u64>,
+    queue_drops_down: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -410,10 +414,12 @@ fn efficiency(demo: &Demo, size: u64, o: &Observed, r: &mut Report) {
     .into();
     if let Some(emu) = &demo.emu {
         use std::sync::atomic::Ordering::Relaxed;
+        let drops = emu.queue_drops();
         r.hosts = emu
             .hosts
             .iter()
-            .map(|h| HostReport {
+            .zip(drops)
+            .map(|(h, (drops_up, drops_down))| HostReport {
                 name: h.name.clone(),
                 ip: h.ip.clone(),
                 link: h.link,
@@ -429,9 +435,15 @@ fn efficiency(demo: &Demo, size: u64, o: &Observed, r: &mut Report) {
                     .max(h.down_stats.late_max_us.load(Relaxed))
                     as f64
                     / 1e3,
+                queue_drops_up: drops_up,
+                queue_drops_down: drops_down,
             })
             .collect();
     }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".into(), |n| n.to_string())
 }
 
 fn render_network(r: &Report) -> String {
@@ -444,7 +456,7 @@ fn render_network(r: &Report) -> String {
         "\nnetwork: one namespace per host; rates by tc tbf, delay and loss by delay lines\n",
     );
     s.push_str(&format!(
-        "  {:<10} {:<13} {:>14} {:>14} {:>9} {:>6} {:>9} {:>8} {:>9} {:>9}\n",
+        "  {:<10} {:<13} {:>14} {:>14} {:>9} {:>6} {:>9} {:>8} {:>9} {:>9} {:>15}\n",
         "host",
         "address",
         "up",
@@ -454,11 +466,12 @@ fn render_network(r: &Report) -> String {
         "lost",
         "overflow",
         "late>1ms",
-        "max late"
+        "max late",
+        "queue drops u/d"
     ));
     for h in &r.hosts {
         s.push_str(&format!(
-            "  {:<10} {:<13} {:>14} {:>14} {:>7.0}ms {:>5.1}% {:>9} {:>8} {:>9} {:>7.1}ms\n",
+            "  {:<10} {:<13} {:>14} {:>14} {:>7.0}ms {:>5.1}% {:>9} {:>8} {:>9} {:>7.1}ms {:>15}\n",
             h.name,
             h.ip,
             fmt_rate(h.link.up_bps),
@@ -468,7 +481,8 @@ fn render_network(r: &Report) -> String {
             h.lost,
             h.overflow,
             h.late,
-            h.late_max_ms
+            h.late_max_ms,
+            format!("{}/{}", opt(h.queue_drops_up), opt(h.queue_drops_down))
         ));
     }
     if !r.paths.is_empty() {

@@ -380,6 +380,39 @@ impl Emulator {
         self.hosts.iter().find(|h| h.name == name)
     }
 
+    /// Packets each host's rate limiters dropped so far, (upload, download): their queues
+    /// (about 100 ms of the rate, [`tbf`]) were full. The delay lines' own drops are in
+    /// [`LineStats`]; these are the kernel's, which senders see as loss on the path. `None`
+    /// where `tc` could not tell.
+    pub(crate) fn queue_drops(&self) -> Vec<(Option<u64>, Option<u64>)> {
+        let drops = |ns: &str, dev: &str| {
+            let out = Command::new("tc")
+                .args(["-n", ns, "-s", "qdisc", "show", "dev", dev])
+                .output()
+                .ok()?;
+            out.status.success().then_some(())?;
+            parse_dropped(&String::from_utf8_lossy(&out.stdout))
+        };
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let up = if h.link.up_bps > 0 {
+                    drops(&h.ns, "eth0")
+                } else {
+                    Some(0)
+                };
+                let port = format!("p{i}");
+                let down = if h.link.down_bps > 0 {
+                    drops(&self.switch, &port)
+                } else {
+                    Some(0)
+                };
+                (up, down)
+            })
+            .collect()
+    }
+
     /// The namespaces this run created.
     #[cfg(test)]
     pub(crate) fn namespaces(&self) -> &[String] {
@@ -399,6 +432,21 @@ impl Drop for Emulator {
             remove_ns(&ns);
         }
     }
+}
+
+/// The packets dropped, summed over the qdiscs in `tc -s qdisc show` output ("... (dropped N,
+/// overlimits ...)"); `None` if it names none.
+fn parse_dropped(out: &str) -> Option<u64> {
+    let mut total = None;
+    for part in out.split("dropped ").skip(1) {
+        let n: u64 = part
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()?;
+        total = Some(total.unwrap_or(0) + n);
+    }
+    total
 }
 
 /// Run `f` on a thread inside namespace `ns` (sockets it opens live there).
@@ -424,6 +472,13 @@ mod tests {
         assert_eq!(parse_rate("512kbit").unwrap(), 512_000);
         assert!(parse_rate("100MiB").is_err());
         assert!(parse_rate("fast").is_err());
+    }
+
+    #[test]
+    fn it_should_sum_the_drops_tc_reports() {
+        let out = "qdisc tbf 8004: root refcnt 2 rate 50Mbit burst 25000b lat 96ms \n Sent 1400 bytes 1 pkt (dropped 37, overlimits 3 requeues 0) \n backlog 0b 0p requeues 0\nqdisc x 1: Sent 0 bytes 0 pkt (dropped 5, overlimits 0 requeues 0)\n";
+        assert_eq!(parse_dropped(out), Some(42));
+        assert_eq!(parse_dropped("qdisc noqueue 0: root refcnt 2"), None);
     }
 
     #[test]
@@ -488,6 +543,32 @@ mod tests {
         );
         let paths = measure(&emu, 0, &[1, 2]).unwrap();
         let p = &paths[0];
+        // A burst far over a's uplink (50 Mbit/s, a queue of about 625 KB) from 8 sockets at
+        // once (one socket's own buffer would block it first): the kernel's queue drops, and
+        // the report can say so.
+        let to = format!("{}:9", emu.hosts[2].ip);
+        in_netns(&emu.hosts[0].ns, || {
+            let socks: Vec<_> = (0..8)
+                .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+                .collect();
+            for s in &socks {
+                s.set_nonblocking(true).unwrap();
+                for _ in 0..200 {
+                    let _ = s.send_to(&[0u8; 1400], &to);
+                }
+            }
+        })
+        .unwrap();
+        let drops = emu.queue_drops();
+        println!("queue drops (up, down) per host: {drops:?}");
+        assert!(
+            drops.iter().all(|(u, d)| u.is_some() && d.is_some()),
+            "tc told no drop count: {drops:?}"
+        );
+        assert!(
+            drops[0].0.unwrap() > 0,
+            "a 2.2 MB burst into a's 625 KB uplink queue dropped nothing: {drops:?}"
+        );
         drop(emu);
         // The first packet to a host waits for no address resolution across the emulated
         // links: a first connect of one RTT (2 x (10 + 40) ms), not two.
