@@ -119,6 +119,12 @@ impl Picker {
 
     // === ACQUIRE ===
 
+    /// Every wanted missing piece is requested somewhere: what [`Picker::pick`] gives now are
+    /// endgame duplicates.
+    pub fn in_endgame(&self) -> bool {
+        self.unrequested == 0 && self.wanted_missing > 0
+    }
+
     /// Choose a piece to request from a peer that has `peer_has`; `mine(i)` excludes pieces
     /// this connection should not ask for (already requested by it, or recently refused). The returned piece counts as requested
     /// until [`Picker::release`] or [`Picker::arrive_for_write`].
@@ -355,6 +361,7 @@ mod tests {
         let mut p = Picker::new(Bitfield::new(2), PieceSelection::RarestFirst, 0);
         let all = Bitfield::full(2);
         let mut r = rng();
+        assert!(!p.in_endgame());
         let Pick::Fresh(first) = p.pick(&all, |_| false, &mut r) else {
             panic!()
         };
@@ -370,17 +377,20 @@ mod tests {
             assert!(matches!(p.pick(&all, |_| false, &mut r), Pick::Fresh(1)));
         }
         // Everything requested: a second connection gets endgame duplicates, not its own.
+        assert!(p.in_endgame());
         assert_eq!(p.pick(&all, |i| i == 0, &mut r), Pick::Endgame(1));
         assert_eq!(p.pick(&all, |_| true, &mut r), Pick::None);
         assert!(p.arrive_for_write(1));
         assert!(!p.arrive_for_write(1), "the endgame loser is not written");
         p.mark_failed(1);
+        assert!(!p.in_endgame(), "a failed piece is unrequested again");
         assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Fresh(1));
         assert!(p.arrive_for_write(1));
         assert!(p.mark_verified(1));
         assert!(p.arrive_for_write(0));
         assert!(p.mark_verified(0));
         assert!(p.is_complete());
+        assert!(!p.in_endgame(), "complete is not endgame");
         assert_eq!(p.pick(&all, |_| false, &mut r), Pick::None);
     }
 

@@ -91,6 +91,9 @@ pub struct ConnEntry {
     pub outgoing: bool,
     pub addr: SocketAddr,
     pub token: CancellationToken,
+    /// Pieces the peer has said it has (None: no BITFIELD yet): how far behind the swarm we
+    /// are ([`crate::scorer::lagging`]).
+    pub have: Option<u32>,
 }
 
 /// A peer address learned from a tracker.
