@@ -1653,7 +1653,8 @@ impl Session {
             // In endgame a duplicate goes only to a connection with nothing else to send us: queued
             // behind other pieces it would come after the copy it duplicates and take the
             // uploader's bandwidth from pieces someone still lacks. (Heterogeneous scenario,
-            // 6 + 9 runs: seeder copies 1.45-1.56, median 1.49, against 1.47-1.62, median 1.56.)
+            // 6 + 6 runs alternated: seeder copies 1.45-1.56, median 1.49, against 1.47-1.62,
+            // median 1.56; the last finish median 21.4 s against 21.75 s.)
             if !self.requested.is_empty() && self.t.lock().picker.in_endgame() {
                 break;
             }
