@@ -1655,13 +1655,14 @@ impl Session {
             // uploader's bandwidth from pieces someone still lacks. (Heterogeneous scenario,
             // 6 + 6 runs alternated: seeder copies 1.45-1.56, median 1.49, against 1.47-1.62,
             // median 1.56; the last finish median 21.4 s against 21.75 s.)
-            if !self.requested.is_empty() && self.t.lock().picker.in_endgame() {
-                break;
-            }
             let pick = {
                 let requested = &self.requested;
                 let avoid = &self.avoid;
-                self.t.lock().picker.pick(
+                let mut st = self.t.lock();
+                if !requested.is_empty() && st.picker.in_endgame() {
+                    break;
+                }
+                st.picker.pick(
                     bits,
                     |i| requested.contains_key(&i) || avoid.contains(&i),
                     &mut self.rng,
