@@ -226,6 +226,27 @@ impl Uplink {
     }
 }
 
+/// Let the kernel pace this TCP socket at most `bytes_per_sec` (`SO_MAX_PACING_RATE`; TCP
+/// paces by itself with BBR, or under the `fq` qdisc). Best effort: without it, the
+/// congestion control's own pacing applies.
+pub fn cap_pacing_rate(fd: &std::os::fd::OwnedFd, bytes_per_sec: f64) {
+    use std::os::fd::AsRawFd;
+    let v = bytes_per_sec as u64;
+    // SAFETY: setsockopt on an open socket, with a pointer to a u64 and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            std::ptr::addr_of!(v).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(cause = %std::io::Error::last_os_error(), "SO_MAX_PACING_RATE not set");
+    }
+}
+
 /// Bytes of ours a TCP socket's peer has acknowledged (`tcpi_bytes_acked`, Linux 4.1+);
 /// None where the kernel does not say.
 pub fn bytes_acked(fd: &std::os::fd::OwnedFd) -> Option<u64> {
