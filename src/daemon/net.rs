@@ -310,6 +310,36 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn it_should_cap_a_connections_pacing_rate() {
+        use std::os::fd::{AsFd, AsRawFd};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, _server) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let client = client.unwrap();
+        let fd = client.as_fd().try_clone_to_owned().unwrap();
+        let read = |fd: &std::os::fd::OwnedFd| {
+            let mut v: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt on an open socket into a u64 and its size.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MAX_PACING_RATE,
+                    std::ptr::addr_of_mut!(v).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            v
+        };
+        let before = read(&fd);
+        cap_pacing_rate(&fd, 3_000_000.0);
+        assert_eq!(read(&fd), 3_000_000, "was {before}");
+    }
+
+    #[tokio::test]
     async fn it_should_size_the_receive_buffer_only_where_the_host_allows_it() {
         let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .unwrap()
