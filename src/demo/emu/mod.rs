@@ -2,8 +2,8 @@
 //! namespace, addresses from 198.18.0.0/15 (the benchmarking range) and no route out.
 //!
 //! A host's link is a pair of TAP devices, `eth0` in the host and `p<i>` on the bridge, with
-//! one thread of this process copying frames between them both ways ([`delayline`]: one-way
-//! delay and loss; the kernel here has no netem). The rates are the kernel's: tc tbf on `eth0` (upload)
+//! this process copying frames between them through two [`delayline`]s (one-way delay and
+//! loss; the kernel here has no netem). The rates are the kernel's: tc tbf on `eth0` (upload)
 //! and on `p<i>` (download). A packet from host a to host b thus crosses a's upload, a's delay,
 //! the bridge, b's download and b's delay: RTT = 2 x (delay a + delay b).
 //!
@@ -328,14 +328,22 @@ impl Emulator {
             }
             let (host_tap, sw_tap) = (Arc::new(host_tap), Arc::new(sw_tap));
             let (up_stats, down_stats) = (Arc::default(), Arc::default());
-            emu.threads.push(delayline::spawn_link(
-                format!("{name}-link"),
+            emu.threads.extend(delayline::spawn(
+                format!("{name}-up"),
                 host_tap.clone(),
                 sw_tap.clone(),
                 link.delay,
                 link.loss,
                 emu.stop.clone(),
                 Arc::clone(&up_stats),
+            )?);
+            emu.threads.extend(delayline::spawn(
+                format!("{name}-down"),
+                sw_tap.clone(),
+                host_tap.clone(),
+                link.delay,
+                link.loss,
+                emu.stop.clone(),
                 Arc::clone(&down_stats),
             )?);
             emu.taps.extend([host_tap, sw_tap]);

@@ -65,6 +65,18 @@ pub(crate) fn open_tap(name: &str) -> io::Result<File> {
     Ok(f)
 }
 
+/// Wait until `f` is readable or `timeout_ms` passed; true when readable.
+pub(crate) fn readable(f: &File, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    rc > 0 && p.revents & libc::POLLIN != 0
+}
+
 /// Whether this process runs as root (the emulator needs namespaces, TAP devices and tc).
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -78,29 +90,5 @@ pub(crate) fn kill9(pid: i32) {
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
-    }
-}
-
-/// Wait until `a` or `b` is readable, or `timeout` passed (to the nanosecond).
-pub(crate) fn readable_either(a: &File, b: &File, timeout: std::time::Duration) {
-    let mut p = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    // SAFETY: two valid pollfds and a timespec, for the duration of the call; no signal mask.
-    unsafe {
-        libc::ppoll(p.as_mut_ptr(), 2, &ts, std::ptr::null());
     }
 }
