@@ -506,10 +506,10 @@ const MIN_OFFERS_IGNORED_SECS: f64 = 1.5;
 /// it is still receiving: a relay that always fails late wastes our downlink and is never
 /// banned (it vouched for nothing).
 const MAX_RELAY_FAILURES: u32 = 3;
-/// On a connection whose least RTT ever measured is at least this, seconds (the distance:
-/// a windowed RTT reads queueing on a busy near path as distance), the kernel may pace our bytes at most
-/// [`CAPPED_PACING_GAIN`] times what we sent it over the last second (or its average, if
-/// higher), and never under [`CAPPED_PACING_FLOOR`] bytes per second.
+/// On a connection whose least RTT ever measured is at least this, seconds (the distance; a
+/// windowed RTT reads queueing on a busy near path as distance), the kernel may pace our
+/// bytes at most [`CAPPED_PACING_GAIN`] times what we sent it over the last second (or its
+/// average, if higher), and never under [`CAPPED_PACING_FLOOR`] bytes per second.
 ///
 /// Why: BBR leaves its start-up phase only once it measures the path full, and a connection
 /// whose sender runs out of pieces (most of ours: pieces come as they are asked for) never
