@@ -227,7 +227,7 @@ down = "40Mbit"
         "the 8 Mbit/s leecher never paced: {thin:?}"
     );
     // Once paced (at most its link's 1 MB/s), its queue drained: it measured less than the
-    // target (25 ms here, half its 20 ms RTT being less) in a later tick.
+    // target (25 ms here, its 20 ms RTT being less) in a later tick.
     let first = thin.iter().position(|&(_, r)| r > 0.0).unwrap();
     assert!(
         thin[first..].iter().any(|&(q, _)| (0.0..25.0).contains(&q)),
