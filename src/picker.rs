@@ -50,6 +50,10 @@ pub struct Picker {
     unrequested: u32,
     selection: PieceSelection,
     random_left: u32,
+    /// When each in-flight piece was first asked for, in picks: the order endgame duplicates
+    /// go in.
+    asked_at: Vec<u64>,
+    picks: u64,
 }
 
 impl Picker {
@@ -79,6 +83,8 @@ impl Picker {
             have,
             selection,
             random_left: random_first,
+            asked_at: vec![0; n],
+            picks: 0,
         }
     }
 
@@ -137,6 +143,8 @@ impl Picker {
         if self.unrequested > 0 {
             if let Some(i) = self.pick_fresh(peer_has, &mine, rng) {
                 self.in_flight[i as usize] += 1;
+                self.picks += 1;
+                self.asked_at[i as usize] = self.picks;
                 self.unrequested -= 1;
                 self.random_left = self.random_left.saturating_sub(1);
                 return Pick::Fresh(i);
@@ -144,7 +152,8 @@ impl Picker {
             return Pick::None;
         }
         // Endgame: every missing piece is requested somewhere; ask this peer too for the one
-        // with the fewest requests, so a slow peer cannot hold up the finish.
+        // with the fewest requests, so a slow peer cannot hold up the finish, and of those the
+        // one asked for longest ago: it waits behind a thin or busy uploader's queue.
         let mut best: Option<u32> = None;
         for i in 0..self.have.len() {
             let f = self.in_flight[i as usize];
@@ -159,7 +168,8 @@ impl Picker {
             if !peer_has.get(i) || mine(i) {
                 continue;
             }
-            if best.is_none_or(|b| f < self.in_flight[b as usize]) {
+            let key = |j: u32| (self.in_flight[j as usize], self.asked_at[j as usize]);
+            if best.is_none_or(|b| key(i) < key(b)) {
                 best = Some(i);
             }
         }
@@ -392,6 +402,33 @@ mod tests {
         assert!(p.is_complete());
         assert!(!p.in_endgame(), "complete is not endgame");
         assert_eq!(p.pick(&all, |_| false, &mut r), Pick::None);
+    }
+
+    #[test]
+    fn it_should_duplicate_the_piece_asked_for_longest_ago_first() {
+        // Pieces asked for in the order 2, 0, 1 (the third time a connection asks).
+        let mut p = Picker::new(Bitfield::new(3), PieceSelection::RarestFirst, 0);
+        let all = Bitfield::full(3);
+        let mut r = rng();
+        for want in [2, 0, 1] {
+            assert_eq!(p.pick(&all, |i| i != want, &mut r), Pick::Fresh(want));
+        }
+        // Endgame: the oldest request first (not the lowest index), then the next oldest;
+        // a piece already duplicated comes after those asked for once.
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(2));
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(0));
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(1));
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(2));
+        // Released and asked for again, a piece is as new as that request.
+        let mut p = Picker::new(Bitfield::new(2), PieceSelection::RarestFirst, 0);
+        let all = Bitfield::full(2);
+        for want in [0, 1] {
+            assert_eq!(p.pick(&all, |i| i != want, &mut r), Pick::Fresh(want));
+        }
+        p.release(0);
+        assert_eq!(p.pick(&all, |i| i != 0, &mut r), Pick::Fresh(0));
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(1));
+        assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(0));
     }
 
     #[test]
