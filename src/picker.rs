@@ -406,7 +406,7 @@ mod tests {
 
     #[test]
     fn it_should_duplicate_the_piece_asked_for_longest_ago_first() {
-        // Pieces asked for in the order 2, 0, 1 (the third time a connection asks).
+        // Pieces asked for in the order 2, 0, 1.
         let mut p = Picker::new(Bitfield::new(3), PieceSelection::RarestFirst, 0);
         let all = Bitfield::full(3);
         let mut r = rng();
