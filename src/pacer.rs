@@ -123,8 +123,8 @@ impl Pacer {
         nearest_rtt_ms: f64,
         sent_per_sec: f64,
     ) -> Option<f64> {
-        // A queue shorter than half our nearest peer's RTT costs our downloads nothing (a
-        // BBR sender's window covers two of its RTTs): pacing it away would cost upload.
+        // A queue shorter than our nearest peer's RTT costs our downloads nothing (a BBR
+        // sender's window covers two of its RTTs): pacing it away would cost upload.
         let target_ms = TARGET_MS.max(TARGET_RTT_SHARE * nearest_rtt_ms);
         if self.recent.len() == PEAK_TICKS {
             self.recent.pop_front();
