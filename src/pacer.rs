@@ -134,9 +134,13 @@ impl Pacer {
         // the ticks before (while our uploads began) say.
         let peak = peak_median(&self.recent).max(sent_per_sec);
         self.rate = match (queue_ms, self.rate) {
-            (Some(q), _) if q > target_ms => {
+            (Some(q), r) if q > target_ms => {
                 self.idle = 0;
-                Some((BACKOFF * peak).max(MIN_RATE))
+                // Already pacing: under the rate that queued, if that is less than the peak (a
+                // peak read from a saturated thin link's bursts can be over the link's rate),
+                // but never further than one more step under the peak (module doc).
+                let base = r.map_or(peak, |r| r.min(peak).max(BACKOFF * peak));
+                Some((BACKOFF * base).max(MIN_RATE))
             }
             (_, None) => None,
             (q, Some(r)) => {
@@ -148,8 +152,13 @@ impl Pacer {
                 // Under the target, probe upward in proportion to the room left (LEDBAT's
                 // rule, RFC 6817): a rate set while our flows were still starting is low, and
                 // a busy swarm's queues (its peers' downlinks) seldom read empty.
+                // Never far above what the link has carried: on a thin link the rate would
+                // float over the link's, and the bursts it then allows read as a higher peak
+                // (measured: cut to 1.03 MB/s on an 8 Mbit/s link, which drains nothing).
                 let next = match q {
-                    Some(q) if q < target_ms => r * (1.0 + (RAISE - 1.0) * (1.0 - q / target_ms)),
+                    Some(q) if q < target_ms => {
+                        (r * (1.0 + (RAISE - 1.0) * (1.0 - q / target_ms))).min(RAISE * peak)
+                    }
                     _ => r,
                 };
                 (self.idle < IDLE_TICKS).then_some(next)
@@ -232,7 +241,10 @@ mod tests {
         // 100 ms of queue: paced under the best median of 3 ticks lately (1.2, 1.1 x 4).
         let r = p.on_tick(Some(100.0), 40.0, 1.1e6).unwrap();
         assert!((r - BACKOFF * 1.1e6).abs() < 1.0, "{r}");
-        // The queue stays (someone else's): held there, not cut further.
+        // The queue stays (someone else's): one step further, then held there.
+        let held = BACKOFF * BACKOFF * 1.1e6;
+        let r = p.on_tick(Some(90.0), 40.0, r).unwrap();
+        assert!((r - held).abs() < 1.0, "{r}");
         assert_eq!(p.on_tick(Some(90.0), 40.0, r), Some(r));
         // Under the target: raised, less the nearer the queue is to it; none: a whole step.
         let r1 = p.on_tick(Some(30.0), 40.0, r).unwrap();
@@ -281,6 +293,24 @@ mod tests {
         p.on_tick(None, 40.0, 0.0);
         p.on_tick(None, 40.0, 0.0);
         assert_eq!(p.on_tick(Some(60.0), 40.0, 1.0e6), Some(BACKOFF * 1.0e6));
+    }
+
+    #[test]
+    fn it_should_rise_under_the_target_but_not_far_over_what_the_link_carried() {
+        // A thin link carries 1 MB/s whatever the rate allows.
+        let mut p = Pacer::default();
+        let mut r = p.on_tick(Some(100.0), 40.0, 1e6).unwrap();
+        for _ in 0..20 {
+            r = p.on_tick(Some(0.0), 40.0, 1e6).unwrap();
+        }
+        assert!((r - RAISE * 1e6).abs() < 1.0, "{r}");
+        // Carrying more as it rises (a link that was not full), it rises on.
+        let mut p = Pacer::default();
+        let mut r = p.on_tick(Some(100.0), 40.0, 1e6).unwrap();
+        for _ in 0..20 {
+            r = p.on_tick(Some(0.0), 40.0, r).unwrap();
+        }
+        assert!(r > 3e6, "{r}");
     }
 
     #[test]
