@@ -104,8 +104,9 @@ impl OwdBase {
 /// uplink's queue only if one of the peers' downlinks is idle. When every downlink is busy
 /// (every leecher downloading at its full rate) their queues remain whatever we send; cutting
 /// on would take our upload to nothing (seen in a first version: 32 KiB/s within 4 s). So
-/// the rate is held at [`BACKOFF`] of the peak, which drains a queue of ours and costs a
-/// sixth of our upload when the queue is someone else's.
+/// the rate is held at most one more [`BACKOFF`] step under [`BACKOFF`] of the peak, which
+/// drains a queue of ours and costs at most about a quarter of our upload when the queue is
+/// someone else's.
 #[derive(Debug, Default)]
 pub struct Pacer {
     /// Bytes per second our pieces may go out at; None: not pacing.
