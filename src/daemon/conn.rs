@@ -647,9 +647,9 @@ struct Session {
     /// The base of our one-way delay to the peer, for the uplink's pacer; None for a peer on
     /// this host (no link between us, only a shared CPU).
     owd: Option<crate::pacer::OwdBase>,
-    /// The socket, to another host, and the bytes it had acknowledged at the last tick: what
-    /// crossed our uplink, for the pacer.
-    sock: Option<(std::os::fd::OwnedFd, u64)>,
+    /// The socket, to another host: the uplink reads what it acknowledged (for the pacer),
+    /// and this connection caps its pacing.
+    sock: Option<Arc<std::os::fd::OwnedFd>>,
     /// This connection's RTT estimate, seconds (0: not measured).
     rtt: f64,
     /// The least RTT sample it ever had, seconds (0: none): the distance to the peer.
@@ -837,7 +837,11 @@ async fn session<R, W>(
         ping_asked: None,
         rtt_samples: VecDeque::new(),
         owd: (!addr.ip().is_loopback()).then(crate::pacer::OwdBase::default),
-        sock: sock.map(|fd| (fd, 0)),
+        sock: sock.map(|fd| {
+            let fd = Arc::new(fd);
+            d.uplink.register(&fd);
+            fd
+        }),
         rtt: 0.0,
         rtt_floor: 0.0,
         up_rate: 0.0,
@@ -1229,7 +1233,10 @@ impl Session {
             let raw = raw.clamp(i128::from(i64::MIN / 2), i128::from(i64::MAX / 2)) as i64;
             let q = owd.sample(raw, at, self.d.uplink.queue_now_us());
             trace!(queue_us = q, raw, "one-way delay sample");
-            self.d.uplink.report_queue(q, (self.rtt * 1e6) as u64);
+            // The distance, not the windowed RTT: that one holds our own queue when it
+            // lasts, and a target that grows with the queue never paces it (seen: 30-50 ms
+            // queues let through on a 20 ms path).
+            self.d.uplink.report_queue(q, (self.rtt_floor * 1e6) as u64);
         }
     }
 
@@ -1496,19 +1503,13 @@ impl Session {
             self.t.lock().score(&self.remote).record_throughput(sample);
         }
         self.bytes_since_tick = 0;
-        if let Some((fd, mark)) = &mut self.sock {
-            if let Some(acked) = super::net::bytes_acked(fd) {
-                self.d.uplink.add_sent(acked.saturating_sub(*mark));
-                *mark = acked;
-            }
-        }
         // Our upload rate to the peer, over ticks in which we sent it something.
         let sent = self.shared.sent_bytes.load(Ordering::Relaxed);
         let up = sent - self.sent_mark;
         self.sent_mark = sent;
         if dt > 0.0 && up > 0 {
             self.up_rate = crate::scorer::ewma(self.up_rate, up as f64 / dt);
-            if let Some((fd, _)) = self
+            if let Some(fd) = self
                 .sock
                 .as_ref()
                 .filter(|_| self.rtt_floor >= CAPPED_PACING_RTT)

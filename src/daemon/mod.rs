@@ -324,7 +324,7 @@ async fn pace_loop(d: Arc<Daemon>) {
             _ = tick.tick() => {}
         }
         let before = uplink.paced();
-        let queue_ms = uplink.tick();
+        let (queue_ms, carried) = uplink.tick();
         let after = uplink.paced();
         let m = crate::metrics::peer();
         m.uplink_paced_rate.set(after.unwrap_or(0.0));
@@ -335,6 +335,7 @@ async fn pace_loop(d: Arc<Daemon>) {
             tracing::debug!(
                 queue_ms = queue_ms.unwrap_or(-1.0),
                 rate = after.unwrap_or(0.0) as u64,
+                carried = carried as u64,
                 "uplink paced"
             );
         }
