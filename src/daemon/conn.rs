@@ -650,6 +650,9 @@ struct Session {
     /// The socket, to another host: the uplink reads what it acknowledged (for the pacer),
     /// and this connection caps its pacing.
     sock: Option<Arc<std::os::fd::OwnedFd>>,
+    /// Whether the socket, once found far, was given a wider send buffer
+    /// ([`super::net::widen_send_buffer`]).
+    send_buffer_widened: bool,
     /// This connection's RTT estimate, seconds (0: not measured).
     rtt: f64,
     /// The least RTT sample it ever had, seconds (0: none): the distance to the peer.
@@ -842,6 +845,7 @@ async fn session<R, W>(
             d.uplink.register(&fd);
             fd
         }),
+        send_buffer_widened: false,
         rtt: 0.0,
         rtt_floor: 0.0,
         up_rate: 0.0,
@@ -1523,6 +1527,14 @@ impl Session {
                 let part = if whole { 0 } else { PART_BYTES };
                 self.shared.part_bytes.store(part, Ordering::Relaxed);
             }
+        }
+        if let Some(fd) = self
+            .sock
+            .as_ref()
+            .filter(|_| !self.send_buffer_widened && self.rtt_floor >= CAPPED_PACING_RTT)
+        {
+            super::net::widen_send_buffer(&**fd);
+            self.send_buffer_widened = true;
         }
         if self.ping_asked.is_none_or(|at| at.elapsed() > PING_GIVE_UP) {
             self.ping().await?;
