@@ -659,6 +659,8 @@ struct Session {
     rtt_floor: f64,
     /// Piece bytes per second we upload to this peer while it has work queued.
     up_rate: f64,
+    /// The same over the last tick alone.
+    up_last: f64,
     sent_mark: u64,
     /// The remote reads PIECE_PART (its HELLO said so).
     remote_parts: bool,
@@ -849,6 +851,7 @@ async fn session<R, W>(
         rtt: 0.0,
         rtt_floor: 0.0,
         up_rate: 0.0,
+        up_last: 0.0,
         sent_mark: 0,
         remote_parts,
         remote_relay: hello.relay && remote_parts,
@@ -966,7 +969,10 @@ impl Session {
             // Not measured yet: as many as an unmeasured downloader asks for.
             return piece * self.d.cfg.initial_requests_per_peer.max(2) as u64;
         }
-        let bdp = crate::scorer::pipeline_bytes(self.up_rate, self.rtt) as u64;
+        // The last second's rate when it is over the average: as the downloader's depth
+        // ([`crate::scorer::PeerScore::rate`]), or a far connection opens 20 % a second.
+        let rate = self.up_rate.max(self.up_last);
+        let bdp = crate::scorer::pipeline_bytes(rate, self.rtt) as u64;
         (bdp + piece).max(2 * piece)
     }
 
@@ -1511,6 +1517,9 @@ impl Session {
         let sent = self.shared.sent_bytes.load(Ordering::Relaxed);
         let up = sent - self.sent_mark;
         self.sent_mark = sent;
+        if dt > 0.0 {
+            self.up_last = up as f64 / dt;
+        }
         if dt > 0.0 && up > 0 {
             self.up_rate = crate::scorer::ewma(self.up_rate, up as f64 / dt);
             if let Some(fd) = self
