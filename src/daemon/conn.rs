@@ -544,26 +544,19 @@ const UNSENT_LOWAT_LOCAL_BYTES: libc::c_int = 128 * 1024;
 /// Limit the kernel's unsent bytes (see [`UNSENT_LOWAT_BYTES`]). Best effort: without it the
 /// connection works, control just waits longer on a thin link.
 fn limit_unsent(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
     let local = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
     let v: libc::c_int = if local {
         UNSENT_LOWAT_LOCAL_BYTES
     } else {
         UNSENT_LOWAT_BYTES
     };
-    // SAFETY: setsockopt on an open socket we own, with a pointer to a c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            std::ptr::addr_of!(v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        debug!(cause = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
-    }
+    super::net::set_int_option(
+        stream,
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        "TCP_NOTSENT_LOWAT",
+        v,
+    );
 }
 
 fn register(

@@ -323,10 +323,7 @@ const RECV_BUFFER: usize = 4 << 20;
 pub fn size_recv_buffer(sock: &tokio::net::TcpSocket) {
     static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let allowed = *ALLOWED.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .is_some_and(|max| max >= RECV_BUFFER)
+        sysctl_value("/proc/sys/net/core/rmem_max", 0).is_some_and(|max| max >= RECV_BUFFER)
     });
     if allowed {
         // Best effort: the default is what it was without this.
@@ -343,16 +340,45 @@ const FAR_SEND_BUFFER: usize = 16 << 20;
 fn far_send_buffer() -> Option<usize> {
     static ASK: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *ASK.get_or_init(|| {
-        let read = |p: &str| std::fs::read_to_string(p).ok();
-        let max: usize = read("/proc/sys/net/core/wmem_max")?.trim().parse().ok()?;
-        let auto: usize = read("/proc/sys/net/ipv4/tcp_wmem")?
-            .split_whitespace()
-            .nth(2)?
-            .parse()
-            .ok()?;
+        let max = sysctl_value("/proc/sys/net/core/wmem_max", 0)?;
+        let auto = sysctl_value("/proc/sys/net/ipv4/tcp_wmem", 2)?;
         let ask = max.min(FAR_SEND_BUFFER);
         (2 * ask > auto).then_some(ask)
     })
+}
+
+/// The `field`th number of a sysctl file (`tcp_wmem` holds three).
+fn sysctl_value(path: &str, field: usize) -> Option<usize> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .nth(field)?
+        .parse()
+        .ok()
+}
+
+/// Set an integer socket option. Best effort: what fails is logged, and the socket keeps
+/// the kernel's default.
+pub fn set_int_option(
+    fd: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    what: &str,
+    v: libc::c_int,
+) {
+    // SAFETY: setsockopt on an open socket, with a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::addr_of!(v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(cause = %std::io::Error::last_os_error(), "{what} not set");
+    }
 }
 
 /// Give the socket of a far connection (one whose RTT is long) the largest send buffer the
@@ -370,19 +396,7 @@ pub fn widen_send_buffer(fd: &impl std::os::fd::AsRawFd) {
         return;
     };
     let v = libc::c_int::try_from(ask).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt on an open socket, with a pointer to a c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            std::ptr::addr_of!(v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(cause = %std::io::Error::last_os_error(), "SO_SNDBUF not set");
-    }
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF", v);
 }
 
 #[cfg(test)]
@@ -421,11 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn it_should_size_the_receive_buffer_only_where_the_host_allows_it() {
-        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let max = sysctl_value("/proc/sys/net/core/rmem_max", 0).unwrap();
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         let before = sock.recv_buffer_size().unwrap() as usize;
         size_recv_buffer(&sock);
@@ -441,14 +451,8 @@ mod tests {
 
     #[tokio::test]
     async fn it_should_widen_a_far_sockets_send_buffer_only_past_what_autotuning_reaches() {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap();
-        let max: usize = read("/proc/sys/net/core/wmem_max").trim().parse().unwrap();
-        let auto: usize = read("/proc/sys/net/ipv4/tcp_wmem")
-            .split_whitespace()
-            .nth(2)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let max = sysctl_value("/proc/sys/net/core/wmem_max", 0).unwrap();
+        let auto = sysctl_value("/proc/sys/net/ipv4/tcp_wmem", 2).unwrap();
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         let before = sock.send_buffer_size().unwrap() as usize;
         widen_send_buffer(&sock);
