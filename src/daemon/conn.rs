@@ -953,6 +953,12 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the peer is far enough for its own pacing cap and send buffer: its least RTT
+    /// is at least [`CAPPED_PACING_RTT`].
+    fn is_far(&self) -> bool {
+        self.rtt_floor >= CAPPED_PACING_RTT
+    }
+
     /// Bytes of pieces we queue for this peer at most: what its link drains in a couple of
     /// round trips ([`crate::scorer::pipeline_bytes`], the same product its pipelining depth
     /// follows), and never under two pieces, so one is always ready behind the one on the wire.
@@ -1515,11 +1521,7 @@ impl Session {
         }
         if dt > 0.0 && up > 0 {
             self.up_rate = crate::scorer::ewma(self.up_rate, up as f64 / dt);
-            if let Some(fd) = self
-                .sock
-                .as_ref()
-                .filter(|_| self.rtt_floor >= CAPPED_PACING_RTT)
-            {
+            if let Some(fd) = self.sock.as_ref().filter(|_| self.is_far()) {
                 let cap = CAPPED_PACING_GAIN * self.up_rate.max(up as f64 / dt);
                 super::net::cap_pacing_rate(fd, cap.max(CAPPED_PACING_FLOOR));
             }
@@ -1533,7 +1535,7 @@ impl Session {
         if let Some(fd) = self
             .sock
             .as_ref()
-            .filter(|_| !self.send_buffer_widened && self.rtt_floor >= CAPPED_PACING_RTT)
+            .filter(|_| !self.send_buffer_widened && self.is_far())
         {
             super::net::widen_send_buffer(&**fd);
             self.send_buffer_widened = true;
