@@ -13,7 +13,11 @@
 //!
 //! `InFlight` counts outstanding requests: in endgame (no missing piece left unrequested) a
 //! piece may be requested from up to three more peers; whoever's copy arrives first is written, and the
-//! caller cancels the others. Synchronous and free of I/O, so the tests drive every transition.
+//! caller cancels the others. Each in-flight piece also keeps when its soonest copy is due, so
+//! a duplicate goes where it brings the piece sooner ([`Picker::pick_sooner`]). Synchronous
+//! and free of I/O (the caller passes the time), so the tests drive every transition.
+
+use std::time::Instant;
 
 use rand::Rng;
 
@@ -24,6 +28,10 @@ use crate::config::PieceSelection;
 const MAX_REQUESTS_PER_PIECE: u8 = 4;
 /// Equally rare pieces chosen among, in index order, after the random first pieces.
 const TIE_WINDOW: u32 = 16;
+/// A busy connection duplicates a piece in endgame only if its copy would arrive within this
+/// share of the time the piece's holders still need ([`Picker::pick_sooner`]): a duplicate
+/// costs up to a piece of someone's uplink and of our downlink, so it must win clearly.
+const SOONER: f64 = 0.5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {
@@ -54,6 +62,15 @@ pub struct Picker {
     /// go in.
     asked_at: Vec<u64>,
     picks: u64,
+    /// Per in-flight piece: when it was first asked for, and when its soonest copy is due
+    /// (None: not known), from the asking connections' rates ([`Picker::note_due`]).
+    due: Vec<Option<Due>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    asked: Instant,
+    due: Option<Instant>,
 }
 
 impl Picker {
@@ -85,6 +102,7 @@ impl Picker {
             random_left: random_first,
             asked_at: vec![0; n],
             picks: 0,
+            due: vec![None; n],
         }
     }
 
@@ -182,6 +200,78 @@ impl Picker {
         }
     }
 
+    /// When the request just made for `i` (by [`Picker::pick`] or [`Picker::pick_sooner`])
+    /// should bring the piece: `due` None when the asking connection's rate is not known.
+    /// The piece keeps the soonest of its copies' times.
+    pub fn note_due(&mut self, i: u32, now: Instant, due: Option<Instant>) {
+        let slot = &mut self.due[i as usize];
+        match slot {
+            Some(d) => {
+                d.due = match (d.due, due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            None => *slot = Some(Due { asked: now, due }),
+        }
+    }
+
+    /// Endgame, for a connection whose rate is known: a piece in flight elsewhere that this
+    /// connection would bring by `mine_due` well before its holders will ([`SOONER`]); of
+    /// those, the one its holders need longest for. A holder past its due time, or of
+    /// unknown rate, is expected to need as long again as it has had. None otherwise (no
+    /// duplicate is worth its bytes), and outside endgame.
+    ///
+    /// [`Picker::pick`]'s endgame takes the piece asked for longest ago, which is often the
+    /// next to arrive from a source that is merely busy: both copies then cross the
+    /// downlink, and on a far one the CANCEL comes too late to stop either.
+    pub fn pick_sooner(
+        &mut self,
+        peer_has: &Bitfield,
+        mine: impl Fn(u32) -> bool,
+        now: Instant,
+        mine_due: Instant,
+    ) -> Pick {
+        if !self.in_endgame() {
+            return Pick::None;
+        }
+        let need = mine_due.saturating_duration_since(now).as_secs_f64();
+        let mut best: Option<(u32, f64)> = None;
+        for i in 0..self.have.len() {
+            let u = i as usize;
+            let f = self.in_flight[u];
+            if f == 0
+                || f >= MAX_REQUESTS_PER_PIECE
+                || self.have.get(i)
+                || self.writing.get(i)
+                || self.skip.get(i)
+                || !peer_has.get(i)
+                || mine(i)
+            {
+                continue;
+            }
+            // No record (a copy failed its hash while others were in flight): unknown.
+            let left = self.due[u].map_or(f64::INFINITY, |d| {
+                match d.due {
+                    Some(due) if due > now => due - now,
+                    _ => now.saturating_duration_since(d.asked),
+                }
+                .as_secs_f64()
+            });
+            if need < SOONER * left && best.is_none_or(|(_, l)| left > l) {
+                best = Some((i, left));
+            }
+        }
+        match best {
+            Some((i, _)) => {
+                self.in_flight[i as usize] += 1;
+                self.note_due(i, now, Some(mine_due));
+                Pick::Endgame(i)
+            }
+            None => Pick::None,
+        }
+    }
+
     fn pick_fresh(
         &self,
         peer_has: &Bitfield,
@@ -239,8 +329,21 @@ impl Picker {
         let f = &mut self.in_flight[i as usize];
         debug_assert!(*f > 0, "release of piece {i} that is not in flight");
         *f = f.saturating_sub(1);
-        if *f == 0 && !self.have.get(i) && !self.writing.get(i) {
+        let left = *f;
+        if left == 0 && !self.have.get(i) && !self.writing.get(i) {
             self.unrequested += 1;
+        }
+        self.forget_due(i, left);
+    }
+
+    /// A request for `i` ended, `left` still outstanding: with none the piece has no due
+    /// time; with some, the one that ended may have been the soonest, so it is not known.
+    fn forget_due(&mut self, i: u32, left: u8) {
+        let slot = &mut self.due[i as usize];
+        if left == 0 {
+            *slot = None;
+        } else if let Some(d) = slot {
+            d.due = None;
         }
     }
 
@@ -254,6 +357,7 @@ impl Picker {
             return false;
         }
         self.writing.set(i);
+        self.due[u] = None;
         true
     }
 
@@ -261,6 +365,7 @@ impl Picker {
     /// requested elsewhere.
     pub fn mark_failed(&mut self, i: u32) {
         self.writing.clear(i);
+        self.forget_due(i, self.in_flight[i as usize]);
         if self.in_flight[i as usize] == 0 && !self.have.get(i) {
             self.unrequested += 1;
         }
@@ -429,6 +534,64 @@ mod tests {
         assert_eq!(p.pick(&all, |i| i != 0, &mut r), Pick::Fresh(0));
         assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(1));
         assert_eq!(p.pick(&all, |_| false, &mut r), Pick::Endgame(0));
+    }
+
+    #[test]
+    fn it_should_duplicate_only_where_the_copy_comes_well_before_the_holders_bring_it() {
+        let mut p = Picker::new(Bitfield::new(4), PieceSelection::RarestFirst, 0);
+        let all = Bitfield::full(4);
+        let mut r = rng();
+        let s = std::time::Duration::from_secs;
+        let t0 = Instant::now();
+        let ta = t0 + s(1);
+        for want in 0..4 {
+            assert_eq!(p.pick(&all, |i| i != want, &mut r), Pick::Fresh(want));
+        }
+        // Asked at ta: 0 due in 1 s, 1 in 10 s, 2 in 6 s. Asked at t0: 3, of unknown rate.
+        p.note_due(0, ta, Some(ta + s(1)));
+        p.note_due(1, ta, Some(ta + s(10)));
+        p.note_due(2, ta, Some(ta + s(6)));
+        p.note_due(3, t0, None);
+        // A copy in 2 s: worth it for 1 (10 s), then 2 (6 s); never for 0, nor yet for 3.
+        assert_eq!(
+            p.pick_sooner(&all, |_| false, ta, ta + s(2)),
+            Pick::Endgame(1)
+        );
+        assert_eq!(
+            p.pick_sooner(&all, |_| false, ta, ta + s(2)),
+            Pick::Endgame(2)
+        );
+        assert_eq!(p.pick_sooner(&all, |_| false, ta, ta + s(2)), Pick::None);
+        assert_eq!(p.in_flight(1), 2);
+        // 4 s on, every holder is overdue or unknown, and expected to need as long again as
+        // it has had: 3 (5 s) first, then the others (4 s).
+        let t5 = ta + s(4);
+        assert_eq!(
+            p.pick_sooner(&all, |_| false, t5, t5 + s(1)),
+            Pick::Endgame(3)
+        );
+        assert_eq!(
+            p.pick_sooner(&all, |_| false, t5, t5 + s(1)),
+            Pick::Endgame(0)
+        );
+        assert_eq!(
+            p.pick_sooner(&all, |i| i != 1, t5, t5 + s(1)),
+            Pick::Endgame(1)
+        );
+        // The soonest copy gone, the others' times are not known: as long again as asked.
+        p.release(2);
+        assert_eq!(p.in_flight(2), 1);
+        assert_eq!(p.pick_sooner(&all, |i| i != 2, ta, ta + s(1)), Pick::None);
+        assert_eq!(
+            p.pick_sooner(&all, |i| i != 2, t5, t5 + s(1)),
+            Pick::Endgame(2)
+        );
+        // Outside endgame: nothing.
+        let mut q = Picker::new(Bitfield::new(2), PieceSelection::RarestFirst, 0);
+        let both = Bitfield::full(2);
+        assert_eq!(q.pick(&both, |i| i != 0, &mut r), Pick::Fresh(0));
+        q.note_due(0, t0, Some(t0 + s(100)));
+        assert_eq!(q.pick_sooner(&both, |_| false, t0, t0 + s(1)), Pick::None);
     }
 
     #[test]

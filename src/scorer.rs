@@ -47,6 +47,22 @@ pub fn lagging_slots(slots: usize, lagging: bool, max: usize) -> usize {
     }
 }
 
+/// Requests to keep outstanding with a peer that gives us `rate` bytes a second, given
+/// `slots` by rate and distance: no more than it delivers before we expect to be done at our
+/// download rate `down_rate` with `left` bytes to go, and at least one (so it is still used
+/// and measured). A thin source's queue otherwise holds pieces every faster source could
+/// bring long before: pipelined two deep at 50 kB/s, a far leecher's pieces from a 10 Mbit/s
+/// uplink shared by eight waited 10-13 s, and its last second went to them (heterogeneous
+/// scenario). Unmeasured rates leave `slots` as they are.
+pub fn horizon_slots(slots: usize, rate: f64, left: u64, down_rate: f64, piece_len: u32) -> usize {
+    if rate <= 0.0 || down_rate <= 0.0 {
+        return slots;
+    }
+    let horizon = left as f64 / down_rate;
+    let fits = (horizon * rate / f64::from(piece_len)).floor();
+    slots.min(fits.max(1.0).min(usize::MAX as f64) as usize)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerScore {
     /// Moving average of request-to-piece time, milliseconds (0: not measured): queueing and
@@ -209,6 +225,22 @@ mod tests {
         assert_eq!(lagging_slots(5, true, 32), 10);
         assert_eq!(lagging_slots(5, false, 32), 5);
         assert_eq!(lagging_slots(20, true, 32), 32, "never over the maximum");
+    }
+
+    #[test]
+    fn it_should_ask_a_source_for_no_more_than_it_brings_before_we_expect_to_be_done() {
+        let mib = 1 << 20;
+        // 20 MiB to go at 10 MiB/s: 2 s. A source at 1.5 MiB/s brings 3 pieces in that time.
+        let left = 20 * mib as u64;
+        let down = 10.0 * f64::from(mib);
+        assert_eq!(horizon_slots(8, 1.5 * f64::from(mib), left, down, mib), 3);
+        // A fast source keeps what its rate and distance give it.
+        assert_eq!(horizon_slots(8, 9.0 * f64::from(mib), left, down, mib), 8);
+        // A thin one still gets one, to be used and measured.
+        assert_eq!(horizon_slots(8, 10_000.0, left, down, mib), 1);
+        // Nothing measured yet: no horizon.
+        assert_eq!(horizon_slots(8, 0.0, left, down, mib), 8);
+        assert_eq!(horizon_slots(8, 10_000.0, left, 0.0, mib), 8);
     }
 
     #[test]
