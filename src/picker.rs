@@ -174,16 +174,7 @@ impl Picker {
         // one asked for longest ago: it waits behind a thin or busy uploader's queue.
         let mut best: Option<u32> = None;
         for i in 0..self.have.len() {
-            let f = self.in_flight[i as usize];
-            if self.have.get(i)
-                || self.writing.get(i)
-                || self.skip.get(i)
-                || f == 0
-                || f >= MAX_REQUESTS_PER_PIECE
-            {
-                continue;
-            }
-            if !peer_has.get(i) || mine(i) {
+            if !self.duplicable(i, peer_has, &mine) {
                 continue;
             }
             let key = |j: u32| (self.in_flight[j as usize], self.asked_at[j as usize]);
@@ -198,6 +189,20 @@ impl Picker {
             }
             None => Pick::None,
         }
+    }
+
+    /// Whether piece `i` may be asked for once more, as an endgame duplicate, from a peer
+    /// that has `peer_has`: in flight, under the cap of requests, not had, being written or
+    /// skipped, and not excluded by `mine`.
+    fn duplicable(&self, i: u32, peer_has: &Bitfield, mine: &impl Fn(u32) -> bool) -> bool {
+        let f = self.in_flight[i as usize];
+        f > 0
+            && f < MAX_REQUESTS_PER_PIECE
+            && !self.have.get(i)
+            && !self.writing.get(i)
+            && !self.skip.get(i)
+            && peer_has.get(i)
+            && !mine(i)
     }
 
     /// When the request just made for `i` (by [`Picker::pick`] or [`Picker::pick_sooner`])
@@ -239,15 +244,7 @@ impl Picker {
         let mut best: Option<(u32, f64)> = None;
         for i in 0..self.have.len() {
             let u = i as usize;
-            let f = self.in_flight[u];
-            if f == 0
-                || f >= MAX_REQUESTS_PER_PIECE
-                || self.have.get(i)
-                || self.writing.get(i)
-                || self.skip.get(i)
-                || !peer_has.get(i)
-                || mine(i)
-            {
+            if !self.duplicable(i, peer_has, &mine) {
                 continue;
             }
             // No record (a copy failed its hash while others were in flight): unknown.
@@ -542,6 +539,11 @@ mod tests {
         let all = Bitfield::full(4);
         let mut r = rng();
         let s = std::time::Duration::from_secs;
+        // A duplicate asked at `now` by a connection that brings it in `secs`, of piece
+        // `only` (u32::MAX: of any).
+        let soon = |p: &mut Picker, now: Instant, secs: u64, only: u32| {
+            p.pick_sooner(&all, |i| only != u32::MAX && i != only, now, now + s(secs))
+        };
         let t0 = Instant::now();
         let ta = t0 + s(1);
         for want in 0..4 {
@@ -553,45 +555,26 @@ mod tests {
         p.note_due(2, ta, Some(ta + s(6)));
         p.note_due(3, t0, None);
         // A copy in 2 s: worth it for 1 (10 s), then 2 (6 s); never for 0, nor yet for 3.
-        assert_eq!(
-            p.pick_sooner(&all, |_| false, ta, ta + s(2)),
-            Pick::Endgame(1)
-        );
-        assert_eq!(
-            p.pick_sooner(&all, |_| false, ta, ta + s(2)),
-            Pick::Endgame(2)
-        );
-        assert_eq!(p.pick_sooner(&all, |_| false, ta, ta + s(2)), Pick::None);
+        assert_eq!(soon(&mut p, ta, 2, u32::MAX), Pick::Endgame(1));
+        assert_eq!(soon(&mut p, ta, 2, u32::MAX), Pick::Endgame(2));
+        assert_eq!(soon(&mut p, ta, 2, u32::MAX), Pick::None);
         assert_eq!(p.in_flight(1), 2);
         // 4 s on, every holder is overdue or unknown, and expected to need as long again as
         // it has had: 3 (5 s) first, then the others (4 s).
         let t5 = ta + s(4);
-        assert_eq!(
-            p.pick_sooner(&all, |_| false, t5, t5 + s(1)),
-            Pick::Endgame(3)
-        );
-        assert_eq!(
-            p.pick_sooner(&all, |_| false, t5, t5 + s(1)),
-            Pick::Endgame(0)
-        );
-        assert_eq!(
-            p.pick_sooner(&all, |i| i != 1, t5, t5 + s(1)),
-            Pick::Endgame(1)
-        );
+        assert_eq!(soon(&mut p, t5, 1, u32::MAX), Pick::Endgame(3));
+        assert_eq!(soon(&mut p, t5, 1, u32::MAX), Pick::Endgame(0));
+        assert_eq!(soon(&mut p, t5, 1, 1), Pick::Endgame(1));
         // The soonest copy gone, the others' times are not known: as long again as asked.
         p.release(2);
         assert_eq!(p.in_flight(2), 1);
-        assert_eq!(p.pick_sooner(&all, |i| i != 2, ta, ta + s(1)), Pick::None);
-        assert_eq!(
-            p.pick_sooner(&all, |i| i != 2, t5, t5 + s(1)),
-            Pick::Endgame(2)
-        );
+        assert_eq!(soon(&mut p, ta, 1, 2), Pick::None);
+        assert_eq!(soon(&mut p, t5, 1, 2), Pick::Endgame(2));
         // Outside endgame: nothing.
-        let mut q = Picker::new(Bitfield::new(2), PieceSelection::RarestFirst, 0);
-        let both = Bitfield::full(2);
-        assert_eq!(q.pick(&both, |i| i != 0, &mut r), Pick::Fresh(0));
+        let mut q = Picker::new(Bitfield::new(4), PieceSelection::RarestFirst, 0);
+        assert_eq!(q.pick(&all, |i| i != 0, &mut r), Pick::Fresh(0));
         q.note_due(0, t0, Some(t0 + s(100)));
-        assert_eq!(q.pick_sooner(&both, |_| false, t0, t0 + s(1)), Pick::None);
+        assert_eq!(soon(&mut q, t0, 1, u32::MAX), Pick::None);
     }
 
     #[test]
