@@ -28,9 +28,10 @@ use crate::config::PieceSelection;
 const MAX_REQUESTS_PER_PIECE: u8 = 4;
 /// Equally rare pieces chosen among, in index order, after the random first pieces.
 const TIE_WINDOW: u32 = 16;
-/// A busy connection duplicates a piece in endgame only if its copy would arrive within this
-/// share of the time the piece's holders still need ([`Picker::pick_sooner`]): a duplicate
-/// costs up to a piece of someone's uplink and of our downlink, so it must win clearly.
+/// A connection of known rate duplicates a piece in endgame only if its copy would arrive
+/// within this share of the time the piece's holders still need ([`Picker::pick_sooner`]): a
+/// duplicate costs up to a piece of someone's uplink and of our downlink, so it must win
+/// clearly.
 const SOONER: f64 = 0.5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
