@@ -60,7 +60,7 @@ pub fn horizon_slots(slots: usize, rate: f64, left: u64, down_rate: f64, piece_l
     }
     let horizon = left as f64 / down_rate;
     let fits = (horizon * rate / f64::from(piece_len)).floor();
-    slots.min(fits.max(1.0).min(usize::MAX as f64) as usize)
+    slots.min(fits.max(1.0) as usize) // `as` saturates a huge horizon.
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -550,7 +550,7 @@ fn limit_unsent(stream: &TcpStream) {
     } else {
         UNSENT_LOWAT_BYTES
     };
-    super::net::set_int_option(
+    super::net::set_option(
         stream,
         libc::IPPROTO_TCP,
         libc::TCP_NOTSENT_LOWAT,
@@ -1744,7 +1744,8 @@ impl Session {
                     Some(due) if endgame => st.picker.pick_sooner(bits, mine, now, due),
                     _ => st.picker.pick(bits, mine, &mut self.rng),
                 };
-                if let Pick::Fresh(i) | Pick::Endgame(i) = pick {
+                // A duplicate from `pick_sooner` is noted there; one from `pick` has no due time.
+                if let Pick::Fresh(i) = pick {
                     st.picker.note_due(i, now, due);
                 }
                 pick

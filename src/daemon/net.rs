@@ -259,21 +259,14 @@ impl Uplink {
 /// paces by itself with BBR, or under the `fq` qdisc). Best effort: without it, the
 /// congestion control's own pacing applies.
 pub fn cap_pacing_rate(fd: &std::os::fd::OwnedFd, bytes_per_sec: f64) {
-    use std::os::fd::AsRawFd;
     let v = bytes_per_sec as u64;
-    // SAFETY: setsockopt on an open socket, with a pointer to a u64 and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MAX_PACING_RATE,
-            std::ptr::addr_of!(v).cast(),
-            std::mem::size_of::<u64>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(cause = %std::io::Error::last_os_error(), "SO_MAX_PACING_RATE not set");
-    }
+    set_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_MAX_PACING_RATE,
+        "SO_MAX_PACING_RATE",
+        v,
+    );
 }
 
 /// Bytes of ours a TCP socket's peer has acknowledged (`tcpi_bytes_acked`, Linux 4.1+);
@@ -357,23 +350,25 @@ fn sysctl_value(path: &str, field: usize) -> Option<usize> {
         .ok()
 }
 
-/// Set an integer socket option. Best effort: what fails is logged, and the socket keeps
-/// the kernel's default.
-pub fn set_int_option(
+/// Set a socket option whose value is a plain integer of `T`'s size (a `c_int`, or a `u64`
+/// for `SO_MAX_PACING_RATE`). Best effort: what fails is logged, and the socket keeps the
+/// kernel's default.
+pub fn set_option<T: Copy>(
     fd: &impl std::os::fd::AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
     what: &str,
-    v: libc::c_int,
+    v: T,
 ) {
-    // SAFETY: setsockopt on an open socket, with a pointer to a c_int and its size.
+    // SAFETY: setsockopt on an open socket, with a pointer to a `T` and its size; callers
+    // pass the integer type the option is documented to take.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             name,
             std::ptr::addr_of!(v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {
@@ -396,7 +391,7 @@ pub fn widen_send_buffer(fd: &impl std::os::fd::AsRawFd) {
         return;
     };
     let v = libc::c_int::try_from(ask).unwrap_or(libc::c_int::MAX);
-    set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF", v);
+    set_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, "SO_SNDBUF", v);
 }
 
 #[cfg(test)]
