@@ -63,6 +63,22 @@ pub fn horizon_slots(slots: usize, rate: f64, left: u64, down_rate: f64, piece_l
     slots.min(fits.max(1.0) as usize) // `as` saturates a huge horizon.
 }
 
+/// How many horizons (see [`horizon_slots`]) a request already sent may take before it is
+/// cancelled: twice the one new requests stop at, so a rate that wobbles does not send
+/// requests back and forth.
+const KEEP_HORIZONS: f64 = 2.0;
+
+/// Requests already sent to a peer that gives us `rate` to keep (`None`: not measured): what it
+/// brings within [`KEEP_HORIZONS`] of our expected time to finish, and at least one.
+pub fn keep_slots(rate: f64, left: u64, down_rate: f64, piece_len: u32) -> Option<usize> {
+    if rate <= 0.0 || down_rate <= 0.0 {
+        return None;
+    }
+    let horizon = KEEP_HORIZONS * left as f64 / down_rate;
+    let fits = (horizon * rate / f64::from(piece_len)).floor();
+    Some(fits.max(1.0) as usize) // `as` saturates a huge horizon.
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerScore {
     /// Moving average of request-to-piece time, milliseconds (0: not measured): queueing and
@@ -241,6 +257,24 @@ mod tests {
         // Nothing measured yet: no horizon.
         assert_eq!(horizon_slots(8, 0.0, left, down, mib), 8);
         assert_eq!(horizon_slots(8, 10_000.0, left, 0.0, mib), 8);
+    }
+
+    #[test]
+    fn it_should_keep_sent_requests_for_twice_the_horizon_new_ones_stop_at() {
+        let mib = 1 << 20;
+        let left = 20 * mib as u64;
+        let down = 10.0 * f64::from(mib);
+        // 2 s to go, kept for 4 s: a 1.5 MiB/s source keeps 6 where it is given 3 new ones.
+        assert_eq!(keep_slots(1.5 * f64::from(mib), left, down, mib), Some(6));
+        assert!(
+            keep_slots(1.5 * f64::from(mib), left, down, mib).unwrap()
+                >= horizon_slots(64, 1.5 * f64::from(mib), left, down, mib)
+        );
+        // A thin source keeps the one it is bringing.
+        assert_eq!(keep_slots(10_000.0, left, down, mib), Some(1));
+        // Nothing measured: nothing is cancelled.
+        assert_eq!(keep_slots(0.0, left, down, mib), None);
+        assert_eq!(keep_slots(10_000.0, left, 0.0, mib), None);
     }
 
     #[test]

@@ -668,6 +668,16 @@ struct Session {
 }
 
 /// A piece arriving in parts: the parts so far, and its publication for relay.
+/// What a connection asks of its peer ([`Session::budget`]).
+struct Budget {
+    /// Requests to keep outstanding.
+    slots: usize,
+    /// What the peer gives us, bytes a second (0: not measured).
+    rate: f64,
+    /// Requests past which we cancel (None: not measured).
+    keep: Option<usize>,
+}
+
 struct Partial {
     index: u32,
     parts: Vec<Bytes>,
@@ -1543,6 +1553,7 @@ impl Session {
         if self.ping_asked.is_none_or(|at| at.elapsed() > PING_GIVE_UP) {
             self.ping().await?;
         }
+        self.shed().await?;
         let timeout = self.d.cfg.request_timeout;
         let expired: Vec<u32> = self
             .requested
@@ -1652,51 +1663,93 @@ impl Session {
     }
 
     /// Keep as many requests outstanding as this peer's score allows.
+    /// What we ask of this peer now: `None` once we are not downloading.
+    fn budget(&self) -> Option<Budget> {
+        let st = self.t.lock();
+        if st.record.state != crate::store::TorrentState::Downloading || st.picker.is_complete() {
+            return None;
+        }
+        let cfg = &self.d.cfg;
+        let piece = self.t.meta.piece_length;
+        let score = st.peers.get(&self.remote);
+        let rate = score.map_or(0.0, |p| p.rate());
+        let slots = score.map_or(cfg.initial_requests_per_peer, |p| {
+            p.slots(
+                piece,
+                cfg.initial_requests_per_peer,
+                cfg.max_requests_per_peer,
+            )
+        });
+        if score.is_none_or(|p| p.throughput <= 0.0) {
+            // Unmeasured: no product to deepen, no horizon to cut at.
+            return Some(Budget {
+                slots,
+                rate,
+                keep: None,
+            });
+        }
+        let n = self.t.meta.piece_count();
+        let missing = |have: u32| n.saturating_sub(have);
+        let others = st
+            .conns
+            .values()
+            .filter_map(|c| c.have)
+            .filter(|&h| h < n)
+            .map(missing);
+        let mine = missing(st.picker.have().count());
+        let behind = crate::scorer::lagging(mine, others);
+        let slots = crate::scorer::lagging_slots(slots, behind, cfg.max_requests_per_peer);
+        let left = u64::from(mine) * u64::from(piece);
+        Some(Budget {
+            slots: crate::scorer::horizon_slots(slots, rate, left, st.down_rate, piece),
+            rate,
+            keep: crate::scorer::keep_slots(rate, left, st.down_rate, piece),
+        })
+    }
+
+    /// Cancel the requests this peer will not bring within [`crate::scorer::keep_slots`]'s
+    /// horizon, newest first, so a faster source can take them: a request once sent stayed
+    /// until its piece came, and a far leecher's first four requests to a 10 Mbit/s uplink
+    /// shared by eight waited there 12-16 s, the last of them its last piece (heterogeneous
+    /// scenario). The piece arriving now is kept: its bytes are half here.
+    async fn shed(&mut self) -> Result<(), End> {
+        let Some(keep) = self.budget().and_then(|b| b.keep) else {
+            return Ok(());
+        };
+        if self.requested.len() <= keep {
+            return Ok(());
+        }
+        let arriving = self.partial.as_ref().map(|p| p.index);
+        let mut newest: Vec<(Instant, u32)> = self
+            .requested
+            .iter()
+            .filter(|(&i, _)| Some(i) != arriving)
+            .map(|(&i, &at)| (at, i))
+            .collect();
+        newest.sort_unstable_by(|a, b| b.cmp(a));
+        let excess = self.requested.len() - keep;
+        let shed: Vec<u32> = newest.iter().take(excess).map(|&(_, i)| i).collect();
+        {
+            let mut st = self.t.lock();
+            for &i in &shed {
+                self.requested.remove(&i);
+                st.picker.release(i);
+                self.avoid.insert(i);
+            }
+        }
+        debug!(pieces = ?shed, keep, "requests moved off a slow source");
+        for i in shed {
+            self.send(PeerMsg::Cancel { index: i }).await?;
+        }
+        Ok(())
+    }
+
     async fn fill_requests(&mut self) -> Result<(), ()> {
         let Some(bits) = &self.peer_bits else {
             return Ok(());
         };
-        let (slots, rate) = {
-            let st = self.t.lock();
-            if st.record.state != crate::store::TorrentState::Downloading || st.picker.is_complete()
-            {
-                return Ok(());
-            }
-            let cfg = &self.d.cfg;
-            let score = st.peers.get(&self.remote);
-            let rate = score.map_or(0.0, |p| p.rate());
-            let slots = score.map_or(cfg.initial_requests_per_peer, |p| {
-                p.slots(
-                    self.t.meta.piece_length,
-                    cfg.initial_requests_per_peer,
-                    cfg.max_requests_per_peer,
-                )
-            });
-            let slots = if score.is_none_or(|p| p.throughput <= 0.0) {
-                // Unmeasured: no product to deepen.
-                slots
-            } else {
-                let n = self.t.meta.piece_count();
-                let missing = |have: u32| n.saturating_sub(have);
-                let others = st
-                    .conns
-                    .values()
-                    .filter_map(|c| c.have)
-                    .filter(|&h| h < n)
-                    .map(missing);
-                let mine = missing(st.picker.have().count());
-                let behind = crate::scorer::lagging(mine, others);
-                let slots = crate::scorer::lagging_slots(slots, behind, cfg.max_requests_per_peer);
-                let left = u64::from(mine) * u64::from(self.t.meta.piece_length);
-                crate::scorer::horizon_slots(
-                    slots,
-                    rate,
-                    left,
-                    st.down_rate,
-                    self.t.meta.piece_length,
-                )
-            };
-            (slots, rate)
+        let Some(Budget { slots, rate, .. }) = self.budget() else {
+            return Ok(());
         };
         let slots = self.busy_cap.map_or(slots, |cap| slots.min(cap));
         if self.requested.len() >= slots {
