@@ -667,7 +667,6 @@ struct Session {
     partial: Option<Partial>,
 }
 
-/// A piece arriving in parts: the parts so far, and its publication for relay.
 /// What a connection asks of its peer ([`Session::budget`]).
 struct Budget {
     /// Requests to keep outstanding.
@@ -678,6 +677,7 @@ struct Budget {
     keep: Option<usize>,
 }
 
+/// A piece arriving in parts: the parts so far, and its publication for relay.
 struct Partial {
     index: u32,
     parts: Vec<Bytes>,
@@ -1662,7 +1662,6 @@ impl Session {
         Ok(())
     }
 
-    /// Keep as many requests outstanding as this peer's score allows.
     /// What we ask of this peer now: `None` once we are not downloading.
     fn budget(&self) -> Option<Budget> {
         let st = self.t.lock();
@@ -1711,7 +1710,7 @@ impl Session {
     /// horizon, newest first, so a faster source can take them: a request once sent stayed
     /// until its piece came, and a far leecher's first four requests to a 10 Mbit/s uplink
     /// shared by eight waited there 12-16 s, the last of them its last piece (heterogeneous
-    /// scenario). The piece arriving now is kept: its bytes are half here.
+    /// scenario). The piece arriving now is kept: part of it is here already.
     async fn shed(&mut self) -> Result<(), End> {
         let Some(keep) = self.budget().and_then(|b| b.keep) else {
             return Ok(());
@@ -1744,6 +1743,7 @@ impl Session {
         Ok(())
     }
 
+    /// Keep as many requests outstanding as this peer's score allows.
     async fn fill_requests(&mut self) -> Result<(), ()> {
         let Some(bits) = &self.peer_bits else {
             return Ok(());
