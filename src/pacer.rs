@@ -28,9 +28,10 @@ pub const TARGET_MS: f64 = 25.0;
 /// so pacing it away would only cost upload. Measured: with a flat 25 ms target the far and
 /// fast leechers paced too (heterogeneous, 21.5-23.7 s against 22.2-22.3 s unpaced). With
 /// half the RTT, a 100 Mbit/s leecher 40 ms from everyone paced at the odd tick of 27-33 ms
-/// and stayed at 51-77 % of its link for the rest of the run (homogeneous, 4 + 4 runs alternated: 12.6-13.5 s against
-/// 12.3-12.7 s with the whole RTT, which still paces the 10 Mbit/s leecher of the
-/// heterogeneous scenario: its queue reads about 110 ms for a nearest RTT of 40).
+/// and stayed at 51-77 % of its link for the rest of the run (homogeneous, 4 + 4 runs
+/// alternated: 12.6-13.5 s against 12.3-12.7 s with the whole RTT, which still paces the
+/// 10 Mbit/s leecher of the heterogeneous scenario: its queue reads about 110 ms for a
+/// nearest RTT of 40).
 const TARGET_RTT_SHARE: f64 = 1.0;
 /// While queueing, pieces go out at this share of the fastest rate our uplink has carried
 /// lately (its capacity, when it was the bottleneck): the queue drains at the rest.

@@ -55,12 +55,24 @@ pub fn lagging_slots(slots: usize, lagging: bool, max: usize) -> usize {
 /// uplink shared by eight waited 10-13 s, and its last second went to them (heterogeneous
 /// scenario). Unmeasured rates leave `slots` as they are.
 pub fn horizon_slots(slots: usize, rate: f64, left: u64, down_rate: f64, piece_len: u32) -> usize {
+    pieces_within(1.0, rate, left, down_rate, piece_len).map_or(slots, |fits| slots.min(fits))
+}
+
+/// Pieces a peer that gives us `rate` brings within `horizons` times our expected time to
+/// finish (`left` bytes at `down_rate`), at least one; None while either rate is unmeasured.
+fn pieces_within(
+    horizons: f64,
+    rate: f64,
+    left: u64,
+    down_rate: f64,
+    piece_len: u32,
+) -> Option<usize> {
     if rate <= 0.0 || down_rate <= 0.0 {
-        return slots;
+        return None;
     }
-    let horizon = left as f64 / down_rate;
+    let horizon = horizons * left as f64 / down_rate;
     let fits = (horizon * rate / f64::from(piece_len)).floor();
-    slots.min(fits.max(1.0) as usize) // `as` saturates a huge horizon.
+    Some(fits.max(1.0) as usize) // `as` saturates a huge horizon.
 }
 
 /// How many horizons (see [`horizon_slots`]) a request already sent may take before it is
@@ -71,12 +83,7 @@ const KEEP_HORIZONS: f64 = 2.0;
 /// Requests already sent to a peer that gives us `rate` to keep (`None`: not measured): what it
 /// brings within [`KEEP_HORIZONS`] of our expected time to finish, and at least one.
 pub fn keep_slots(rate: f64, left: u64, down_rate: f64, piece_len: u32) -> Option<usize> {
-    if rate <= 0.0 || down_rate <= 0.0 {
-        return None;
-    }
-    let horizon = KEEP_HORIZONS * left as f64 / down_rate;
-    let fits = (horizon * rate / f64::from(piece_len)).floor();
-    Some(fits.max(1.0) as usize) // `as` saturates a huge horizon.
+    pieces_within(KEEP_HORIZONS, rate, left, down_rate, piece_len)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
