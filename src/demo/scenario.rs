@@ -11,13 +11,14 @@ use super::emu::{Link, LinkSpec};
 
 const DEFAULT: &str = include_str!("default.toml");
 /// The scenarios shipped with the binary, by name (`shoal demo --scenario homogeneous`).
-pub(crate) const SHIPPED: [(&str, &str); 4] = [
+pub(crate) const SHIPPED: [(&str, &str); 5] = [
     ("default", DEFAULT),
     ("homogeneous", include_str!("scenarios/homogeneous.toml")),
     (
         "heterogeneous",
         include_str!("scenarios/heterogeneous.toml"),
     ),
+    ("uplinks", include_str!("scenarios/uplinks.toml")),
     ("seed", include_str!("scenarios/seed.toml")),
 ];
 
