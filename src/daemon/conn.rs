@@ -1562,13 +1562,8 @@ impl Session {
             .map(|(&i, _)| i)
             .collect();
         if !expired.is_empty() {
-            let mut st = self.t.lock();
-            for i in &expired {
-                self.requested.remove(i);
-                st.picker.release(*i);
-                self.avoid.insert(*i);
-            }
-            st.score(&self.remote).timeouts += expired.len() as u32;
+            self.give_back(&expired);
+            self.t.lock().score(&self.remote).timeouts += expired.len() as u32;
             self.consecutive_timeouts += expired.len() as u32;
             warn!(peer = %self.remote, pieces = ?expired, "requests timed out");
         }
@@ -1706,6 +1701,18 @@ impl Session {
         })
     }
 
+    /// Our requests for `pieces` end without their pieces (timed out, or moved off a slow
+    /// source): the picker may hand them to another connection, and this one does not ask
+    /// for them again until `avoid` is cleared.
+    fn give_back(&mut self, pieces: &[u32]) {
+        let mut st = self.t.lock();
+        for &i in pieces {
+            self.requested.remove(&i);
+            st.picker.release(i);
+            self.avoid.insert(i);
+        }
+    }
+
     /// Cancel the requests this peer will not bring within [`crate::scorer::keep_slots`]'s
     /// horizon, newest first, so a faster source can take them: a request once sent stayed
     /// until its piece came, and a far leecher's first four requests to a 10 Mbit/s uplink
@@ -1728,14 +1735,7 @@ impl Session {
         newest.sort_unstable_by(|a, b| b.cmp(a));
         let excess = self.requested.len() - keep;
         let shed: Vec<u32> = newest.iter().take(excess).map(|&(_, i)| i).collect();
-        {
-            let mut st = self.t.lock();
-            for &i in &shed {
-                self.requested.remove(&i);
-                st.picker.release(i);
-                self.avoid.insert(i);
-            }
-        }
+        self.give_back(&shed);
         debug!(pieces = ?shed, keep, "requests moved off a slow source");
         for i in shed {
             self.send(PeerMsg::Cancel { index: i }).await?;
