@@ -11,7 +11,7 @@ use super::emu::{Link, LinkSpec};
 
 const DEFAULT: &str = include_str!("default.toml");
 /// The scenarios shipped with the binary, by name (`shoal demo --scenario homogeneous`).
-pub(crate) const SHIPPED: [(&str, &str); 5] = [
+pub(crate) const SHIPPED: [(&str, &str); 6] = [
     ("default", DEFAULT),
     ("homogeneous", include_str!("scenarios/homogeneous.toml")),
     (
@@ -19,6 +19,7 @@ pub(crate) const SHIPPED: [(&str, &str); 5] = [
         include_str!("scenarios/heterogeneous.toml"),
     ),
     ("uplinks", include_str!("scenarios/uplinks.toml")),
+    ("far", include_str!("scenarios/far.toml")),
     ("seed", include_str!("scenarios/seed.toml")),
 ];
 
